@@ -1,0 +1,136 @@
+"""Python client of the shardgate Inference API (needs only grpcio and protobuf)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from shardgate.proto import inference_pb2, inference_pb2_grpc
+
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_UNSPECIFIED: None,
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_EOS: "eos",
+    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    inference_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_time_s: float
+    time_to_first_token_s: float
+
+    @classmethod
+    def from_proto(cls, message: inference_pb2.Usage) -> "Usage":
+        return cls(message.prompt_tokens, message.completion_tokens, message.queue_time_s, message.time_to_first_token_s)
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One streamed message: new text and tokens; the last one has finish_reason and usage."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+    usage: Usage | None
+
+
+def build_request(
+    prompt: str | list[int],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    ignore_eos: bool = False,
+    logprobs: bool = False,
+    request_id: str = "",
+) -> inference_pb2.GenerateRequest:
+    """A GenerateRequest; a prompt given as a list of ints is sent as token ids."""
+    message = inference_pb2.GenerateRequest(
+        request_id=request_id,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        stop=stop or [],
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+    )
+    if isinstance(prompt, str):
+        message.prompt = prompt
+    else:
+        message.prompt_token_ids.ids.extend(prompt)
+    if temperature is not None:
+        message.temperature = temperature
+    if top_p is not None:
+        message.top_p = top_p
+    if seed is not None:
+        message.seed = seed
+    return message
+
+
+class Client:
+    """Blocking client: `Client("127.0.0.1:50051").generate("Hello", max_new_tokens=16)`."""
+
+    def __init__(self, address: str, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+
+    def generate(self, prompt: str | list[int], **params) -> Completion:
+        response = self._stub.Generate(build_request(prompt, **params), timeout=self.timeout)
+        return Completion(
+            request_id=response.request_id,
+            text=response.text,
+            token_ids=list(response.token_ids),
+            finish_reason=FINISH_REASONS[response.finish_reason],
+            usage=Usage.from_proto(response.usage),
+            logprobs=list(response.logprobs),
+        )
+
+    def stream(self, prompt: str | list[int], **params) -> Iterator[Delta]:
+        for message in self._stub.GenerateStream(build_request(prompt, **params), timeout=self.timeout):
+            last = message.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+            yield Delta(
+                request_id=message.request_id,
+                text=message.text,
+                token_ids=list(message.token_ids),
+                logprobs=list(message.logprobs),
+                finish_reason=FINISH_REASONS[message.finish_reason],
+                usage=Usage.from_proto(message.usage) if last else None,
+            )
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return list(self._stub.Tokenize(request, timeout=self.timeout).token_ids)
+
+    def model_info(self) -> inference_pb2.ModelInfoResponse:
+        return self._stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

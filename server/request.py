@@ -1,0 +1,78 @@
+"""The state of one generation request, as the scheduler sees it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling settings of a request."""
+
+    max_new_tokens: int
+    temperature: float
+    """0 means greedy."""
+    top_p: float
+    top_k: int
+    seed: int
+    ignore_eos: bool
+    logprobs: bool
+
+
+@dataclass(eq=False)
+class Request:
+    """A request moves WAITING → RUNNING (→ WAITING again if preempted) → FINISHED.
+
+    There is no separate prefill phase: each step computes part of the gap between
+    `num_computed_tokens` and `num_tokens`, so a prompt may be prefilled in several chunks and a
+    preempted request is simply recomputed from zero.
+    """
+
+    seq_id: int
+    """Gateway-wide id of the sequence (never reused while the gateway runs)."""
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    """Tokens whose KV is in the cache."""
+    block_ids: list[int] = field(default_factory=list)
+    """KV blocks held, in position order."""
+    status: Status = Status.WAITING
+    known_to_replica: bool = False
+    """The replica holds this sequence's block table and sampling settings."""
+    num_preemptions: int = 0
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions [start, stop) of prompt + output."""
+        n_prompt = len(self.prompt_ids)
+        if stop <= n_prompt:
+            return self.prompt_ids[start:stop]
+        if start >= n_prompt:
+            return self.output_ids[start - n_prompt : stop - n_prompt]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n_prompt]

@@ -1,0 +1,179 @@
+"""Continuous (iteration-level) batching: what runs in each step.
+
+The scheduler speaks plain data and imports no torch: `schedule()` returns a `StepPlan`, the
+engine sends it to a replica, and `update()` applies the sampled tokens. Requests join and
+leave between any two steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from shardgate.server.block_manager import BlockManager
+from shardgate.server.config import SchedulerConfig
+from shardgate.server.request import FinishReason, Request, Status
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One sequence's share of a step."""
+
+    request: Request
+    start_pos: int
+    """Tokens of the sequence already in the KV cache when the step runs."""
+    num_tokens: int
+    """Tokens whose KV the step computes: part of a prompt, or the last sampled token."""
+    new_block_ids: list[int]
+    """Blocks allocated for this step; for a sequence new to the replica, its whole table."""
+    sample: bool
+    """The chunk reaches the end of the sequence, so the step samples its next token."""
+    is_new: bool
+    """The replica does not know the sequence yet: send its sampling settings."""
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    free_seq_ids: list[int] = field(default_factory=list)
+    """Sequences the replica should forget before the step (finished, aborted, preempted)."""
+    preempted: list[Request] = field(default_factory=list)
+    """Requests sent back to the queue by this plan to make room in the KV cache."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+
+class Scheduler:
+    """Decodes first (oldest first), then new prefills, under a token budget and a sequence cap.
+
+    When a running request needs a KV block and none is free, the newest running request is
+    preempted: its blocks are freed and it goes back to the front of the queue, to be
+    recomputed later (its tokens so far are kept, so greedy output is unchanged).
+    """
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._pending_free: list[int] = []
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        request.status = Status.WAITING
+        self.waiting.append(request)
+
+    def schedule(self) -> StepPlan:
+        self._step_id += 1
+        plan = StepPlan(self._step_id)
+        budget = self.config.max_batch_tokens
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            new_blocks = self._grow_or_preempt(request, num_tokens, plan)
+            if new_blocks is None:  # the request preempted itself: it was the newest
+                break
+            plan.chunks.append(self._chunk(request, num_tokens, new_blocks))
+            budget -= num_tokens
+            index += 1
+
+        while self.waiting and budget > 0 and not plan.preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            new_blocks = self.blocks.grow(request.block_ids, request.num_computed_tokens + num_tokens)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            if request.first_scheduled is None:
+                request.first_scheduled = time.monotonic()
+            self.running.append(request)
+            plan.chunks.append(self._chunk(request, num_tokens, new_blocks))
+            budget -= num_tokens
+        # Taken last, so that sequences preempted by this plan are forgotten before it runs.
+        plan.free_seq_ids, self._pending_free = self._pending_free, []
+        return plan
+
+    def update(self, plan: StepPlan, sampled: dict[int, tuple[int, float]]) -> list[Request]:
+        """Applies a finished step; returns the requests that got a new token, in plan order.
+
+        `sampled` maps seq_id to (token id, logprob). Requests finished or aborted while the
+        step ran are skipped.
+        """
+        updated = []
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            request = chunk.request
+            if request.status is not Status.RUNNING:
+                continue
+            request.num_computed_tokens += chunk.num_tokens
+            if chunk.sample:
+                token_id, logprob = sampled[request.seq_id]
+                request.output_ids.append(token_id)
+                if request.params.logprobs:
+                    request.output_logprobs.append(logprob)
+                if request.first_token is None:
+                    request.first_token = now
+                updated.append(request)
+        return updated
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Ends a request wherever it is (queued or running) and frees its blocks at once."""
+        if request.status is Status.FINISHED:
+            return
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+
+    def _chunk(self, request: Request, num_tokens: int, new_blocks: list[int]) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        chunk = ScheduledChunk(
+            request=request,
+            start_pos=start,
+            num_tokens=num_tokens,
+            new_block_ids=new_blocks,
+            sample=start + num_tokens == request.num_tokens,
+            is_new=not request.known_to_replica,
+        )
+        # Set now, not when the step returns: if the request is aborted while the step runs,
+        # the replica must still be told to forget it.
+        request.known_to_replica = True
+        return chunk
+
+    def _grow_or_preempt(self, request: Request, num_tokens: int, plan: StepPlan) -> list[int] | None:
+        """Allocates blocks for the request's next chunk, preempting the newest running requests
+        until they fit. Returns None when the request had to preempt itself."""
+        while True:
+            new_blocks = self.blocks.grow(request.block_ids, request.num_computed_tokens + num_tokens)
+            if new_blocks is not None:
+                return new_blocks
+            victim = self.running.pop()
+            self._release(victim)
+            victim.status = Status.WAITING
+            victim.num_computed_tokens = 0
+            victim.num_preemptions += 1
+            self.num_preemptions += 1
+            plan.preempted.append(victim)
+            self.waiting.appendleft(victim)
+            if victim is request:
+                return None
+
+    def _release(self, request: Request) -> None:
+        self.blocks.free(request.block_ids)
+        if request.known_to_replica:
+            self._pending_free.append(request.seq_id)
+            request.known_to_replica = False

@@ -1,0 +1,106 @@
+"""Checks a GenerateRequest against the model's limits and turns it into a Request.
+
+Every failure names the offending field, so the caller's INVALID_ARGUMENT says what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import grpc
+from tokenizers import Tokenizer
+
+from shardgate.proto import inference_pb2
+from shardgate.server.config import GatewayConfig
+from shardgate.server.request import SamplingParams
+
+MAX_REQUEST_ID_CHARS = 256
+
+
+class RequestError(Exception):
+    """A request the server refuses; carries the gRPC status code to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.code = code
+        self.field = field
+
+
+def invalid(field: str, message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, field, message)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    max_context_tokens: int
+    """min(the model's positions, one replica's KV capacity)."""
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: list[str]
+
+
+def validate(
+    message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig
+) -> ValidRequest:
+    if len(message.request_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    request_id = message.request_id or secrets.token_hex(8)
+
+    kind = message.WhichOneof("input")
+    if kind == "prompt_token_ids":
+        prompt_ids = list(message.prompt_token_ids.ids)
+        if not prompt_ids:
+            raise invalid("prompt_token_ids", "must not be empty")
+        bad = next((t for t in prompt_ids if t >= limits.vocab_size), None)
+        if bad is not None:
+            raise invalid("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    else:
+        if not message.prompt:
+            raise invalid("prompt", "must not be empty")
+        prompt_ids = tokenizer.encode(message.prompt, add_special_tokens=True).ids
+
+    limit = config.max_new_tokens_limit
+    if not 1 <= message.max_new_tokens <= limit:
+        raise invalid("max_new_tokens", f"must be in [1, {limit}], got {message.max_new_tokens}")
+    if len(prompt_ids) + message.max_new_tokens > limits.max_context_tokens:
+        raise invalid(
+            "max_new_tokens",
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({message.max_new_tokens}) "
+            f"exceeds the model context ({limits.max_context_tokens} tokens)",
+        )
+
+    temperature = message.temperature if message.HasField("temperature") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise invalid("temperature", f"must be a finite number >= 0, got {temperature}")
+    top_p = message.top_p if message.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise invalid("top_p", f"must be in (0, 1], got {top_p}")
+    if message.top_k < 0:
+        raise invalid("top_k", f"must be >= 0, got {message.top_k}")
+
+    stop = list(message.stop)
+    if len(stop) > config.max_stop_strings:
+        raise invalid("stop", f"at most {config.max_stop_strings} stop strings, got {len(stop)}")
+    for i, s in enumerate(stop):
+        if not s or len(s) > config.max_stop_string_chars:
+            raise invalid(f"stop[{i}]", f"must be 1 to {config.max_stop_string_chars} characters")
+
+    seed = message.seed if message.HasField("seed") else secrets.randbits(63)
+    params = SamplingParams(
+        max_new_tokens=message.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=message.top_k,
+        seed=seed,
+        ignore_eos=message.ignore_eos,
+        logprobs=message.logprobs,
+    )
+    return ValidRequest(request_id, prompt_ids, params, stop)

@@ -1,0 +1,178 @@
+"""A shard process: load this rank's part of the model, size the KV cache, serve steps.
+
+Started by the gateway (or by torchrun) with torchrun's environment: RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT. `python -m shardgate.shards.main --help` lists the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.runner import ModelRunner
+from shardgate.shards.weights import load_model
+from shardgate.shards.worker import ShardService
+
+log = logging.getLogger("shardgate.shard")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_DEFAULT_KV_BYTES = 1 << 30
+GPU_DEFAULT_KV_FRACTION = 0.9
+INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One shard process's settings (flags and torchrun's environment)."""
+
+    model: str
+    """Local Hugging Face folder or builtin:tiny."""
+    dtype: str
+    """float32, bfloat16 or float16."""
+    device: str
+    """cpu, cuda, cuda:N or auto."""
+    block_size: int
+    """Tokens per KV block."""
+    kv_cache_memory: float
+    """Bytes when > 1, a fraction of free memory when in (0, 1], 0 for the device's default."""
+    listen: str
+    """gRPC address the driver serves the gateway on (unix:///path or host:port)."""
+    parent_pid: int
+    """Exit when this process (the gateway) is gone; 0 disables the watch."""
+    rank: int
+    world_size: int
+    local_rank: int
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.block_size < 1:
+            raise ValueError("--block-size must be >= 1")
+        if self.kv_cache_memory < 0:
+            raise ValueError("--kv-cache-memory must be >= 0")
+        if self.world_size != 1 or self.rank != 0:
+            raise ValueError(f"WORLD_SIZE={self.world_size}: this version runs one shard per replica")
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def kv_cache_bytes(setting: float, device: torch.device) -> int:
+    """The KV budget in bytes from --kv-cache-memory (bytes, or a fraction of free memory)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if setting > 1:
+        return int(setting)
+    if setting > 0:
+        return int(free * setting)
+    return int(free * GPU_DEFAULT_KV_FRACTION) if device.type == "cuda" else min(CPU_DEFAULT_KV_BYTES, free // 2)
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exits this process soon after the gateway that started it is gone, however it died."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        log.warning("gateway (pid %d) is gone; shard exiting", parent_pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def parse_args(argv: list[str] | None = None) -> ShardConfig:
+    parser = argparse.ArgumentParser(prog="python -m shardgate.shards.main", description=__doc__)
+    parser.add_argument("--model", default="builtin:tiny")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", type=float, default=0.0)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--parent-pid", type=int, default=0)
+    args = parser.parse_args(argv)
+    env = os.environ
+    return ShardConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        listen=args.listen,
+        parent_pid=args.parent_pid,
+        rank=int(env.get("RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+    except ValueError as error:
+        print(f"shard: {error}", file=sys.stderr)
+        return 2
+    if config.parent_pid:
+        watch_parent(config.parent_pid)
+
+    device = resolve_device(config.device, config.local_rank)
+    dtype = DTYPES[config.dtype]
+    loaded = load_model(config.model, dtype, device)
+    budget = kv_cache_bytes(config.kv_cache_memory, device)
+    num_blocks = budget // KVCache.bytes_per_block(loaded.config, config.block_size, dtype)
+    if num_blocks < 1:
+        print(f"shard: --kv-cache-memory gives {budget} bytes, less than one KV block; raise it", file=sys.stderr)
+        return 2
+    kv_cache = KVCache(loaded.config, num_blocks, config.block_size, dtype, device)
+    runner = ModelRunner(loaded.model, loaded.config, kv_cache, device)
+    description = shard_pb2.DescribeResponse(
+        model=loaded.name,
+        model_type=loaded.config.model_type,
+        vocab_size=loaded.config.vocab_size,
+        max_position_embeddings=loaded.config.max_position_embeddings,
+        eos_token_ids=loaded.config.eos_token_ids,
+        bos_token_id=-1 if loaded.config.bos_token_id is None else loaded.config.bos_token_id,
+        tokenizer_json=loaded.tokenizer_json,
+        dtype=config.dtype,
+        num_kv_blocks=num_blocks,
+        block_size=config.block_size,
+        devices=[str(device)],
+        tp=1,
+        pp=1,
+    )
+
+    options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
+    # One worker: steps are sequential by design; the gateway never sends two at once.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
+    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(runner, description), server)
+    if not server.add_insecure_port(config.listen):
+        print(f"shard: cannot listen on {config.listen}", file=sys.stderr)
+        return 2
+    server.start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    log.info("rank %d serving %s on %s (%d KV blocks of %d tokens)", config.rank, loaded.name, config.listen, num_blocks, config.block_size)
+    server.wait_for_termination()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

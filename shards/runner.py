@@ -1,0 +1,99 @@
+"""One model step: pack the scheduled chunks, run the model once, sample where asked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shardgate.shards.attention import AttentionMetadata
+from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.llama import LlamaForCausalLM
+from shardgate.shards.model_config import ModelConfig
+from shardgate.shards.sampler import SamplingParams, sample
+
+
+@dataclass
+class SeqChunk:
+    """The tokens of one sequence whose keys and values this step computes."""
+
+    seq_id: int
+    token_ids: list[int]  # at positions start_pos, start_pos + 1, ...
+    start_pos: int  # tokens of this sequence already in the cache
+    block_table: list[int]  # physical blocks covering positions [0, start_pos + len(token_ids))
+    sample: bool  # sample a next token after the last position (False for a non-final prefill chunk)
+    sampling: SamplingParams
+    output_index: int  # tokens generated so far: which draw of the sequence this is
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    seq_id: int
+    token_id: int
+    logprob: float | None
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.config = config
+        self.kv_cache = kv_cache
+        self.device = torch.device(device)
+
+    def step(self, chunks: list[SeqChunk]) -> list[SampleResult]:
+        """Run all chunks as one flat batch; one result per chunk with sample=True, in chunk order."""
+        if not chunks:
+            return []
+        for chunk in chunks:
+            self._check(chunk)
+        input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], device=self.device)  # (T,)
+        positions = torch.tensor(
+            [p for chunk in chunks for p in range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids))],
+            device=self.device,
+        )  # (T,)
+        metadata = AttentionMetadata.build(
+            [len(chunk.token_ids) for chunk in chunks],
+            [chunk.start_pos for chunk in chunks],
+            [chunk.block_table for chunk in chunks],
+            self.kv_cache.block_size,
+            self.device,
+            self.config.sliding_window,
+        )
+        sampled = [chunk for chunk in chunks if chunk.sample]
+        last_rows, end = [], 0
+        for chunk in chunks:
+            end += len(chunk.token_ids)
+            if chunk.sample:
+                last_rows.append(end - 1)
+
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, metadata, self.kv_cache)  # (T, hidden)
+            if not sampled:
+                return []
+            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)
+            token_ids, logprobs = sample(
+                logits, [chunk.sampling for chunk in sampled], [chunk.output_index for chunk in sampled]
+            )
+        return [
+            SampleResult(chunk.seq_id, token_id, logprob)
+            for chunk, token_id, logprob in zip(sampled, token_ids, logprobs)
+        ]
+
+    def _check(self, chunk: SeqChunk) -> None:
+        """Reject chunks that would index out of range (a bad id on a GPU kills the process, not the request)."""
+        if not chunk.token_ids:
+            raise ValueError(f"sequence {chunk.seq_id}: empty chunk")
+        end = chunk.start_pos + len(chunk.token_ids)
+        if chunk.start_pos < 0 or end > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: positions [{chunk.start_pos}, {end}) exceed "
+                f"max_position_embeddings {self.config.max_position_embeddings}"
+            )
+        if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= self.config.vocab_size:
+            raise ValueError(f"sequence {chunk.seq_id}: token id outside the vocabulary of {self.config.vocab_size}")
+        blocks_needed = -(-end // self.kv_cache.block_size)
+        table = chunk.block_table[:blocks_needed]
+        if len(table) < blocks_needed or not all(0 <= b < self.kv_cache.num_blocks for b in table):
+            raise ValueError(
+                f"sequence {chunk.seq_id}: block table must hold {blocks_needed} blocks below {self.kv_cache.num_blocks}"
+            )

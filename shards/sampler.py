@@ -1,0 +1,100 @@
+"""Turning logits into next tokens: greedy, or temperature / top-k / top-p sampling with reproducible draws.
+
+A sampled token is a pure function of (logits, seed, output_index): each row
+draws its noise from its own generator seeded by the request's seed and the
+index of the token being generated. The same seed therefore gives the same
+tokens whether the sequence runs alone or batched with others, and after a
+preemption that recomputes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_p 1 and top_k 0 turn those filters off; logprobs asks for the chosen token's."""
+
+    seed: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
+) -> tuple[list[int], list[float | None]]:
+    """Next token per row of logits (N, vocab) float32, and its logprob under the raw logits where asked."""
+    tokens = logits.argmax(dim=-1)  # (N,) greedy for every row; sampled rows overwrite theirs
+    sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        drawn = _draw(
+            logits[rows], [params[r] for r in sampled_rows], [output_index[r] for r in sampled_rows]
+        )
+        tokens[rows] = drawn
+
+    logprob_rows = [row for row, p in enumerate(params) if p.logprobs]
+    logprobs: list[float | None] = [None] * len(params)
+    if logprob_rows:
+        rows = torch.tensor(logprob_rows, device=logits.device)
+        chosen = torch.log_softmax(logits[rows], dim=-1).gather(1, tokens[rows, None]).squeeze(1)
+        for row, value in zip(logprob_rows, chosen.tolist()):
+            logprobs[row] = value
+    return tokens.tolist(), logprobs
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
+    """Sample one token per row of logits (M, vocab): temperature, then top-k, then top-p, then draw."""
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+    scaled = logits / temperature[:, None]  # (M, V)
+    if any(p.top_k or p.top_p < 1 for p in params):
+        scaled = _filter_top_k_top_p(scaled, params)
+    probs = torch.softmax(scaled, dim=-1)  # (M, V)
+    # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i.
+    noise = torch.empty_like(probs)
+    for row, (p, index) in enumerate(zip(params, output_index)):
+        generator = torch.Generator(device=logits.device).manual_seed(_draw_seed(p.seed, index))
+        noise[row].exponential_(generator=generator)
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def _filter_top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Set to -inf the logits outside each row's top-k, then outside the smallest top set of mass >= top_p."""
+    vocab = scaled.shape[-1]
+    # Stable sort: among equal logits the lowest id ranks first, as argmax picks it.
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)  # (M, V)
+    top_k = torch.tensor([p.top_k or vocab for p in params], device=scaled.device)
+    top_p = torch.tensor([p.top_p for p in params], device=scaled.device)
+    rank = torch.arange(vocab, device=scaled.device)
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
+    drop = (mass_before >= top_p[:, None]) & (rank > 0)  # the best token always stays
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+
+
+def _draw_seed(seed: int, output_index: int) -> int:
+    """A 64-bit generator seed mixing the request seed with the output index."""
+    digest = hashlib.blake2b(f"{seed}:{output_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")

@@ -1,0 +1,148 @@
+"""Loading a model: a Hugging Face folder of safetensors, or ``builtin:tiny``.
+
+The model is built on the meta device (no memory), then each parameter is
+allocated on the target device and filled from one checkpoint tensor at a time
+through its layer's ``weight_loader``, so the weights exist once, already
+sliced for this rank. Pickled checkpoints (``*.bin``) are never read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+
+from shardgate.shards.builtin import BUILTIN_NAME, builtin_config, builtin_tensors, builtin_tokenizer
+from shardgate.shards.layers import default_weight_loader
+from shardgate.shards.llama import LlamaForCausalLM
+from shardgate.shards.model_config import ModelConfig
+
+_INDEX_FILE = "model.safetensors.index.json"
+_SINGLE_FILE = "model.safetensors"
+# Old checkpoints saved the rotary inverse frequencies, which are recomputed here.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer_json: str  # the tokenizer.json text, handed to the gateway
+    name: str
+
+
+def load_model(source: str, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
+    """Load ``builtin:tiny`` or a local Hugging Face model folder."""
+    device = torch.device(device)
+    if source == BUILTIN_NAME:
+        config = builtin_config()
+        tensors = builtin_tensors(config)
+        model = build_model(config, tensors, tensors.__getitem__, dtype, device)
+        return LoadedModel(model, config, builtin_tokenizer().to_str(), BUILTIN_NAME)
+
+    folder = Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model source {source!r} is neither a folder nor {BUILTIN_NAME!r}")
+    config = ModelConfig.from_hf(_read_json(folder / "config.json"), _read_generation_config(folder))
+    tokenizer_path = folder / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json (needed by the gateway)")
+
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(path, framework="pt", device="cpu")) for path in _shard_files(folder)]
+        handle_of: dict = {}
+        for handle in handles:
+            for name in handle.keys():
+                if name in handle_of:
+                    raise ValueError(f"tensor {name!r} appears in more than one safetensors file of {folder}")
+                handle_of[name] = handle
+        model = build_model(config, handle_of, lambda name: handle_of[name].get_tensor(name), dtype, device)
+    return LoadedModel(model, config, tokenizer_path.read_text(encoding="utf-8"), folder.name)
+
+
+def build_model(
+    config: ModelConfig,
+    checkpoint_names: Iterable[str],
+    read: Callable[[str], torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> LlamaForCausalLM:
+    """A model whose every parameter comes from ``read(name)``, one tensor at a time.
+
+    Raises ValueError naming the tensors the checkpoint lacks or has in excess
+    (before reading any), and naming any tensor whose shape is wrong.
+    """
+    with init_empty_weights(include_buffers=False):
+        model = LlamaForCausalLM(config)
+    model.tie_weights()  # init_empty_weights re-registers each parameter, which undid the tie made in __init__
+    expected = [name for name, _ in model.named_parameters()]
+    _check_names(set(expected), set(checkpoint_names), config)
+    for name in expected:
+        _load_parameter(model, name, read(name), dtype, device)
+    model.tie_weights()
+    return model.to(device).eval()  # parameters are already there; this moves the rope tables
+
+
+def _check_names(expected: set[str], present: set[str], config: ModelConfig) -> None:
+    ignored = {name for name in present if name.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        ignored.add("lm_head.weight")  # tied: the head is the embedding, a saved copy is redundant
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected - ignored)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_short_list(unexpected)}")
+    if problems:
+        raise ValueError(f"checkpoint does not match {config.architecture}: " + "; ".join(problems))
+
+
+def _short_list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _load_parameter(
+    model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> None:
+    """Replace the meta parameter ``name`` with a real one on device, filled by its layer's weight_loader."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    param = nn.Parameter(torch.empty(getattr(module, attr).shape, dtype=dtype, device=device), requires_grad=False)
+    loader = getattr(module, "weight_loader", default_weight_loader)
+    try:
+        loader(param, tensor)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    setattr(module, attr, param)
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index_path = folder / _INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_json(index_path)["weight_map"]
+        return [folder / file for file in sorted(set(weight_map.values()))]
+    if (folder / _SINGLE_FILE).is_file():
+        return [folder / _SINGLE_FILE]
+    raise FileNotFoundError(
+        f"{folder} has neither {_SINGLE_FILE} nor {_INDEX_FILE} (only safetensors checkpoints are loaded)"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_generation_config(folder: Path) -> dict | None:
+    path = folder / "generation_config.json"
+    return _read_json(path) if path.is_file() else None

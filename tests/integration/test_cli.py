@@ -1,0 +1,33 @@
+"""The `shardgate` command as a user runs it."""
+
+import subprocess
+import sys
+
+
+def shardgate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardgate.clients.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_streams_from_a_running_server(tiny_server, client):
+    expected = client.generate("cli prompt", max_new_tokens=12, temperature=0, ignore_eos=True).text
+    result = shardgate("generate", "--addr", tiny_server.address, "--stream", "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos", "cli prompt")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert "[length: " in result.stderr and "12 generated tokens" in result.stderr
+
+
+def test_generate_reports_bad_input_as_a_status(tiny_server):
+    result = shardgate("generate", "--addr", tiny_server.address, "--top-k", "-3", "x")
+    assert result.returncode == 1 and "INVALID_ARGUMENT: top_k:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_starts_a_server_and_streams():
+    result = shardgate("demo", "--max-new-tokens", "8", "--ignore-eos")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The quick brown fox")
+    assert "[serving builtin:tiny" in result.stderr and "8 generated tokens" in result.stderr
+
+
+def test_serve_rejects_a_bad_flag_without_traceback():
+    result = shardgate("serve", "--dtype", "float64", timeout=60)
+    assert result.returncode == 2 and "invalid choice" in result.stderr

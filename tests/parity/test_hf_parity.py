@@ -1,0 +1,53 @@
+"""Greedy tokens served through the gRPC API equal transformers' generate on the same weights."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM
+
+from servers import start_server
+from tiny_checkpoints import make_checkpoint
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a",
+    "1, 2, 3, 4,",
+]
+NEW_TOKENS = 32
+
+
+def hf_greedy(model_dir, prompts: list[str]) -> list[list[int]]:
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=True).ids])
+        with torch.no_grad():
+            generated = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        outputs.append(generated[0, ids.shape[1] :].tolist())
+    return outputs
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_tokens_equal_transformers(kind, tmp_path):
+    model_dir = make_checkpoint(kind, tmp_path / kind)
+    expected = hf_greedy(model_dir, PROMPTS)
+    # A small token budget forces chunked prefill while other requests decode.
+    server = start_server(tmp_path, "--model", str(model_dir), "--dtype", "float32", "--max-batch-tokens", "16", "--kv-cache-memory", str(32 << 20))
+    try:
+
+        def generate(prompt):
+            with server.client() as client:
+                return client.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            served = list(pool.map(generate, PROMPTS))
+    finally:
+        server.stop()
+    assert served == expected

@@ -1,0 +1,68 @@
+"""Starts real `shardgate serve` processes for tests, on loopback and free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from shardgate.clients.client import Client
+from shardgate.server.launcher import free_port
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    address: str
+    log_path: Path
+
+    def client(self, timeout: float | None = 120) -> Client:
+        return Client(self.address, timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(log_dir: Path, *args: str, timeout: float = 180) -> RunningServer:
+    """Starts the gateway with the given `shardgate serve` flags and waits until it serves."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shardgate.clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    server = RunningServer(process, f"127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    with server.client(timeout=5) as client:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+            try:
+                client.model_info()
+                return server
+            except grpc.RpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError(f"server did not start in {timeout} s:\n{server.log()}")
+            time.sleep(0.2)
