@@ -95,5 +95,6 @@ class ModelRunner:
         table = chunk.block_table[:blocks_needed]
         if len(table) < blocks_needed or not all(0 <= b < self.kv_cache.num_blocks for b in table):
             raise ValueError(
-                f"sequence {chunk.seq_id}: block table must hold {blocks_needed} blocks below {self.kv_cache.num_blocks}"
+                f"sequence {chunk.seq_id}: block table must hold {blocks_needed} block ids "
+                f"below {self.kv_cache.num_blocks}"
             )

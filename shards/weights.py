@@ -57,14 +57,14 @@ def load_model(source: str, dtype: torch.dtype, device: torch.device | str) -> L
 
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(path, framework="pt", device="cpu")) for path in _shard_files(folder)]
-        handle_of: dict = {}
+        handle_of = {}  # tensor name -> the open file holding it
         for handle in handles:
             for name in handle.keys():
                 if name in handle_of:
                     raise ValueError(f"tensor {name!r} appears in more than one safetensors file of {folder}")
                 handle_of[name] = handle
         model = build_model(config, handle_of, lambda name: handle_of[name].get_tensor(name), dtype, device)
-    return LoadedModel(model, config, tokenizer_path.read_text(encoding="utf-8"), folder.name)
+    return LoadedModel(model, config, tokenizer_path.read_text(encoding="utf-8"), folder.resolve().name)
 
 
 def build_model(

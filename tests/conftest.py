@@ -6,7 +6,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """checkpoint(kind) -> folder of a tiny seeded Hugging Face checkpoint (see tiny_checkpoints), made once per session."""
+    """checkpoint(kind) -> folder of a tiny seeded Hugging Face checkpoint (see tiny_checkpoints).
+
+    Each kind is made once per session.
+    """
     from tiny_checkpoints import make_checkpoint  # imports transformers: only sessions that use it pay
 
     made: dict[str, Path] = {}

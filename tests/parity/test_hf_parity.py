@@ -8,7 +8,6 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 from servers import start_server
-from tiny_checkpoints import make_checkpoint
 
 PROMPTS = [
     "The capital of France is",
@@ -22,21 +21,21 @@ NEW_TOKENS = 32
 def hf_greedy(model_dir, prompts: list[str]) -> list[list[int]]:
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos: always NEW_TOKENS tokens
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=True).ids])
         with torch.no_grad():
             generated = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                do_sample=False, pad_token_id=0,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
             )  # fmt: skip
         outputs.append(generated[0, ids.shape[1] :].tolist())
     return outputs
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_greedy_tokens_equal_transformers(kind, tmp_path):
-    model_dir = make_checkpoint(kind, tmp_path / kind)
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_greedy_tokens_equal_transformers(kind, checkpoint, tmp_path):
+    model_dir = checkpoint(kind)
     expected = hf_greedy(model_dir, PROMPTS)
     # A small token budget forces chunked prefill while other requests decode.
     server = start_server(tmp_path, "--model", str(model_dir), "--dtype", "float32", "--max-batch-tokens", "16", "--kv-cache-memory", str(32 << 20))

@@ -1,20 +1,17 @@
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from shardgate.server.detokenizer import IncrementalDetokenizer, StopMatcher
+from shardgate.shards.builtin import builtin_tokenizer
 
 
 @pytest.fixture(scope="module")
 def byte_tokenizer() -> Tokenizer:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
+    return builtin_tokenizer()
 
 
 def stream(tokenizer: Tokenizer, text: str, stop: list[str] = ()) -> tuple[list[str], StopMatcher]:
-    ids = tokenizer.encode(text).ids
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     detok, matcher = IncrementalDetokenizer(tokenizer, prompt_ids=[]), StopMatcher(list(stop))
     pieces = [matcher.feed(detok.push(i)) for i in ids]
     pieces.append(matcher.feed(detok.flush()) + ("" if matcher.stopped else matcher.flush()))
@@ -26,11 +23,11 @@ def test_multibyte_characters_are_held_until_complete(byte_tokenizer):
     pieces, _ = stream(byte_tokenizer, text)
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
-    assert len(byte_tokenizer.encode("🦊").ids) == 4 and "🦊" in pieces  # one piece, after 4 tokens
+    assert len(byte_tokenizer.encode("🦊", add_special_tokens=False).ids) == 4 and "🦊" in pieces  # one piece, after 4 tokens
 
 
 def test_incomplete_tail_is_flushed_at_the_end(byte_tokenizer):
-    ids = byte_tokenizer.encode("a🦊").ids[:-1]  # cut inside the emoji
+    ids = byte_tokenizer.encode("a🦊", add_special_tokens=False).ids[:-1]  # cut inside the emoji
     detok = IncrementalDetokenizer(byte_tokenizer, prompt_ids=[])
     assert "".join(detok.push(i) for i in ids) == "a"
     assert detok.flush() == "\ufffd"

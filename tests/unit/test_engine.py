@@ -4,7 +4,6 @@ import asyncio
 
 import grpc
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from shardgate.proto import shard_pb2
 from shardgate.server.block_manager import BlockManager
@@ -13,19 +12,12 @@ from shardgate.server.engine import Engine, ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.request import FinishReason, SamplingParams
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.validation import ValidRequest
+from shardgate.shards.builtin import builtin_tokenizer
 
 EOS = 300
 
 
-def byte_tokenizer() -> Tokenizer:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-TOKENIZER = byte_tokenizer()
+TOKENIZER = builtin_tokenizer()
 
 
 class ScriptedReplica:
