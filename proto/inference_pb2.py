@@ -24,33 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshardgate/proto/inference.proto\x12\x0cshardgate.v1\"\xb3\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.shardgate.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x42\x07\n\x05inputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cqueue_time_s\x18\x03 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardgate.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardgate.v1.Usage\"\xb6\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardgate.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardgate.v1.Usage\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\x81\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\n\n\x02tp\x18\x07 \x01(\r\x12\n\n\x02pp\x18\x08 \x01(\r\x12\x10\n\x08replicas\x18\t \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\n \x03(\x04\x12\x0f\n\x07\x64\x65vices\x18\x0b \x03(\t\x12\x15\n\reos_token_ids\x18\x0c \x03(\r*\xac\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xc8\x02\n\tInference\x12I\n\x08Generate\x12\x1d.shardgate.v1.GenerateRequest\x1a\x1e.shardgate.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.shardgate.v1.GenerateRequest\x1a$.shardgate.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.shardgate.v1.TokenizeRequest\x1a\x1e.shardgate.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.shardgate.v1.ModelInfoRequest\x1a\x1f.shardgate.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshardgate/proto/inference.proto\x12\x0cshardgate.v1\"\xd9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.shardgate.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\x12\n\ntimeout_ms\x18\r \x01(\rB\x07\n\x05inputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"n\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cqueue_time_s\x18\x03 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardgate.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardgate.v1.Usage\"\xb6\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardgate.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardgate.v1.Usage\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x12\n\x10ModelInfoRequest\"\xb0\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\n\n\x02tp\x18\x07 \x01(\r\x12\n\n\x02pp\x18\x08 \x01(\r\x12\x10\n\x08replicas\x18\t \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\n \x03(\x04\x12\x0f\n\x07\x64\x65vices\x18\x0b \x03(\t\x12\x15\n\reos_token_ids\x18\x0c \x03(\r\x12\x13\n\x0bhidden_size\x18\r \x01(\r\x12\x18\n\x10max_embed_inputs\x18\x0e \x01(\r\"\x93\x01\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12&\n\x07pooling\x18\x03 \x01(\x0e\x32\x15.shardgate.v1.Pooling\x12\x11\n\tnormalize\x18\x04 \x01(\x08\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"/\n\tEmbedding\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"t\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\nembeddings\x18\x02 \x03(\x0b\x32\x17.shardgate.v1.Embedding\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.shardgate.v1.Usage\"\x84\x01\n\x13GenerateBidiRequest\x12\x31\n\x08generate\x18\x01 \x01(\x0b\x32\x1d.shardgate.v1.GenerateRequestH\x00\x12\x30\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1e.shardgate.v1.CancelGenerationH\x00\x42\x08\n\x06\x61\x63tion\"&\n\x10\x43\x61ncelGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x86\x01\n\x14GenerateBidiResponse\x12\x37\n\x07message\x18\x01 \x01(\x0b\x32$.shardgate.v1.GenerateStreamResponseH\x00\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.shardgate.v1.RequestStatusH\x00\x42\x07\n\x05\x65vent\"B\n\rRequestStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t*\xac\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05*-\n\x07Pooling\x12\x10\n\x0cPOOLING_MEAN\x10\x00\x12\x10\n\x0cPOOLING_LAST\x10\x01\x32\xe5\x03\n\tInference\x12I\n\x08Generate\x12\x1d.shardgate.v1.GenerateRequest\x1a\x1e.shardgate.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.shardgate.v1.GenerateRequest\x1a$.shardgate.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.shardgate.v1.TokenizeRequest\x1a\x1e.shardgate.v1.TokenizeResponse\x12L\n\tModelInfo\x12\x1e.shardgate.v1.ModelInfoRequest\x1a\x1f.shardgate.v1.ModelInfoResponse\x12@\n\x05\x45mbed\x12\x1a.shardgate.v1.EmbedRequest\x1a\x1b.shardgate.v1.EmbedResponse\x12Y\n\x0cGenerateBidi\x12!.shardgate.v1.GenerateBidiRequest\x1a\".shardgate.v1.GenerateBidiResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardgate.proto.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1257
-  _globals['_FINISHREASON']._serialized_end=1429
+  _globals['_EMBEDDING'].fields_by_name['values']._loaded_options = None
+  _globals['_EMBEDDING'].fields_by_name['values']._serialized_options = b'\020\001'
+  _globals['_FINISHREASON']._serialized_start=2039
+  _globals['_FINISHREASON']._serialized_end=2211
+  _globals['_POOLING']._serialized_start=2213
+  _globals['_POOLING']._serialized_end=2258
   _globals['_GENERATEREQUEST']._serialized_start=50
-  _globals['_GENERATEREQUEST']._serialized_end=357
-  _globals['_TOKENIDS']._serialized_start=359
-  _globals['_TOKENIDS']._serialized_end=382
-  _globals['_USAGE']._serialized_start=384
-  _globals['_USAGE']._serialized_end=494
-  _globals['_GENERATERESPONSE']._serialized_start=497
-  _globals['_GENERATERESPONSE']._serialized_end=673
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=676
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=858
-  _globals['_TOKENIZEREQUEST']._serialized_start=860
-  _globals['_TOKENIZEREQUEST']._serialized_end=919
-  _globals['_TOKENIZERESPONSE']._serialized_start=921
-  _globals['_TOKENIZERESPONSE']._serialized_end=974
-  _globals['_MODELINFOREQUEST']._serialized_start=976
-  _globals['_MODELINFOREQUEST']._serialized_end=994
-  _globals['_MODELINFORESPONSE']._serialized_start=997
-  _globals['_MODELINFORESPONSE']._serialized_end=1254
-  _globals['_INFERENCE']._serialized_start=1432
-  _globals['_INFERENCE']._serialized_end=1760
+  _globals['_GENERATEREQUEST']._serialized_end=395
+  _globals['_TOKENIDS']._serialized_start=397
+  _globals['_TOKENIDS']._serialized_end=420
+  _globals['_USAGE']._serialized_start=422
+  _globals['_USAGE']._serialized_end=532
+  _globals['_GENERATERESPONSE']._serialized_start=535
+  _globals['_GENERATERESPONSE']._serialized_end=711
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=714
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=896
+  _globals['_TOKENIZEREQUEST']._serialized_start=898
+  _globals['_TOKENIZEREQUEST']._serialized_end=957
+  _globals['_TOKENIZERESPONSE']._serialized_start=959
+  _globals['_TOKENIZERESPONSE']._serialized_end=1012
+  _globals['_MODELINFOREQUEST']._serialized_start=1014
+  _globals['_MODELINFOREQUEST']._serialized_end=1032
+  _globals['_MODELINFORESPONSE']._serialized_start=1035
+  _globals['_MODELINFORESPONSE']._serialized_end=1339
+  _globals['_EMBEDREQUEST']._serialized_start=1342
+  _globals['_EMBEDREQUEST']._serialized_end=1489
+  _globals['_EMBEDDING']._serialized_start=1491
+  _globals['_EMBEDDING']._serialized_end=1538
+  _globals['_EMBEDRESPONSE']._serialized_start=1540
+  _globals['_EMBEDRESPONSE']._serialized_end=1656
+  _globals['_GENERATEBIDIREQUEST']._serialized_start=1659
+  _globals['_GENERATEBIDIREQUEST']._serialized_end=1791
+  _globals['_CANCELGENERATION']._serialized_start=1793
+  _globals['_CANCELGENERATION']._serialized_end=1831
+  _globals['_GENERATEBIDIRESPONSE']._serialized_start=1834
+  _globals['_GENERATEBIDIRESPONSE']._serialized_end=1968
+  _globals['_REQUESTSTATUS']._serialized_start=1970
+  _globals['_REQUESTSTATUS']._serialized_end=2036
+  _globals['_INFERENCE']._serialized_start=2261
+  _globals['_INFERENCE']._serialized_end=2746
 # @@protoc_insertion_point(module_scope)

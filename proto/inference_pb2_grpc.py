@@ -55,6 +55,16 @@ class InferenceStub:
                 request_serializer=shardgate_dot_proto_dot_inference__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=shardgate_dot_proto_dot_inference__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/shardgate.v1.Inference/Embed',
+                request_serializer=shardgate_dot_proto_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=shardgate_dot_proto_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+        self.GenerateBidi = channel.stream_stream(
+                '/shardgate.v1.Inference/GenerateBidi',
+                request_serializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiRequest.SerializeToString,
+                response_deserializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -90,6 +100,22 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts: one vector per input. Calls are batched with other callers' calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateBidi(self, request_iterator, context):
+        """Many generations multiplexed on one stream: the client sends requests (each with its own
+        request_id) and cancels; the server sends every request's messages tagged with its id,
+        interleaved. One request failing or being cancelled does not end the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +138,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=shardgate_dot_proto_dot_inference__pb2.ModelInfoRequest.FromString,
                     response_serializer=shardgate_dot_proto_dot_inference__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=shardgate_dot_proto_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=shardgate_dot_proto_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'GenerateBidi': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateBidi,
+                    request_deserializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiRequest.FromString,
+                    response_serializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +259,60 @@ class Inference:
             '/shardgate.v1.Inference/ModelInfo',
             shardgate_dot_proto_dot_inference__pb2.ModelInfoRequest.SerializeToString,
             shardgate_dot_proto_dot_inference__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardgate.v1.Inference/Embed',
+            shardgate_dot_proto_dot_inference__pb2.EmbedRequest.SerializeToString,
+            shardgate_dot_proto_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateBidi(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shardgate.v1.Inference/GenerateBidi',
+            shardgate_dot_proto_dot_inference__pb2.GenerateBidiRequest.SerializeToString,
+            shardgate_dot_proto_dot_inference__pb2.GenerateBidiResponse.FromString,
             options,
             channel_credentials,
             insecure,
