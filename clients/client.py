@@ -25,10 +25,13 @@ class Usage:
     completion_tokens: int
     queue_time_s: float
     time_to_first_token_s: float
+    replica: int
 
     @classmethod
     def from_proto(cls, message: inference_pb2.Usage) -> "Usage":
-        return cls(message.prompt_tokens, message.completion_tokens, message.queue_time_s, message.time_to_first_token_s)
+        return cls(
+            message.prompt_tokens, message.completion_tokens, message.queue_time_s, message.time_to_first_token_s, message.replica
+        )
 
 
 @dataclass(frozen=True)

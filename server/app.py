@@ -1,4 +1,4 @@
-"""Wires the gateway: start the replica, build the engine, serve gRPC until a signal."""
+"""Wires the gateway: start the replicas, build an engine per replica, serve gRPC until a signal."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.engine import Engine
 from shardgate.server.launcher import LocalReplica
-from shardgate.server.replica import ReplicaClient
+from shardgate.server.replica import ReplicaClient, ReplicaInfo
+from shardgate.server.router import Router
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
 
@@ -25,8 +26,8 @@ log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
-async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
-    """Runs the gateway until SIGINT or SIGTERM; `ready` is set once it accepts calls."""
+async def serve(config: GatewayConfig) -> None:
+    """Runs the gateway until SIGINT or SIGTERM."""
     server = grpc.aio.server()
     service = InferenceService(config)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
@@ -38,42 +39,69 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
 
-    replica = LocalReplica(config.replica)
-    client = ReplicaClient(replica.target)
-    engine_task = None
+    local = [LocalReplica(config.replica, index) for index in range(config.replicas)]
+    clients = [ReplicaClient(r.target) for r in local] + [ReplicaClient(address) for address in config.remote_replicas]
+    engine_tasks: list[asyncio.Task] = []
     try:
-        replica.start()
-        info = await replica.wait_ready(client)
-        tokenizer = Tokenizer.from_str(info.tokenizer_json)
-        engine = Engine(Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer, info.eos_token_ids)
-        engine_task = asyncio.create_task(engine.run(), name="engine")
-        service.attach(engine, tokenizer, info)
+        for replica in local:
+            replica.start()
+        infos = await asyncio.gather(*(_ready(client, replica, config) for client, replica in zip(clients, local + [None] * len(config.remote_replicas))))
+        _check_same_model(infos, clients)
+        tokenizer = Tokenizer.from_str(infos[0].tokenizer_json)
+        engines = [
+            Engine(index, Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer, infos[0].eos_token_ids)
+            for index, (client, info) in enumerate(zip(clients, infos))
+        ]
+        engine_tasks = [asyncio.create_task(engine.run(), name=f"engine-{engine.index}") for engine in engines]
+        service.attach(Router(engines), tokenizer, infos)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (kv cache: %d tokens)", info.model, config.host, port, info.kv_capacity_tokens)
-        if ready is not None:
-            ready.set()
-        await _until_signal(engine_task)
+        log.info(
+            "serving %s on %s:%d: %d replica(s) of tp %d × pp %d",
+            infos[0].model, config.host, port, len(engines), infos[0].tp, infos[0].pp,
+        )  # fmt: skip
+        await _until_signal(engine_tasks)
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(config.grace_s)
-        if engine_task is not None:
-            engine_task.cancel()
+        for task in engine_tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await engine_task
-        await client.close()
-        replica.stop()
+                await task
+        for client in clients:
+            await client.close()
+        for replica in local:
+            replica.stop()
 
 
-async def _until_signal(engine_task: asyncio.Task) -> None:
-    """Returns on SIGINT/SIGTERM; raises if the engine loop dies."""
+async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: GatewayConfig) -> ReplicaInfo:
+    """Waits for a replica's driver: a local one while its processes live, a remote one until
+    the start timeout."""
+    if replica is not None:
+        return await replica.wait_ready(client)
+    try:
+        return await client.describe(timeout=config.replica.start_timeout_s)
+    except grpc.aio.AioRpcError as error:
+        raise RuntimeError(f"remote replica {client.target} did not answer: {error.code().name}") from None
+
+
+def _check_same_model(infos: list[ReplicaInfo], clients: list[ReplicaClient]) -> None:
+    first = infos[0]
+    for info, client in zip(infos[1:], clients[1:]):
+        if (info.model, info.vocab_size, info.tokenizer_json) != (first.model, first.vocab_size, first.tokenizer_json):
+            raise RuntimeError(f"replica {client.target} serves {info.model}, not {first.model}")
+
+
+async def _until_signal(engine_tasks: list[asyncio.Task]) -> None:
+    """Returns on SIGINT/SIGTERM; raises if an engine loop dies."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stop_task = asyncio.create_task(stop.wait())
-    await asyncio.wait({stop_task, engine_task}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({stop_task, *engine_tasks}, return_when=asyncio.FIRST_COMPLETED)
     stop_task.cancel()
-    if engine_task.done():
-        engine_task.result()
-        raise RuntimeError("the engine loop stopped")
+    for task in engine_tasks:
+        if task.done():
+            task.result()
+            raise RuntimeError(f"{task.get_name()} stopped")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig
 
@@ -15,7 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=gateway.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=gateway.port, help="public gRPC port (default %(default)s; 0 = any free)")
     parser.add_argument("--dtype", default=replica.dtype, choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default=replica.device, help="auto (default), cpu, cuda")
+    parser.add_argument("--device", default=replica.device, help="auto (default: cuda with NCCL when available, else cpu with gloo), cpu, cuda")
+    parser.add_argument("--tp", type=int, default=replica.tp, help="tensor-parallel size of each replica (default %(default)s)")
+    parser.add_argument("--pp", type=int, default=replica.pp, help="pipeline-parallel size of each replica (default %(default)s)")
+    parser.add_argument("--replicas", type=int, default=gateway.replicas, help="replicas to start on this host (default %(default)s)")
+    parser.add_argument("--remote-replica", action="append", default=[], metavar="HOST:PORT",
+                        help="driver address of a replica started with torchrun (repeatable)")  # fmt: skip
     parser.add_argument("--max-batch-tokens", type=int, default=scheduler.max_batch_tokens, help="token budget of one step (default %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=scheduler.max_num_seqs, help="most sequences in one step (default %(default)s)")
     parser.add_argument("--block-size", type=int, default=replica.block_size, help="tokens per KV block (default %(default)s)")
@@ -30,6 +36,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         host=args.host,
         port=args.port,
         max_new_tokens_limit=args.max_new_tokens_limit,
+        replicas=args.replicas,
+        remote_replicas=tuple(args.remote_replica),
         scheduler=SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs),
         replica=ReplicaConfig(
             model=args.model,
@@ -37,12 +45,18 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             device=args.device,
             block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory,
+            tp=args.tp,
+            pp=args.pp,
         ),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"shardgate serve: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from shardgate.server.app import serve  # the gateway's dependencies load only for `serve`
 

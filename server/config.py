@@ -44,8 +44,13 @@ class ReplicaConfig:
     """KV cache size: bytes when > 1, a fraction of free device memory when in (0, 1]; 0 = 1 GiB on CPU, 0.9 of free memory on GPU."""
     start_timeout_s: float = 300.0
     """How long the gateway waits for a replica to load its model and answer."""
+    tp: int = 1
+    """Tensor-parallel size: ranks that split every layer."""
+    pp: int = 1
+    """Pipeline-parallel size: stages of consecutive layers."""
 
     def __post_init__(self) -> None:
+        _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
         _require(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda, not {self.device!r}")
         _require(self.block_size >= 1, "block_size must be >= 1")
@@ -69,6 +74,10 @@ class GatewayConfig:
     """Longest stop string, in characters."""
     grace_s: float = 5.0
     """Seconds in-flight calls get to finish when the server stops."""
+    replicas: int = 1
+    """Replicas this gateway starts on this host, each tp × pp shard processes."""
+    remote_replicas: tuple[str, ...] = ()
+    """Drivers of replicas started elsewhere (torchrun), as host:port."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
 
@@ -78,3 +87,5 @@ class GatewayConfig:
         _require(self.max_stop_strings >= 0, "max_stop_strings must be >= 0")
         _require(self.max_stop_string_chars >= 1, "max_stop_string_chars must be >= 1")
         _require(self.grace_s >= 0, "grace_s must be >= 0")
+        _require(self.replicas >= 0, "replicas must be >= 0")
+        _require(self.replicas + len(self.remote_replicas) >= 1, "at least one replica (local or remote) is needed")

@@ -58,6 +58,8 @@ class RequestHandle:
     """A submitted request and what its caller reads."""
 
     request: Request
+    replica: int
+    """Index of the replica (engine) that serves the request."""
     detokenizer: IncrementalDetokenizer
     stop: StopMatcher
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
@@ -68,7 +70,12 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, replica: ReplicaClient, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]) -> None:
+    """Drives one replica: its own scheduler, KV accounting and step loop."""
+
+    def __init__(
+        self, index: int, scheduler: Scheduler, replica: ReplicaClient, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]
+    ) -> None:
+        self.index = index
         self.scheduler = scheduler
         self.replica = replica
         self.tokenizer = tokenizer
@@ -79,7 +86,7 @@ class Engine:
 
     def submit(self, valid: ValidRequest) -> RequestHandle:
         request = Request(next(self._seq_ids), valid.request_id, valid.prompt_ids, valid.params)
-        handle = RequestHandle(request, IncrementalDetokenizer(self.tokenizer, valid.prompt_ids), StopMatcher(valid.stop))
+        handle = RequestHandle(request, self.index, IncrementalDetokenizer(self.tokenizer, valid.prompt_ids), StopMatcher(valid.stop))
         self._handles[request.seq_id] = handle
         self.scheduler.add(request)
         self._wakeup.set()

@@ -32,10 +32,10 @@ class LocalReplica:
     """The shard processes of one replica on this host; rank 0 (the driver) listens on a unix
     socket that only the gateway uses."""
 
-    def __init__(self, config: ReplicaConfig, index: int = 0, world_size: int = 1) -> None:
+    def __init__(self, config: ReplicaConfig, index: int = 0) -> None:
         self.config = config
         self.index = index
-        self.world_size = world_size
+        self.world_size = config.tp * config.pp
         self._dir = tempfile.mkdtemp(prefix=f"shardgate-replica{index}-")
         self.target = f"unix://{os.path.join(self._dir, 'driver.sock')}"
         self.processes: list[subprocess.Popen] = []
@@ -50,6 +50,8 @@ class LocalReplica:
             "--block-size", str(self.config.block_size),
             "--kv-cache-memory", repr(self.config.kv_cache_memory),
             "--listen", self.target,
+            "--tp", str(self.config.tp),
+            "--pp", str(self.config.pp),
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         for rank in range(self.world_size):

@@ -67,6 +67,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def spare_blocks(self) -> int:
+        """Free blocks less those the queued requests need to start (may be negative)."""
+        return self.blocks.num_free - sum(self.blocks.blocks_for(r.num_tokens) - len(r.block_ids) for r in self.waiting)
+
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
         self.waiting.append(request)

@@ -9,9 +9,10 @@ from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 from shardgate.server.config import GatewayConfig
-from shardgate.server.engine import Engine, ErrorEvent, FinishEvent, RequestHandle, TokenEvent, usage_times
+from shardgate.server.engine import ErrorEvent, FinishEvent, RequestHandle, TokenEvent, usage_times
 from shardgate.server.replica import ReplicaInfo
 from shardgate.server.request import FinishReason
+from shardgate.server.router import Router
 from shardgate.server.validation import ModelLimits, RequestError, validate
 
 _FINISH_REASONS = {
@@ -31,6 +32,7 @@ def _usage(handle: RequestHandle) -> inference_pb2.Usage:
         completion_tokens=len(request.output_ids),
         queue_time_s=queue,
         time_to_first_token_s=ttft,
+        replica=handle.replica,
     )
 
 
@@ -40,19 +42,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.engine: Engine | None = None
+        self.router: Router | None = None
 
-    def attach(self, engine: Engine, tokenizer: Tokenizer, info: ReplicaInfo) -> None:
-        self.engine = engine
+    def attach(self, router: Router, tokenizer: Tokenizer, infos: list[ReplicaInfo]) -> None:
+        self.router = router
         self.tokenizer = tokenizer
-        self.info = info
+        self.infos = infos
         self.limits = ModelLimits(
-            vocab_size=info.vocab_size,
-            max_context_tokens=min(info.max_position_embeddings, info.kv_capacity_tokens),
+            vocab_size=infos[0].vocab_size,
+            max_context_tokens=min(infos[0].max_position_embeddings, *(info.kv_capacity_tokens for info in infos)),
         )
 
     async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
-        if self.engine is None:
+        if self.router is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
 
     async def _submit(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
@@ -61,7 +63,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             valid = validate(request, self.tokenizer, self.limits, self.config)
         except RequestError as error:
             await context.abort(error.code, str(error))
-        return self.engine.submit(valid)
+        return self.router.submit(valid)
 
     async def _events(self, handle: RequestHandle, context: grpc.aio.ServicerContext):
         """Yields a request's events until its last; cancels it if the caller goes away first."""
@@ -74,7 +76,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if isinstance(event, FinishEvent):
                     return
         finally:
-            self.engine.cancel(handle)
+            self.router.cancel(handle)
 
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         handle = await self._submit(request, context)
@@ -122,7 +124,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         await self._require_ready(context)
-        info = self.info
+        info = self.infos[0]
         return inference_pb2.ModelInfoResponse(
             model=info.model,
             model_type=info.model_type,
@@ -132,8 +134,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             dtype=info.dtype,
             tp=info.tp,
             pp=info.pp,
-            replicas=1,
-            kv_capacity_tokens=[info.kv_capacity_tokens],
-            devices=list(info.devices),
+            replicas=len(self.infos),
+            kv_capacity_tokens=[i.kv_capacity_tokens for i in self.infos],
+            devices=[device for i in self.infos for device in i.devices],
             eos_token_ids=list(info.eos_token_ids),
         )

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from shardgate.shards.model_config import ModelConfig
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What one rank caches per token: its layers (a pipeline stage's) and its kv heads (a
+    tensor-parallel share)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes across this rank's layers, keys and values."""
+        element_size = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element_size
 
 
 class KVCache:
@@ -17,7 +32,7 @@ class KVCache:
     """
 
     def __init__(
-        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self, layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
@@ -25,19 +40,13 @@ class KVCache:
         self.block_size = block_size
         storage = torch.zeros(
             2,
-            config.num_hidden_layers,
+            layout.num_layers,
             num_blocks,
             block_size,
-            config.num_key_value_heads,
-            config.head_dim,
+            layout.num_kv_heads,
+            layout.head_dim,
             dtype=dtype,
             device=device,
         )
         self.keys: list[torch.Tensor] = list(storage[0].unbind(0))  # each (num_blocks, block_size, kv_heads, head_dim)
         self.values: list[torch.Tensor] = list(storage[1].unbind(0))
-
-    @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one block takes across all layers, keys and values."""
-        element_size = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element_size

@@ -19,8 +19,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+import torch.distributed as dist
+
 from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.shards.executor import StepExecutor
 from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.parallel import ParallelConfig, ParallelState, init_parallel
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import load_model
 from shardgate.shards.worker import ShardService
@@ -31,6 +35,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CPU_DEFAULT_KV_BYTES = 1 << 30
 GPU_DEFAULT_KV_FRACTION = 0.9
 INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
+# Ranks other than the driver wait in a broadcast between steps, however long the server idles;
+# a lost driver is caught by the parent watch (or torchrun's agent), not by this timeout.
+COLLECTIVE_TIMEOUT_S = 30 * 24 * 3600.0
+DEVICE_NAME_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,10 @@ class ShardConfig:
     """Bytes when > 1, a fraction of free memory when in (0, 1], 0 for the device's default."""
     listen: str
     """gRPC address the driver serves the gateway on (unix:///path or host:port)."""
+    tp: int
+    """Tensor-parallel size of the replica."""
+    pp: int
+    """Pipeline-parallel size of the replica."""
     parent_pid: int
     """Exit when this process (the gateway) is gone; 0 disables the watch."""
     rank: int
@@ -62,8 +74,10 @@ class ShardConfig:
             raise ValueError("--block-size must be >= 1")
         if self.kv_cache_memory < 0:
             raise ValueError("--kv-cache-memory must be >= 0")
-        if self.world_size != 1 or self.rank != 0:
-            raise ValueError(f"WORLD_SIZE={self.world_size}: this version runs one shard per replica")
+        if self.world_size != self.tp * self.pp:
+            raise ValueError(f"WORLD_SIZE={self.world_size} but --tp {self.tp} × --pp {self.pp} = {self.tp * self.pp}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK={self.rank} is outside WORLD_SIZE={self.world_size}")
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -106,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=0.0)
-    parser.add_argument("--listen", required=True)
+    parser.add_argument("--listen", required=True, help="driver's address for the gateway: unix:///path or host:port")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
     env = os.environ
@@ -117,11 +133,35 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         listen=args.listen,
+        tp=args.tp,
+        pp=args.pp,
         parent_pid=args.parent_pid,
         rank=int(env.get("RANK", 0)),
         world_size=int(env.get("WORLD_SIZE", 1)),
         local_rank=int(env.get("LOCAL_RANK", 0)),
     )
+
+
+def gather_device_names(device: torch.device, parallel: ParallelState) -> list[str]:
+    """Every rank's device name, in rank order (fixed-size byte tensors: no pickle)."""
+    if parallel.config.world_size == 1:
+        return [str(device)]
+    name = torch.zeros(DEVICE_NAME_BYTES, dtype=torch.uint8)
+    encoded = str(device).encode()[:DEVICE_NAME_BYTES]
+    name[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+    names = [torch.empty_like(name) for _ in range(parallel.config.world_size)]
+    dist.all_gather(names, name, group=parallel.control)
+    return [bytes(n.tolist()).rstrip(b"\0").decode() for n in names]
+
+
+def agree_on_blocks(num_blocks: int, parallel: ParallelState) -> int:
+    """The replica's block count: the smallest any rank can hold (the gateway hands out one set
+    of block ids for all of them)."""
+    if parallel.config.world_size == 1:
+        return num_blocks
+    count = torch.tensor([num_blocks], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=parallel.control)
+    return int(count.item())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,17 +173,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if config.parent_pid:
         watch_parent(config.parent_pid)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", config.world_size))))
 
     device = resolve_device(config.device, config.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    parallel = init_parallel(
+        ParallelConfig(config.tp, config.pp), config.rank, config.world_size,
+        backend="nccl" if device.type == "cuda" else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S,
+    )  # fmt: skip
     dtype = DTYPES[config.dtype]
-    loaded = load_model(config.model, dtype, device)
+    loaded = load_model(config.model, dtype, device, parallel)
     budget = kv_cache_bytes(config.kv_cache_memory, device)
-    num_blocks = budget // KVCache.bytes_per_block(loaded.config, config.block_size, dtype)
+    num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(config.block_size, dtype), parallel)
     if num_blocks < 1:
         print(f"shard: --kv-cache-memory gives {budget} bytes, less than one KV block; raise it", file=sys.stderr)
         return 2
-    kv_cache = KVCache(loaded.config, num_blocks, config.block_size, dtype, device)
-    runner = ModelRunner(loaded.model, loaded.config, kv_cache, device)
+    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, config.block_size, dtype, device)
+    executor = StepExecutor(ModelRunner(loaded.model, loaded.config, kv_cache, device), parallel)
+    devices = gather_device_names(device, parallel)
+    if not parallel.is_driver:
+        log.info("rank %d (tp %d, pp stage %d) following the driver", config.rank, parallel.tp_rank, parallel.pp_stage)
+        executor.follow()
+        return 0
+
     description = shard_pb2.DescribeResponse(
         model=loaded.name,
         model_type=loaded.config.model_type,
@@ -155,22 +209,22 @@ def main(argv: list[str] | None = None) -> int:
         dtype=config.dtype,
         num_kv_blocks=num_blocks,
         block_size=config.block_size,
-        devices=[str(device)],
-        tp=1,
-        pp=1,
+        devices=devices,
+        tp=config.tp,
+        pp=config.pp,
     )
-
     options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
     # One worker: steps are sequential by design; the gateway never sends two at once.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
-    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(runner, description), server)
+    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description), server)
     if not server.add_insecure_port(config.listen):
         print(f"shard: cannot listen on {config.listen}", file=sys.stderr)
         return 2
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
-    log.info("rank %d serving %s on %s (%d KV blocks of %d tokens)", config.rank, loaded.name, config.listen, num_blocks, config.block_size)
+    log.info("driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)", loaded.name, config.listen, config.tp, config.pp, num_blocks, config.block_size)
     server.wait_for_termination()
+    executor.stop()
     return 0
 
 

@@ -1,10 +1,15 @@
-"""One model step: pack the scheduled chunks, run the model once, sample where asked."""
+"""One model step on one rank: pack the scheduled chunks, run this rank's part of the model,
+sample where asked.
+
+Pipeline stages hand hidden states on with send/recv: every rank has the same plan, so a
+receiver knows the (tokens, hidden) shape without being told."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from shardgate.shards.attention import AttentionMetadata
 from shardgate.shards.kv_cache import KVCache
@@ -39,9 +44,12 @@ class ModelRunner:
         self.config = config
         self.kv_cache = kv_cache
         self.device = torch.device(device)
+        self.parallel = model.parallel
+        self.dtype = next(model.parameters()).dtype
 
     def step(self, chunks: list[SeqChunk]) -> list[SampleResult]:
-        """Run all chunks as one flat batch; one result per chunk with sample=True, in chunk order."""
+        """Run all chunks as one flat batch; one result per chunk with sample=True, in chunk
+        order (on the last pipeline stage; earlier stages return none)."""
         if not chunks:
             return []
         for chunk in chunks:
@@ -66,8 +74,16 @@ class ModelRunner:
             if chunk.sample:
                 last_rows.append(end - 1)
 
+        parallel = self.parallel
         with torch.inference_mode():
-            hidden = self.model(input_ids, positions, metadata, self.kv_cache)  # (T, hidden)
+            received = None
+            if not parallel.is_first_stage:
+                received = torch.empty(len(input_ids), self.config.hidden_size, dtype=self.dtype, device=self.device)
+                dist.recv(received, src=parallel.prev_rank)
+            hidden = self.model(input_ids, positions, metadata, self.kv_cache, received)  # (T, hidden)
+            if not parallel.is_last_stage:
+                dist.send(hidden, dst=parallel.next_rank)
+                return []
             if not sampled:
                 return []
             logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)

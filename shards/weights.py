@@ -1,9 +1,10 @@
 """Loading a model: a Hugging Face folder of safetensors, or ``builtin:tiny``.
 
 The model is built on the meta device (no memory), then each parameter is
-allocated on the target device and filled from one checkpoint tensor at a time
-through its layer's ``weight_loader``, so the weights exist once, already
-sliced for this rank. Pickled checkpoints (``*.bin``) are never read.
+allocated on the target device and filled through its layer's ``weight_loader``
+from a lazy safetensors slice, so a rank reads only its own part of each tensor
+(its pipeline stage's layers, its tensor-parallel slice) and the weights exist
+once. Pickled checkpoints (``*.bin``) are never read.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from safetensors import safe_open
 from torch import nn
 
 from shardgate.shards.builtin import BUILTIN_NAME, builtin_config, builtin_tensors, builtin_tokenizer
-from shardgate.shards.layers import default_weight_loader
+from shardgate.shards.layers import TensorSource, default_weight_loader
 from shardgate.shards.llama import LlamaForCausalLM
 from shardgate.shards.model_config import ModelConfig
+from shardgate.shards.parallel import ParallelConfig, ParallelState
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
@@ -38,13 +40,27 @@ class LoadedModel:
     name: str
 
 
-def load_model(source: str, dtype: torch.dtype, device: torch.device | str) -> LoadedModel:
-    """Load ``builtin:tiny`` or a local Hugging Face model folder."""
+class _SafetensorsSlice:
+    """A checkpoint tensor read lazily: only the part asked for leaves the file."""
+
+    def __init__(self, handle, name: str) -> None:
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._slice[(slice(None),) * dim + (slice(start, start + length),)]
+
+
+def load_model(
+    source: str, dtype: torch.dtype, device: torch.device | str, parallel: ParallelState | None = None
+) -> LoadedModel:
+    """Load ``builtin:tiny`` or a local Hugging Face model folder: this rank's part of it."""
     device = torch.device(device)
+    parallel = parallel or ParallelState(ParallelConfig())
     if source == BUILTIN_NAME:
         config = builtin_config()
         tensors = builtin_tensors(config)
-        model = build_model(config, tensors, tensors.__getitem__, dtype, device)
+        model = build_model(config, tensors, tensors.__getitem__, dtype, device, parallel)
         return LoadedModel(model, config, builtin_tokenizer().to_str(), BUILTIN_NAME)
 
     folder = Path(source)
@@ -63,31 +79,40 @@ def load_model(source: str, dtype: torch.dtype, device: torch.device | str) -> L
                 if name in handle_of:
                     raise ValueError(f"tensor {name!r} appears in more than one safetensors file of {folder}")
                 handle_of[name] = handle
-        model = build_model(config, handle_of, lambda name: handle_of[name].get_tensor(name), dtype, device)
+        model = build_model(config, handle_of, lambda name: _SafetensorsSlice(handle_of[name], name), dtype, device, parallel)
     return LoadedModel(model, config, tokenizer_path.read_text(encoding="utf-8"), folder.resolve().name)
 
 
 def build_model(
     config: ModelConfig,
     checkpoint_names: Iterable[str],
-    read: Callable[[str], torch.Tensor],
+    read: Callable[[str], TensorSource],
     dtype: torch.dtype,
     device: torch.device,
+    parallel: ParallelState | None = None,
 ) -> LlamaForCausalLM:
-    """A model whose every parameter comes from ``read(name)``, one tensor at a time.
+    """A model (this rank's part) whose every parameter comes from ``read(name)``, one at a time.
 
     Raises ValueError naming the tensors the checkpoint lacks or has in excess
     (before reading any), and naming any tensor whose shape is wrong.
     """
     with init_empty_weights(include_buffers=False):
-        model = LlamaForCausalLM(config)
+        whole = LlamaForCausalLM(config)  # on the meta device: only for the names a checkpoint must have
+        model = LlamaForCausalLM(config, parallel)
+    whole.tie_weights()
     model.tie_weights()  # init_empty_weights re-registers each parameter, which undid the tie made in __init__
-    expected = [name for name, _ in model.named_parameters()]
-    _check_names(set(expected), set(checkpoint_names), config)
-    for name in expected:
-        _load_parameter(model, name, read(name), dtype, device)
+    _check_names({name for name, _ in whole.named_parameters()}, set(checkpoint_names), config)
+    for name, _ in list(model.named_parameters()):
+        _load_parameter(model, name, read(_checkpoint_name(name, config)), dtype, device)
     model.tie_weights()
     return model.to(device).eval()  # parameters are already there; this moves the rope tables
+
+
+def _checkpoint_name(name: str, config: ModelConfig) -> str:
+    """Where a parameter comes from: a tied LM head on a stage without the embedding reads it."""
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return "model.embed_tokens.weight"
+    return name
 
 
 def _check_names(expected: set[str], present: set[str], config: ModelConfig) -> None:
@@ -111,7 +136,7 @@ def _short_list(names: list[str], limit: int = 8) -> str:
 
 
 def _load_parameter(
-    model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device
+    model: nn.Module, name: str, tensor: TensorSource, dtype: torch.dtype, device: torch.device
 ) -> None:
     """Replace the meta parameter ``name`` with a real one on device, filled by its layer's weight_loader."""
     module_name, _, attr = name.rpartition(".")

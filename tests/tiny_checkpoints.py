@@ -3,8 +3,10 @@
 Kinds:
 - ``llama``: GQA (4 heads / 2 kv heads), untied embeddings, llama3 rope scaling
   that bends frequencies inside the tested positions, saved in several shards.
-- ``qwen2``: q/k/v biases, tied embeddings, a vocabulary (301) larger than the
-  tokenizer's, eos listed in both config.json and generation_config.json.
+- ``qwen2``: q/k/v biases, tied embeddings, one kv head (fewer than 2 tensor-parallel
+  ranks), 3 layers (not divisible by 2 pipeline stages), an odd vocabulary (301, not
+  divisible by 2 ranks, larger than the tokenizer's), eos listed in both config.json and
+  generation_config.json.
 - ``mistral``: a sliding window (12) shorter than the test prompts, and a
   head_dim (32) that is not hidden_size / heads.
 
@@ -70,10 +72,10 @@ def make_checkpoint(kind: str, directory: Path) -> Path:
     elif kind == "qwen2":
         specials, tokenizer_vocab, bos = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], 296, None
         config = Qwen2Config(
-            **_COMMON,
+            **{**_COMMON, "num_key_value_heads": 1},
             vocab_size=301,
             intermediate_size=160,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             bos_token_id=0,
             eos_token_id=2,
             tie_word_embeddings=True,

@@ -55,7 +55,7 @@ async def drain(handle):
 
 def make_engine(replica, num_blocks=64):
     blocks = BlockManager(num_blocks, 4)
-    return Engine(Scheduler(SchedulerConfig(), blocks), replica, TOKENIZER, (EOS,)), blocks
+    return Engine(0, Scheduler(SchedulerConfig(), blocks), replica, TOKENIZER, (EOS,)), blocks
 
 
 def text_of(events):

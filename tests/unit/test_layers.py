@@ -1,5 +1,5 @@
-"""Layers, and their tensor-parallel slicing: with tp_size=2, the ranks' partial results joined
-the way the future collective will join them (concatenate or sum) must equal the unsharded layer."""
+"""Layers, and tensor parallelism: with tp_size=2 (ranks as threads, real collectives between
+them), every rank's output equals the unsharded layer's."""
 
 import pytest
 import torch
@@ -15,6 +15,8 @@ from shardgate.shards.layers import (
     VocabParallelEmbedding,
     default_weight_loader,
 )
+from shardgate.shards.parallel import TensorParallel
+from thread_tp import run_ranks
 
 TP = 2
 
@@ -42,10 +44,17 @@ def test_column_parallel_concatenates_to_full():
     x = torch.randn(3, 8)
     full = load(ColumnParallelLinear(8, 12, bias=True), {"weight": weight, "bias": bias})
     torch.testing.assert_close(full(x), F.linear(x, weight, bias))
-    ranks = [load(ColumnParallelLinear(8, 12, bias=True, tp_rank=r, tp_size=TP), {"weight": weight, "bias": bias})
-             for r in range(TP)]
+    ranks = [load(ColumnParallelLinear(8, 12, bias=True, tp=tp), {"weight": weight, "bias": bias})
+             for tp in run_ranks(TP, lambda tp: tp)]
     assert ranks[0].weight.shape == (6, 8)
-    torch.testing.assert_close(torch.cat([rank(x) for rank in ranks], dim=-1), full(x))
+    torch.testing.assert_close(torch.cat([rank(x) for rank in ranks], dim=-1), full(x))  # no collective: sharded output
+
+
+def test_column_parallel_shared_shard_replicates_a_head():
+    weight = torch.randn(4, 8)  # one kv head of size 4 shared by 2 ranks
+    layers = [load(ColumnParallelLinear(8, 4, tp=tp, num_shards=1, shard_index=0), {"weight": weight})
+              for tp in run_ranks(TP, lambda tp: tp)]
+    assert all(torch.equal(layer.weight, weight) for layer in layers)
 
 
 def test_row_parallel_sums_to_full():
@@ -53,9 +62,9 @@ def test_row_parallel_sums_to_full():
     x = torch.randn(3, 12)
     full = load(RowParallelLinear(12, 8), {"weight": weight})
     torch.testing.assert_close(full(x), F.linear(x, weight))
-    ranks = [load(RowParallelLinear(12, 8, tp_rank=r, tp_size=TP), {"weight": weight}) for r in range(TP)]
-    partial = [rank(x_r) for rank, x_r in zip(ranks, x.chunk(TP, dim=-1))]
-    torch.testing.assert_close(sum(partial), full(x))
+    outputs = run_ranks(TP, lambda tp: load(RowParallelLinear(12, 8, tp=tp), {"weight": weight})(x.chunk(TP, -1)[tp.rank]))
+    for output in outputs:  # the all-reduce gives every rank the whole sum
+        torch.testing.assert_close(output, full(x))
 
 
 def test_vocab_parallel_embedding_sums_to_full():
@@ -63,10 +72,16 @@ def test_vocab_parallel_embedding_sums_to_full():
     ids = torch.tensor([0, 150, 151, 300, 7])
     full = load(VocabParallelEmbedding(301, 16), {"weight": table})
     torch.testing.assert_close(full(ids), table[ids])
-    ranks = [load(VocabParallelEmbedding(301, 16, tp_rank=r, tp_size=TP), {"weight": table}) for r in range(TP)]
-    assert [(r.vocab_start, r.vocab_end) for r in ranks] == [(0, 151), (151, 301)]
-    assert ranks[1].weight[-1].abs().sum() == 0
-    torch.testing.assert_close(sum(rank(ids) for rank in ranks), full(ids))
+
+    def rank(tp):
+        layer = load(VocabParallelEmbedding(301, 16, tp=tp), {"weight": table})
+        return layer, layer(ids)
+
+    (first, out0), (second, out1) = run_ranks(TP, rank)
+    assert [(r.vocab_start, r.vocab_end) for r in (first, second)] == [(0, 151), (151, 301)]
+    assert second.weight[-1].abs().sum() == 0
+    torch.testing.assert_close(out0, full(ids))
+    torch.testing.assert_close(out1, full(ids))
 
 
 def test_parallel_lm_head_gathers_to_full():
@@ -74,9 +89,9 @@ def test_parallel_lm_head_gathers_to_full():
     hidden = torch.randn(4, 16)
     full = load(ParallelLMHead(301, 16), {"weight": table})
     torch.testing.assert_close(full(hidden), hidden @ table.T)
-    ranks = [load(ParallelLMHead(301, 16, tp_rank=r, tp_size=TP), {"weight": table}) for r in range(TP)]
-    gathered = torch.cat([rank(hidden) for rank in ranks], dim=-1)[:, :301]
-    torch.testing.assert_close(gathered, full(hidden))
+    for logits in run_ranks(TP, lambda tp: load(ParallelLMHead(301, 16, tp=tp), {"weight": table})(hidden)):
+        assert logits.shape == (4, 301)  # padding column cropped
+        torch.testing.assert_close(logits, full(hidden))
 
 
 def test_swiglu_mlp_tensor_parallel_sums_to_full():
@@ -90,13 +105,13 @@ def test_swiglu_mlp_tensor_parallel_sums_to_full():
     expected = F.linear(F.silu(x @ tensors["gate_proj.weight"].T) * (x @ tensors["up_proj.weight"].T),
                         tensors["down_proj.weight"])
     torch.testing.assert_close(full(x), expected)
-    ranks = [load(SwiGLUMLP(8, 24, tp_rank=r, tp_size=TP), tensors) for r in range(TP)]
-    torch.testing.assert_close(sum(rank(x) for rank in ranks), expected)
+    for output in run_ranks(TP, lambda tp: load(SwiGLUMLP(8, 24, tp=tp), tensors)(x)):
+        torch.testing.assert_close(output, expected)
 
 
 def test_weight_loaders_reject_wrong_shapes():
     with pytest.raises(ValueError, match=r"shape \(12, 9\), expected \(12, 8\)"):
-        load(ColumnParallelLinear(8, 12, tp_rank=1, tp_size=TP), {"weight": torch.randn(12, 9)})
+        load(ColumnParallelLinear(8, 12, tp=run_ranks(TP, lambda tp: tp)[1]), {"weight": torch.randn(12, 9)})
     with pytest.raises(ValueError, match="expected"):
         load(RowParallelLinear(12, 8), {"weight": torch.randn(12, 8)})
     with pytest.raises(ValueError, match=r"expected \(301, 16\)"):
@@ -107,6 +122,6 @@ def test_weight_loaders_reject_wrong_shapes():
 
 def test_tensor_parallel_size_must_divide():
     with pytest.raises(ValueError, match="not divisible"):
-        ColumnParallelLinear(8, 13, tp_rank=0, tp_size=2)
+        ColumnParallelLinear(8, 13, tp=run_ranks(TP, lambda tp: tp)[0])
     with pytest.raises(ValueError, match="rank"):
-        RowParallelLinear(8, 8, tp_rank=2, tp_size=2)
+        TensorParallel(rank=2, size=2, group=object())

@@ -77,7 +77,7 @@ def generate(
 
 def make_runner(source: str, num_blocks: int = 64) -> ModelRunner:
     loaded = load_model(source, torch.float32, CPU)
-    kv_cache = KVCache(loaded.config, num_blocks, BLOCK_SIZE, torch.float32, CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, BLOCK_SIZE, torch.float32, CPU)
     return ModelRunner(loaded.model, loaded.config, kv_cache, CPU)
 
 

@@ -24,7 +24,7 @@ def prefill_logits(loaded: LoadedModel, ids: list[int]) -> torch.Tensor:
     block_size = 4
     num_blocks = -(-len(ids) // block_size)
     dtype = next(loaded.model.parameters()).dtype
-    kv_cache = KVCache(loaded.config, num_blocks, block_size, dtype, CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, block_size, dtype, CPU)
     metadata = AttentionMetadata.build(
         [len(ids)], [0], [list(range(num_blocks))], block_size, CPU, loaded.config.sliding_window
     )

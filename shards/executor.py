@@ -1,0 +1,94 @@
+"""Runs each step plan on every rank of the replica.
+
+The driver (rank 0) receives the plan from the gateway and broadcasts its protobuf bytes to the
+other ranks on the gloo control group (a length, then the bytes: no pickle). Every rank applies
+the same plan to its own sequence table and runs its part of the model; the last stage's
+tp-rank 0 sends the sampled tokens back to the driver when the driver is not on that stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from shardgate.proto import shard_pb2
+from shardgate.shards.parallel import ParallelState
+from shardgate.shards.runner import ModelRunner, SampleResult
+from shardgate.shards.sequences import SequenceTable
+
+log = logging.getLogger(__name__)
+_STOP = -1
+
+
+class StepExecutor:
+    def __init__(self, runner: ModelRunner, parallel: ParallelState) -> None:
+        self.runner = runner
+        self.parallel = parallel
+        self.sequences = SequenceTable()
+        self._distributed = parallel.config.world_size > 1
+
+    def run(self, request: shard_pb2.StepRequest) -> shard_pb2.StepResponse:
+        """Driver: hand the plan to every rank, run it, return the sampled tokens.
+
+        Raises ValueError for a malformed plan (every rank rejects it alike, before any
+        collective, so the replica stays in step)."""
+        start = time.perf_counter()
+        if self._distributed:
+            self._broadcast(request.SerializeToString())
+        results = self._execute(request)
+        if self._distributed and self.parallel.sampler_rank != 0:
+            results = self._receive_samples(request)
+        return shard_pb2.StepResponse(
+            tokens=[shard_pb2.SampledToken(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob or 0.0) for r in results],
+            compute_s=time.perf_counter() - start,
+        )
+
+    def follow(self) -> None:
+        """Every other rank: run the driver's plans until it says stop."""
+        while (data := self._broadcast(None)) is not None:
+            request = shard_pb2.StepRequest.FromString(data)
+            try:
+                results = self._execute(request)
+            except ValueError as error:
+                log.error("rank %d rejected step %d: %s", self.parallel.rank, request.step_id, error)
+                continue
+            if self.parallel.rank == self.parallel.sampler_rank != 0:
+                self._send_samples(results)
+
+    def stop(self) -> None:
+        """Driver: release the other ranks from follow()."""
+        if self._distributed:
+            self._broadcast(b"", stop=True)
+
+    def _execute(self, request: shard_pb2.StepRequest) -> list[SampleResult]:
+        return self.runner.step(self.sequences.apply(request))
+
+    def _broadcast(self, data: bytes | None, stop: bool = False) -> bytes | None:
+        group = self.parallel.control
+        size = torch.tensor([_STOP if stop else len(data or b"")], dtype=torch.int64)
+        dist.broadcast(size, src=0, group=group)
+        if size.item() == _STOP:
+            return None
+        if data is not None:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        else:
+            buffer = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(buffer, src=0, group=group)
+        return buffer.numpy().tobytes()
+
+    def _send_samples(self, results: list[SampleResult]) -> None:
+        tokens = torch.tensor([r.token_id for r in results], dtype=torch.int64)
+        logprobs = torch.tensor([r.logprob or 0.0 for r in results], dtype=torch.float32)
+        dist.send(tokens, dst=0, group=self.parallel.control)
+        dist.send(logprobs, dst=0, group=self.parallel.control)
+
+    def _receive_samples(self, request: shard_pb2.StepRequest) -> list[SampleResult]:
+        sampled = [chunk.seq_id for chunk in request.chunks if chunk.sample]
+        tokens = torch.empty(len(sampled), dtype=torch.int64)
+        logprobs = torch.empty(len(sampled), dtype=torch.float32)
+        dist.recv(tokens, src=self.parallel.sampler_rank, group=self.parallel.control)
+        dist.recv(logprobs, src=self.parallel.sampler_rank, group=self.parallel.control)
+        return [SampleResult(seq_id, int(t), float(lp)) for seq_id, t, lp in zip(sampled, tokens.tolist(), logprobs.tolist())]
