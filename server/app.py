@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from shardgate.proto import inference_pb2, inference_pb2_grpc
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.engine import Engine
+from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
 from shardgate.server.launcher import LocalReplica
 from shardgate.server.replica import ReplicaClient, ReplicaInfo
 from shardgate.server.router import Router
@@ -26,9 +28,52 @@ log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
+# A client that vanishes without closing its connection is noticed by keepalive pings, and its
+# streams are cancelled (freeing their KV blocks).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+def build_server(config: GatewayConfig) -> tuple[grpc.aio.Server, int]:
+    """The public gRPC server: interceptors, keepalive, and a TLS or plaintext port."""
+    security = config.security
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if security.api_key_file:
+        keys = [line.strip() for line in Path(security.api_key_file).read_bytes().decode().splitlines() if line.strip()]
+        interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
+    interceptors.append(HygieneInterceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=KEEPALIVE_OPTIONS)
+    address = f"{config.host}:{config.port}"
+    if security.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(security.tls_key).read_bytes(), Path(security.tls_cert).read_bytes())],
+            root_certificates=Path(security.tls_client_ca).read_bytes() if security.tls_client_ca else None,
+            require_client_auth=security.tls_client_ca is not None,
+        )
+        return server, server.add_secure_port(address, credentials)
+    return server, server.add_insecure_port(address)
+
+
+def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
+    """Mutual-TLS credentials for remote replicas, when configured."""
+    security = config.security
+    if not security.replica_tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(security.replica_ca).read_bytes(),
+        private_key=Path(security.replica_key).read_bytes(),
+        certificate_chain=Path(security.replica_cert).read_bytes(),
+    )
+
+
 async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGINT or SIGTERM."""
-    server = grpc.aio.server()
+    server, port = build_server(config)
     service = InferenceService(config)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -36,11 +81,11 @@ async def serve(config: GatewayConfig) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
 
     local = [LocalReplica(config.replica, index) for index in range(config.replicas)]
-    clients = [ReplicaClient(r.target) for r in local] + [ReplicaClient(address) for address in config.remote_replicas]
+    remote_credentials = replica_credentials(config)
+    clients = [ReplicaClient(r.target) for r in local] + [ReplicaClient(a, remote_credentials) for a in config.remote_replicas]
     engine_tasks: list[asyncio.Task] = []
     try:
         for replica in local:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig
+from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig, SecurityConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=float, default=replica.kv_cache_memory,
                         help="KV cache bytes (> 1) or fraction of free memory (0-1]; default: 1 GiB on CPU, 0.9 on GPU")  # fmt: skip
     parser.add_argument("--max-new-tokens-limit", type=int, default=gateway.max_new_tokens_limit, help="largest max_new_tokens allowed (default %(default)s)")
+    parser.add_argument("--tls-cert", help="PEM certificate of the public port (with --tls-key: TLS only)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+    parser.add_argument("--api-key-file", help="file of API keys, one per line; every method but health then needs one")
+    parser.add_argument("--replica-tls-ca", help="PEM CA of remote replicas' driver certificates (mutual TLS to --remote-replica)")
+    parser.add_argument("--replica-tls-cert", help="PEM certificate the gateway presents to remote replicas")
+    parser.add_argument("--replica-tls-key", help="PEM private key of --replica-tls-cert")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -47,6 +54,15 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             kv_cache_memory=args.kv_cache_memory,
             tp=args.tp,
             pp=args.pp,
+        ),
+        security=SecurityConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            api_key_file=args.api_key_file,
+            replica_ca=args.replica_tls_ca,
+            replica_cert=args.replica_tls_cert,
+            replica_key=args.replica_tls_key,
         ),
     )
 

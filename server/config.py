@@ -59,6 +59,36 @@ class ReplicaConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Who may connect, and how links are encrypted."""
+
+    tls_cert: str | None = None
+    """PEM certificate chain of the public port; with tls_key, the port speaks TLS only."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
+    api_key_file: str | None = None
+    """File with one API key per line; every method but health then needs `authorization: Bearer <key>`."""
+    replica_ca: str | None = None
+    """PEM CA that signed remote replicas' driver certificates (mutual TLS to remote replicas)."""
+    replica_cert: str | None = None
+    """PEM certificate the gateway presents to remote replicas."""
+    replica_key: str | None = None
+    """PEM private key of replica_cert."""
+
+    def __post_init__(self) -> None:
+        _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
+        _require(self.tls_client_ca is None or self.tls_cert is not None, "--tls-client-ca needs --tls-cert and --tls-key")
+        replica = (self.replica_ca, self.replica_cert, self.replica_key)
+        _require(all(replica) or not any(replica), "--replica-tls-ca, --replica-tls-cert and --replica-tls-key go together")
+
+    @property
+    def replica_tls(self) -> bool:
+        return self.replica_ca is not None
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The public server."""
 
@@ -80,6 +110,7 @@ class GatewayConfig:
     """Drivers of replicas started elsewhere (torchrun), as host:port."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port must be in [0, 65535]")

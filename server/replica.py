@@ -87,11 +87,15 @@ def plan_to_proto(plan: StepPlan) -> shard_pb2.StepRequest:
 
 
 class ReplicaClient:
-    """Internal gRPC client of a replica's driver (a unix socket on one host)."""
+    """Internal gRPC client of a replica's driver: a unix socket on one host, TCP (with mutual
+    TLS when credentials are given) to a replica started elsewhere."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target, options=INTERNAL_CHANNEL_OPTIONS)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=INTERNAL_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=INTERNAL_CHANNEL_OPTIONS)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
 
     async def describe(self, timeout: float | None = None) -> ReplicaInfo:

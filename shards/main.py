@@ -15,10 +15,10 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
-
 import torch.distributed as dist
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
@@ -63,6 +63,12 @@ class ShardConfig:
     """Pipeline-parallel size of the replica."""
     parent_pid: int
     """Exit when this process (the gateway) is gone; 0 disables the watch."""
+    tls_cert: str | None
+    """PEM certificate of the driver's TCP port; with tls_key and tls_client_ca: mutual TLS."""
+    tls_key: str | None
+    """PEM private key of tls_cert."""
+    tls_client_ca: str | None
+    """PEM CA that signed the gateway's client certificate."""
     rank: int
     world_size: int
     local_rank: int
@@ -78,6 +84,9 @@ class ShardConfig:
             raise ValueError(f"WORLD_SIZE={self.world_size} but --tp {self.tp} × --pp {self.pp} = {self.tp * self.pp}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"RANK={self.rank} is outside WORLD_SIZE={self.world_size}")
+        tls = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        if any(tls) and not all(tls):
+            raise ValueError("--tls-cert, --tls-key and --tls-client-ca go together (mutual TLS)")
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -124,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--tls-cert", help="PEM certificate of a TCP --listen address (mutual TLS with the next two)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA that signed the gateway's client certificate")
     args = parser.parse_args(argv)
     env = os.environ
     return ShardConfig(
@@ -136,10 +148,25 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         tp=args.tp,
         pp=args.pp,
         parent_pid=args.parent_pid,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         rank=int(env.get("RANK", 0)),
         world_size=int(env.get("WORLD_SIZE", 1)),
         local_rank=int(env.get("LOCAL_RANK", 0)),
     )
+
+
+def _listen(server: grpc.Server, config: ShardConfig) -> int:
+    """Binds the driver's address: mutual TLS when certificates are given (across hosts)."""
+    if not config.tls_cert:
+        return server.add_insecure_port(config.listen)
+    credentials = grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=Path(config.tls_client_ca).read_bytes(),
+        require_client_auth=True,
+    )
+    return server.add_secure_port(config.listen, credentials)
 
 
 def gather_device_names(device: torch.device, parallel: ParallelState) -> list[str]:
@@ -217,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     # One worker: steps are sequential by design; the gateway never sends two at once.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
     shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description), server)
-    if not server.add_insecure_port(config.listen):
+    try:
+        bound = _listen(server, config)
+    except RuntimeError:
+        bound = 0
+    if not bound:
         print(f"shard: cannot listen on {config.listen}", file=sys.stderr)
         return 2
     server.start()

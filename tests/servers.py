@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardgate.clients.client import Client
 from shardgate.server.launcher import free_port
@@ -38,8 +39,11 @@ class RunningServer:
                 self.process.wait()
 
 
-def start_server(log_dir: Path, *args: str, timeout: float = 180) -> RunningServer:
-    """Starts the gateway with the given `shardgate serve` flags and waits until it serves."""
+def start_server(
+    log_dir: Path, *args: str, timeout: float = 180, credentials: grpc.ChannelCredentials | None = None
+) -> RunningServer:
+    """Starts the gateway with the given `shardgate serve` flags and waits until its health
+    check says SERVING (over TLS with `credentials`, for a server started with --tls-cert)."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -52,13 +56,18 @@ def start_server(log_dir: Path, *args: str, timeout: float = 180) -> RunningServ
         )
     server = RunningServer(process, f"127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
-    with server.client(timeout=5) as client:
+    if credentials is None:
+        channel = grpc.insecure_channel(server.address)
+    else:
+        channel = grpc.secure_channel(server.address, credentials)
+    with channel:
+        health = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
             try:
-                client.model_info()
-                return server
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return server
             except grpc.RpcError as error:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise

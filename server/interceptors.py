@@ -1,0 +1,144 @@
+"""Server interceptors: authentication, and hygiene (no traceback or path leaves the server)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+log = logging.getLogger("shardgate.server")
+
+def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
+    return ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable, deserializer: Callable | None) -> grpc.RpcMethodHandler:
+    kind = _handler_kind(handler)
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(behaviour, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the handler can answer
+    INVALID_ARGUMENT instead of gRPC's generic failure."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <key>` with one of the configured keys on every method
+    except the exempt services (health); keys are compared in constant time."""
+
+    def __init__(self, keys: Iterable[str], exempt_services: Iterable[str]) -> None:
+        self._keys = [key.encode() for key in keys]
+        if not self._keys:
+            raise ValueError("the API key file holds no key")
+        self._exempt = tuple(f"/{service}/" for service in exempt_services)
+
+    def _authorized(self, metadata: tuple) -> bool:
+        values = [value for key, value in metadata or () if key == "authorization"]
+        if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
+            return False
+        offered = values[0][len("Bearer ") :].encode()
+        # Compare against every key, always, so the time taken says nothing about which matched.
+        return sum(hmac.compare_digest(offered, key) for key in self._keys) > 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._exempt):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata):
+            return handler
+        return _rebuild(handler, _refusal(handler), handler.request_deserializer)
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> Callable:
+    message = "missing or invalid API key (send authorization: Bearer <key>)"
+    if handler.response_streaming:
+
+        async def refuse_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # an async generator, like the handler it replaces
+
+        return refuse_stream
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return refuse
+
+
+class HygieneInterceptor(grpc.aio.ServerInterceptor):
+    """Turns an unparseable request into INVALID_ARGUMENT and an unexpected exception into
+    INTERNAL with a short message and an error id; the details go to the log, never to the caller."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        behaviour = getattr(handler, _handler_kind(handler))
+        deserializer = _tolerant(handler.request_deserializer) if handler.request_deserializer else None
+        if handler.response_streaming:
+
+            async def guarded_stream(request, context):
+                request = await _checked(request, context, handler.request_streaming)
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                except Exception as error:  # noqa: BLE001 - this is the last line of defence
+                    await _internal(error, method, context)
+
+            return _rebuild(handler, guarded_stream, deserializer)
+
+        async def guarded(request, context):
+            request = await _checked(request, context, handler.request_streaming)
+            try:
+                return await behaviour(request, context)
+            except Exception as error:  # noqa: BLE001
+                await _internal(error, method, context)
+
+        return _rebuild(handler, guarded, deserializer)
+
+
+def _tolerant(deserialize: Callable) -> Callable:
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Malformed(error)
+
+    return parse
+
+
+async def _checked(request, context, streaming: bool):
+    """The request, or an INVALID_ARGUMENT abort if it did not parse; a request stream yields
+    parsed messages and aborts at the first bad one."""
+    if streaming:
+        return _checked_stream(request, context)
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+    return request
+
+
+_MALFORMED = "request: not a valid message (string fields must be UTF-8)"
+
+
+async def _checked_stream(requests, context):
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+        yield request
+
+
+async def _internal(error: Exception, method: str, context) -> None:
+    if isinstance(error, grpc.aio.AbortError):  # an abort the handler chose: let it through
+        raise error
+    error_id = secrets.token_hex(6)
+    log.exception("error %s in %s", error_id, method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server log has the details")
