@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from shardgate.proto import shard_pb2
+from shardgate.shards.faults import FaultInjector
 from shardgate.shards.parallel import ParallelState
 from shardgate.shards.runner import ModelRunner, SampleResult
 from shardgate.shards.sequences import SequenceTable
@@ -24,9 +25,10 @@ _STOP = -1
 
 
 class StepExecutor:
-    def __init__(self, runner: ModelRunner, parallel: ParallelState) -> None:
+    def __init__(self, runner: ModelRunner, parallel: ParallelState, faults: FaultInjector | None = None) -> None:
         self.runner = runner
         self.parallel = parallel
+        self.faults = faults or FaultInjector(parallel.rank, None)
         self.sequences = SequenceTable()
         self._distributed = parallel.config.world_size > 1
 
@@ -64,6 +66,7 @@ class StepExecutor:
             self._broadcast(b"", stop=True)
 
     def _execute(self, request: shard_pb2.StepRequest) -> list[SampleResult]:
+        self.faults.on_step()
         return self.runner.step(self.sequences.apply(request))
 
     def _broadcast(self, data: bytes | None, stop: bool = False) -> bytes | None:

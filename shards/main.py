@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
 from shardgate.shards.executor import StepExecutor
+from shardgate.shards.faults import FaultInjector
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.parallel import ParallelConfig, ParallelState, init_parallel
 from shardgate.shards.runner import ModelRunner
@@ -203,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", config.world_size))))
 
+    try:
+        faults = FaultInjector.from_environment(config.rank)
+    except ValueError as error:
+        print(f"shard: {error}", file=sys.stderr)
+        return 2
     device = resolve_device(config.device, config.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard: --kv-cache-memory gives {budget} bytes, less than one KV block; raise it", file=sys.stderr)
         return 2
     kv_cache = KVCache(loaded.model.kv_layout, num_blocks, config.block_size, dtype, device)
-    executor = StepExecutor(ModelRunner(loaded.model, loaded.config, kv_cache, device), parallel)
+    executor = StepExecutor(ModelRunner(loaded.model, loaded.config, kv_cache, device), parallel, faults)
     devices = gather_device_names(device, parallel)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", config.rank, parallel.tp_rank, parallel.pp_stage)
