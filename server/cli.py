@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
-from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig
+from shardgate.server.config import AdmissionConfig, EmbedBatcherConfig, GatewayConfig, ReplicaConfig, SchedulerConfig
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """A comma-separated list of batch sizes ("" for none)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gateway, replica, scheduler = GatewayConfig(), ReplicaConfig(), SchedulerConfig()
+    admission, embed = AdmissionConfig(), EmbedBatcherConfig()
     parser.add_argument("--model", default=replica.model, help="local Hugging Face folder, or builtin:tiny (default)")
     parser.add_argument("--host", default=gateway.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=gateway.port, help="public gRPC port (default %(default)s; 0 = any free)")
@@ -22,6 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=float, default=replica.kv_cache_memory,
                         help="KV cache bytes (> 1) or fraction of free memory (0-1]; default: 1 GiB on CPU, 0.9 on GPU")  # fmt: skip
     parser.add_argument("--max-new-tokens-limit", type=int, default=gateway.max_new_tokens_limit, help="largest max_new_tokens allowed (default %(default)s)")
+    parser.add_argument("--max-queue-requests", type=int, default=admission.max_queue_requests,
+                        help="most queued requests; more get RESOURCE_EXHAUSTED (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-queue-tokens", type=int, default=admission.max_queue_tokens,
+                        help="most tokens queued requests may hold; more get RESOURCE_EXHAUSTED (default %(default)s)")  # fmt: skip
+    parser.add_argument("--max-concurrent-requests", type=int, default=admission.max_concurrent_requests,
+                        help="most requests in progress; more get RESOURCE_EXHAUSTED (default %(default)s)")  # fmt: skip
+    parser.add_argument("--priority-aging-s", type=float, default=scheduler.priority_aging_s,
+                        help="a waiting request gains one priority level per this many seconds (default %(default)s)")  # fmt: skip
+    parser.add_argument("--embed-max-batch-size", type=int, default=embed.max_batch_size, help="most inputs in one embedding batch (default %(default)s)")
+    parser.add_argument("--embed-max-queue-delay-us", type=int, default=embed.max_queue_delay_us,
+                        help="a partial embedding batch runs once its oldest call waited this long (default %(default)s)")  # fmt: skip
+    parser.add_argument("--embed-preferred-batch-sizes", type=_sizes, default=embed.preferred_batch_sizes,
+                        help="comma-separated input counts at which an embedding batch runs at once (default: none)")  # fmt: skip
+    parser.add_argument("--embed-max-inputs", type=int, default=embed.max_inputs, help="most inputs per Embed call (default %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=gateway.max_message_bytes,
+                        help="largest request message; larger ones get RESOURCE_EXHAUSTED (default %(default)s)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -30,7 +56,21 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         host=args.host,
         port=args.port,
         max_new_tokens_limit=args.max_new_tokens_limit,
-        scheduler=SchedulerConfig(max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs),
+        max_message_bytes=args.max_message_bytes,
+        scheduler=SchedulerConfig(
+            max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, priority_aging_s=args.priority_aging_s
+        ),
+        admission=AdmissionConfig(
+            max_queue_requests=args.max_queue_requests,
+            max_queue_tokens=args.max_queue_tokens,
+            max_concurrent_requests=args.max_concurrent_requests,
+        ),
+        embed=EmbedBatcherConfig(
+            max_batch_size=args.embed_max_batch_size,
+            max_queue_delay_us=args.embed_max_queue_delay_us,
+            preferred_batch_sizes=args.embed_preferred_batch_sizes,
+            max_inputs=args.embed_max_inputs,
+        ),
         replica=ReplicaConfig(
             model=args.model,
             dtype=args.dtype,
@@ -42,7 +82,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"shardgate serve: error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from shardgate.server.app import serve  # the gateway's dependencies load only for `serve`
 

@@ -22,10 +22,53 @@ class SchedulerConfig:
     """Most tokens (prefill chunk tokens + one per decode) computed in one step."""
     max_num_seqs: int = 64
     """Most sequences in one step (running decodes + prefills)."""
+    priority_aging_s: float = 1.0
+    """A waiting request of priority p queues as if it had arrived p × this many seconds earlier."""
 
     def __post_init__(self) -> None:
         _require(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _require(self.priority_aging_s > 0 and math.isfinite(self.priority_aging_s), "priority_aging_s must be > 0")
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Bounds past which a new request is refused at once with RESOURCE_EXHAUSTED."""
+
+    max_queue_requests: int = 1024
+    """Most requests waiting to run (new, preempted, and Embed calls in the batcher)."""
+    max_queue_tokens: int = 1 << 20
+    """Most tokens those waiting requests may still have to compute."""
+    max_concurrent_requests: int = 2048
+    """Most admitted requests not yet ended (waiting or running)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_queue_requests >= 1, "max_queue_requests must be >= 1")
+        _require(self.max_queue_tokens >= 1, "max_queue_tokens must be >= 1")
+        _require(self.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1")
+
+
+@dataclass(frozen=True)
+class EmbedBatcherConfig:
+    """The dynamic batcher that groups Embed calls into forward passes (as Triton's does)."""
+
+    max_batch_size: int = 32
+    """Most inputs in one embedding batch."""
+    max_queue_delay_us: int = 1000
+    """A batch smaller than max_batch_size and no preferred size runs once its oldest call waited this long."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Input counts at which a batch runs at once, without waiting for the delay."""
+    max_inputs: int = 32
+    """Most inputs one Embed call may carry (at most max_batch_size)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_batch_size >= 1, "embed max_batch_size must be >= 1")
+        _require(self.max_queue_delay_us >= 0, "embed max_queue_delay_us must be >= 0")
+        _require(
+            all(1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes),
+            f"embed preferred batch sizes must be in [1, {self.max_batch_size}] (the max batch size)",
+        )
+        _require(1 <= self.max_inputs <= self.max_batch_size, f"embed max_inputs must be in [1, {self.max_batch_size}] (the max batch size)")
 
 
 @dataclass(frozen=True)
@@ -69,7 +112,13 @@ class GatewayConfig:
     """Longest stop string, in characters."""
     grace_s: float = 5.0
     """Seconds in-flight calls get to finish when the server stops."""
+    max_message_bytes: int = 4 << 20
+    """Largest request message the server receives; a larger one gets RESOURCE_EXHAUSTED."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    """Queue and concurrency bounds."""
+    embed: EmbedBatcherConfig = field(default_factory=EmbedBatcherConfig)
+    """Dynamic batching of Embed calls."""
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
 
     def __post_init__(self) -> None:
@@ -78,3 +127,4 @@ class GatewayConfig:
         _require(self.max_stop_strings >= 0, "max_stop_strings must be >= 0")
         _require(self.max_stop_string_chars >= 1, "max_stop_string_chars must be >= 1")
         _require(self.grace_s >= 0, "grace_s must be >= 0")
+        _require(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")

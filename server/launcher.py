@@ -15,7 +15,7 @@ import time
 
 import grpc
 
-from shardgate.server.config import ReplicaConfig
+from shardgate.server.config import ReplicaConfig, SchedulerConfig
 from shardgate.server.replica import ReplicaClient, ReplicaInfo
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,10 @@ class LocalReplica:
     """The shard processes of one replica on this host; rank 0 (the driver) listens on a unix
     socket that only the gateway uses."""
 
-    def __init__(self, config: ReplicaConfig, index: int = 0, world_size: int = 1) -> None:
+    def __init__(self, config: ReplicaConfig, batch_limits: SchedulerConfig, index: int = 0, world_size: int = 1) -> None:
         self.config = config
+        self.batch_limits = batch_limits
+        """The largest step the gateway will send: the shards profile memory at it."""
         self.index = index
         self.world_size = world_size
         self._dir = tempfile.mkdtemp(prefix=f"shardgate-replica{index}-")
@@ -49,6 +51,8 @@ class LocalReplica:
             "--device", self.config.device,
             "--block-size", str(self.config.block_size),
             "--kv-cache-memory", repr(self.config.kv_cache_memory),
+            "--max-batch-tokens", str(self.batch_limits.max_batch_tokens),
+            "--max-num-seqs", str(self.batch_limits.max_num_seqs),
             "--listen", self.target,
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
@@ -82,6 +86,14 @@ class LocalReplica:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
             await asyncio.sleep(0.1)
+
+    async def wait_lost(self) -> None:
+        """Raises RuntimeError once any rank has exited (the replica is lost)."""
+        loop = asyncio.get_running_loop()
+        exits = {loop.run_in_executor(None, process.wait): rank for rank, process in enumerate(self.processes)}
+        done, _ = await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+        rank = exits[done.pop()]
+        raise RuntimeError(f"replica {self.index} rank {rank} exited with code {self.processes[rank].returncode}")
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every rank, SIGKILL what is left after timeout, remove the socket folder."""

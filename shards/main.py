@@ -1,4 +1,5 @@
-"""A shard process: load this rank's part of the model, size the KV cache, serve steps.
+"""A shard process: load this rank's part of the model, warm up and profile the largest step,
+size the KV cache (shards/memory.py), serve steps.
 
 Started by the gateway (or by torchrun) with torchrun's environment: RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT. `python -m shardgate.shards.main --help` lists the flags.
@@ -21,6 +22,7 @@ import torch
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
 from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import load_model
 from shardgate.shards.worker import ShardService
@@ -28,8 +30,6 @@ from shardgate.shards.worker import ShardService
 log = logging.getLogger("shardgate.shard")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_DEFAULT_KV_BYTES = 1 << 30
-GPU_DEFAULT_KV_FRACTION = 0.9
 INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
@@ -46,7 +46,11 @@ class ShardConfig:
     block_size: int
     """Tokens per KV block."""
     kv_cache_memory: float
-    """Bytes when > 1, a fraction of free memory when in (0, 1], 0 for the device's default."""
+    """Bytes when > 1, a fraction of the memory left after the model and the largest step when in (0, 1], 0 for the device's default."""
+    max_batch_tokens: int
+    """Most tokens in one step the gateway sends: the warmup step is this large."""
+    max_num_seqs: int
+    """Most sequences in one step the gateway sends."""
     listen: str
     """gRPC address the driver serves the gateway on (unix:///path or host:port)."""
     parent_pid: int
@@ -62,6 +66,8 @@ class ShardConfig:
             raise ValueError("--block-size must be >= 1")
         if self.kv_cache_memory < 0:
             raise ValueError("--kv-cache-memory must be >= 0")
+        if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("--max-batch-tokens and --max-num-seqs must be >= 1")
         if self.world_size != 1 or self.rank != 0:
             raise ValueError(f"WORLD_SIZE={self.world_size}: this version runs one shard per replica")
 
@@ -72,19 +78,6 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     return torch.device(name)
-
-
-def kv_cache_bytes(setting: float, device: torch.device) -> int:
-    """The KV budget in bytes from --kv-cache-memory (bytes, or a fraction of free memory)."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if setting > 1:
-        return int(setting)
-    if setting > 0:
-        return int(free * setting)
-    return int(free * GPU_DEFAULT_KV_FRACTION) if device.type == "cuda" else min(CPU_DEFAULT_KV_BYTES, free // 2)
 
 
 def watch_parent(parent_pid: int) -> None:
@@ -106,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=0.0)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--listen", required=True)
     parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
@@ -116,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         device=args.device,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
+        max_batch_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs,
         listen=args.listen,
         parent_pid=args.parent_pid,
         rank=int(env.get("RANK", 0)),
@@ -137,7 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(config.device, config.local_rank)
     dtype = DTYPES[config.dtype]
     loaded = load_model(config.model, dtype, device)
-    budget = kv_cache_bytes(config.kv_cache_memory, device)
+    try:
+        profile = profile_step(loaded.model, loaded.config, config.max_batch_tokens, config.max_num_seqs, config.block_size, dtype, device)
+        budget = kv_cache_bytes(config.kv_cache_memory, profile, device.type, config.max_batch_tokens)
+    except CapacityError as error:
+        print(f"shard: {error}", file=sys.stderr)
+        return 2
+    log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
     num_blocks = budget // KVCache.bytes_per_block(loaded.config, config.block_size, dtype)
     if num_blocks < 1:
         print(f"shard: --kv-cache-memory gives {budget} bytes, less than one KV block; raise it", file=sys.stderr)
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=[str(device)],
         tp=1,
         pp=1,
+        hidden_size=loaded.config.hidden_size,
     )
 
     options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]

@@ -8,6 +8,7 @@ import time
 import grpc
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.shards.embedding import EmbedInput, embed
 from shardgate.shards.runner import ModelRunner, SeqChunk
 from shardgate.shards.sampler import SamplingParams
 
@@ -54,6 +55,25 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 shard_pb2.SampledToken(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob or 0.0) for r in results
             ],
             compute_s=compute_s,
+        )
+
+
+    def Embed(self, request: shard_pb2.EmbedStepRequest, context) -> shard_pb2.EmbedStepResponse:
+        inputs = [
+            EmbedInput(
+                token_ids=list(item.token_ids),
+                block_table=list(item.block_ids),
+                last=item.pooling == shard_pb2.POOLING_LAST,
+                normalize=item.normalize,
+            )
+            for item in request.inputs
+        ]
+        start = time.perf_counter()
+        vectors = embed(self.runner, inputs).cpu()  # (N, hidden) float32
+        return shard_pb2.EmbedStepResponse(
+            vectors=vectors.numpy().astype("<f4", copy=False).tobytes(),
+            hidden_size=vectors.shape[1],
+            compute_s=time.perf_counter() - start,
         )
 
 
