@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -131,7 +132,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _events(self, generation: _Generation) -> AsyncIterator[Event]:
         """Yields a request's events up to its last (a FinishEvent or an ErrorEvent); cancels
-        the request if the consumer stops first."""
+        the request if the consumer stops first. Consumers iterate it under aclosing(), so the
+        request is cancelled and counted out before their call ends, however it ends."""
         try:
             while True:
                 event = await generation.handle.events.get()
@@ -145,16 +147,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         generation = await self._start_or_abort(request, context)
         text, token_ids, logprobs = [], [], []
-        async for event in self._events(generation):
-            if isinstance(event, ErrorEvent):
-                await context.abort(event.code, event.message)
-            text.append(event.text)
-            if isinstance(event, TokenEvent):
-                token_ids.append(event.token_id)
-                if event.logprob is not None:
-                    logprobs.append(event.logprob)
-            else:
-                reason = event.reason
+        async with aclosing(self._events(generation)) as events:
+            async for event in events:
+                if isinstance(event, ErrorEvent):
+                    await context.abort(event.code, event.message)
+                text.append(event.text)
+                if isinstance(event, TokenEvent):
+                    token_ids.append(event.token_id)
+                    if event.logprob is not None:
+                        logprobs.append(event.logprob)
+                else:
+                    reason = event.reason
         handle = generation.handle
         return inference_pb2.GenerateResponse(
             request_id=handle.request.request_id,
@@ -167,10 +170,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         generation = await self._start_or_abort(request, context)
-        async for event in self._events(generation):
-            if isinstance(event, ErrorEvent):
-                await context.abort(event.code, event.message)
-            yield _stream_message(generation.handle, event)
+        async with aclosing(self._events(generation)) as events:
+            async for event in events:
+                if isinstance(event, ErrorEvent):
+                    await context.abort(event.code, event.message)
+                yield _stream_message(generation.handle, event)
 
     async def GenerateBidi(self, request_iterator, context) -> AsyncIterator[inference_pb2.GenerateBidiResponse]:
         """Requests start as their messages arrive; each one's messages go out as they are made.
@@ -187,11 +191,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
         async def relay(request_id: str, generation: _Generation) -> None:
             try:
-                async for event in self._events(generation):
-                    if isinstance(event, ErrorEvent):
-                        fail(request_id, event.code, event.message)
-                    else:
-                        out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, event)))
+                async with aclosing(self._events(generation)) as events:
+                    async for event in events:
+                        if isinstance(event, ErrorEvent):
+                            fail(request_id, event.code, event.message)
+                        else:
+                            out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, event)))
             finally:
                 del live[request_id]
                 out.put_nowait(_WAKE)

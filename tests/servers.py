@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,8 @@ class RunningServer:
                 self.process.wait()
 
 
-def start_server(log_dir: Path, *args: str, timeout: float = 180) -> RunningServer:
-    """Starts the gateway with the given `shardgate serve` flags and waits until it serves."""
+def launch_server(log_dir: Path, *args: str) -> RunningServer:
+    """Starts the gateway with the given `shardgate serve` flags; returns at once."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -50,7 +51,13 @@ def start_server(log_dir: Path, *args: str, timeout: float = 180) -> RunningServ
             stderr=subprocess.STDOUT,
             env=env,
         )
-    server = RunningServer(process, f"127.0.0.1:{port}", log_path)
+    return RunningServer(process, f"127.0.0.1:{port}", log_path)
+
+
+def start_server(log_dir: Path, *args: str, timeout: float = 180) -> RunningServer:
+    """Starts the gateway with the given `shardgate serve` flags and waits until it serves."""
+    server = launch_server(log_dir, *args)
+    process = server.process
     deadline = time.monotonic() + timeout
     with server.client(timeout=5) as client:
         while True:
@@ -66,3 +73,13 @@ def start_server(log_dir: Path, *args: str, timeout: float = 180) -> RunningServ
                 server.stop()
                 raise RuntimeError(f"server did not start in {timeout} s:\n{server.log()}")
             time.sleep(0.2)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    """Polls condition() until it holds; for server-side effects the client has no event for
+    (a cancelled call's cleanup, a request reaching the queue)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.02)
