@@ -329,3 +329,26 @@ def test_embedding_call_past_its_deadline_is_never_computed():
 
     replica, late = asyncio.run(scenario())
     assert late.error[0] == grpc.StatusCode.DEADLINE_EXCEEDED and replica.batches == []
+
+
+def test_embedding_call_cancelled_during_its_forward_gets_nothing():
+    class CancelDuringForward(EmbeddingReplica):
+        async def embed(self, step_id, items):
+            self.batcher.cancel(self.victim)  # the caller goes away while the forward runs
+            return await super().embed(step_id, items)
+
+    async def scenario():
+        replica = CancelDuringForward()
+        engine, batcher, blocks = make_embed_engine(replica)
+        jobs = [embed_job([1, 2]), embed_job([3])]
+        replica.batcher, replica.victim = batcher, jobs[0]
+        loop = asyncio.create_task(engine.run())
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.gather(*(job.finished.wait() for job in jobs))
+        loop.cancel()
+        return jobs, blocks
+
+    jobs, blocks = asyncio.run(scenario())
+    assert jobs[0].error[0] == grpc.StatusCode.CANCELLED and jobs[0].vectors == [None]
+    assert vectors_of(jobs[1]) == [(1, 3)] and blocks.num_free == blocks.num_blocks
