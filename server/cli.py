@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=scheduler.max_num_seqs, help="most sequences in one step (default %(default)s)")
     parser.add_argument("--block-size", type=int, default=replica.block_size, help="tokens per KV block (default %(default)s)")
     parser.add_argument("--kv-cache-memory", type=float, default=replica.kv_cache_memory,
-                        help="KV cache bytes (> 1) or fraction of free memory (0-1]; default: 1 GiB on CPU, 0.9 on GPU")  # fmt: skip
+                        help="KV cache bytes (> 1), or fraction (0-1] of the memory left after the model and its largest step; default: 1 GiB on CPU, 0.9 on GPU")  # fmt: skip
     parser.add_argument("--max-new-tokens-limit", type=int, default=gateway.max_new_tokens_limit, help="largest max_new_tokens allowed (default %(default)s)")
     parser.add_argument("--max-queue-requests", type=int, default=admission.max_queue_requests,
                         help="most queued requests; more get RESOURCE_EXHAUSTED (default %(default)s)")  # fmt: skip

@@ -84,7 +84,7 @@ class ReplicaConfig:
     block_size: int = 16
     """Tokens per KV-cache block."""
     kv_cache_memory: float = 0.0
-    """KV cache size: bytes when > 1, a fraction of free device memory when in (0, 1]; 0 = 1 GiB on CPU, 0.9 of free memory on GPU."""
+    """KV cache size: bytes when > 1, a fraction in (0, 1] of the memory free after the model and its largest step; 0 = 1 GiB on CPU, 0.9 on GPU."""
     start_timeout_s: float = 300.0
     """How long the gateway waits for a replica to load its model and answer."""
 
