@@ -136,11 +136,13 @@ class DynamicBatcher:
         return candidate
 
     def seconds_until_ready(self, now: float) -> float | None:
-        """How long until take() may return a batch by the delay rule; None when nothing waits."""
+        """How long until take() has something to do (a batch ready by the delay rule, or a call
+        to drop at its deadline); None when nothing waits."""
         candidate, _ = self._candidate()
         if not candidate:
             return None
-        return max(0.0, self._ready_at(candidate) - now)
+        deadlines = [job.deadline for job in self._queue if job.deadline is not None]
+        return max(0.0, min([self._ready_at(candidate), *deadlines]) - now)
 
     def _candidate(self) -> tuple[list[EmbedJob], bool]:
         """The head of the queue that fits one batch, and whether it is full."""

@@ -14,7 +14,9 @@ NOT_SERVING, SERVING = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.He
 
 
 def watch(address: str, service: str = SERVICE):
-    channel = grpc.insecure_channel(address)
+    # Retry connecting every 50 ms, so the watch starts as soon as the port opens.
+    options = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 100)]
+    channel = grpc.insecure_channel(address, options=options)
     call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), wait_for_ready=True, timeout=180)
     return channel, call
 

@@ -67,6 +67,7 @@ def test_expired_call_is_dropped_with_deadline_exceeded():
     late, ok = job(deadline=T0 + 0.002), job(arrival=T0 + 0.001)
     b.submit(late)
     b.submit(ok)
+    assert b.seconds_until_ready(T0) == pytest.approx(0.002)  # wakes the engine at the deadline, before the delay
     assert b.take(T0 + 0.01) == [ok]
     assert late.done and late.error[0] == grpc.StatusCode.DEADLINE_EXCEEDED and late.pending_inputs() == [0]
 
