@@ -19,8 +19,8 @@ def snapshot(client) -> tuple[int, int, int, int, int]:
 
 
 def test_two_hundred_streams_cancelled_at_random_points_leave_no_trace(tmp_path):
-    # 8 sequences at a time and 32 tokens a step: with 12 callers some requests queue, and
-    # prompts of up to ~400 tokens take several steps to prefill.
+    # 8 sequences at a time and 32 tokens a step: with 12 callers some requests queue, prompts
+    # take several steps to prefill, and long ones are preempted when the 4096-token cache fills.
     server = start_server(tmp_path, "--max-num-seqs", "8", "--max-batch-tokens", "32", "--kv-cache-memory", str(8 << 20))
     try:
         with server.client() as client:
@@ -29,15 +29,18 @@ def test_two_hundred_streams_cancelled_at_random_points_leave_no_trace(tmp_path)
 
             def one(i: int) -> str:
                 rng = random.Random(i)
-                prompt = "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(10, 400)))
+                mode = rng.choice(["at once", "after a delay", "after tokens", "during prefill"])
+                length = rng.randint(1200, 1600) if mode == "during prefill" else rng.randint(10, 400)
+                prompt = "".join(rng.choice("abcdefgh ") for _ in range(length))
                 message = build_request(prompt, max_new_tokens=rng.randint(20, 300), temperature=rng.choice([0.0, 1.0]), ignore_eos=True)
                 with server.client() as c:
                     call = c._stub.GenerateStream(message, timeout=120)
-                    mode = rng.choice(["at once", "after a delay", "after tokens"])
                     if mode == "at once":
                         call.cancel()
                     elif mode == "after a delay":
                         threading.Timer(rng.uniform(0, 0.3), call.cancel).start()
+                    elif mode == "during prefill":  # a prompt of ~1400 tokens takes ~50 steps at 32 tokens a step
+                        threading.Timer(rng.uniform(0.02, 0.2), call.cancel).start()
                     cancel_after = rng.randint(1, 30)
                     tokens = 0
                     try:
