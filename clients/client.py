@@ -68,6 +68,8 @@ def build_request(
     ignore_eos: bool = False,
     logprobs: bool = False,
     request_id: str = "",
+    priority: int = 0,
+    timeout_ms: int = 0,
 ) -> inference_pb2.GenerateRequest:
     """A GenerateRequest; a prompt given as a list of ints is sent as token ids."""
     message = inference_pb2.GenerateRequest(
@@ -77,6 +79,8 @@ def build_request(
         stop=stop or [],
         ignore_eos=ignore_eos,
         logprobs=logprobs,
+        priority=priority,
+        timeout_ms=timeout_ms,
     )
     if isinstance(prompt, str):
         message.prompt = prompt
@@ -121,6 +125,20 @@ class Client:
                 finish_reason=FINISH_REASONS[message.finish_reason],
                 usage=Usage.from_proto(message.usage) if last else None,
             )
+
+    def embed(self, inputs: list[str], *, pooling: str = "mean", normalize: bool = False, priority: int = 0, timeout_ms: int = 0) -> list[list[float]]:
+        """One vector per input; pooling is "mean" or "last"."""
+        request = inference_pb2.EmbedRequest(
+            inputs=inputs,
+            pooling={"mean": inference_pb2.POOLING_MEAN, "last": inference_pb2.POOLING_LAST}[pooling],
+            normalize=normalize,
+            priority=priority,
+            timeout_ms=timeout_ms,
+        )
+        return [list(e.values) for e in self._stub.Embed(request, timeout=self.timeout).embeddings]
+
+    def server_status(self) -> inference_pb2.ServerStatusResponse:
+        return self._stub.ServerStatus(inference_pb2.ServerStatusRequest(), timeout=self.timeout)
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)

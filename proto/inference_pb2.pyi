@@ -228,3 +228,43 @@ class RequestStatus(_message.Message):
     code: int
     message: str
     def __init__(self, request_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ServerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerStatusResponse(_message.Message):
+    __slots__ = ("active_requests", "queued_requests", "queued_tokens", "replicas")
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    active_requests: int
+    queued_requests: int
+    queued_tokens: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, active_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("total_kv_blocks", "free_kv_blocks", "running_requests", "waiting_requests", "preemptions", "forward_passes", "embed_forward_passes", "started_requests", "healthy", "restarts")
+    TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    STARTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    total_kv_blocks: int
+    free_kv_blocks: int
+    running_requests: int
+    waiting_requests: int
+    preemptions: int
+    forward_passes: int
+    embed_forward_passes: int
+    started_requests: int
+    healthy: bool
+    restarts: int
+    def __init__(self, total_kv_blocks: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., forward_passes: _Optional[int] = ..., embed_forward_passes: _Optional[int] = ..., started_requests: _Optional[int] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class InferenceStub:
                 request_serializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiRequest.SerializeToString,
                 response_deserializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiResponse.FromString,
                 _registered_method=True)
+        self.ServerStatus = channel.unary_unary(
+                '/shardgate.v1.Inference/ServerStatus',
+                request_serializer=shardgate_dot_proto_dot_inference__pb2.ServerStatusRequest.SerializeToString,
+                response_deserializer=shardgate_dot_proto_dot_inference__pb2.ServerStatusResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -116,6 +121,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ServerStatus(self, request, context):
+        """The server's live load: queue, KV cache and step counters of each replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +160,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateBidi,
                     request_deserializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiRequest.FromString,
                     response_serializer=shardgate_dot_proto_dot_inference__pb2.GenerateBidiResponse.SerializeToString,
+            ),
+            'ServerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ServerStatus,
+                    request_deserializer=shardgate_dot_proto_dot_inference__pb2.ServerStatusRequest.FromString,
+                    response_serializer=shardgate_dot_proto_dot_inference__pb2.ServerStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +330,33 @@ class Inference:
             '/shardgate.v1.Inference/GenerateBidi',
             shardgate_dot_proto_dot_inference__pb2.GenerateBidiRequest.SerializeToString,
             shardgate_dot_proto_dot_inference__pb2.GenerateBidiResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ServerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardgate.v1.Inference/ServerStatus',
+            shardgate_dot_proto_dot_inference__pb2.ServerStatusRequest.SerializeToString,
+            shardgate_dot_proto_dot_inference__pb2.ServerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

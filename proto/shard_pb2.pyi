@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,12 +7,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOLING_MEAN: _ClassVar[Pooling]
+    POOLING_LAST: _ClassVar[Pooling]
+POOLING_MEAN: Pooling
+POOLING_LAST: Pooling
+
 class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "model_type", "vocab_size", "max_position_embeddings", "eos_token_ids", "bos_token_id", "tokenizer_json", "dtype", "num_kv_blocks", "block_size", "devices", "tp", "pp")
+    __slots__ = ("model", "model_type", "vocab_size", "max_position_embeddings", "eos_token_ids", "bos_token_id", "tokenizer_json", "dtype", "num_kv_blocks", "block_size", "devices", "tp", "pp", "hidden_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +33,7 @@ class DescribeResponse(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_type: str
     vocab_size: int
@@ -38,7 +47,8 @@ class DescribeResponse(_message.Message):
     devices: _containers.RepeatedScalarFieldContainer[str]
     tp: int
     pp: int
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., dtype: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ...) -> None: ...
+    hidden_size: int
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., dtype: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., hidden_size: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "logprobs")
@@ -99,3 +109,41 @@ class StepResponse(_message.Message):
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
     compute_s: float
     def __init__(self, tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+
+class EmbedInput(_message.Message):
+    __slots__ = ("token_ids", "block_ids", "pooling", "normalize")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    pooling: Pooling
+    normalize: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class EmbedStepRequest(_message.Message):
+    __slots__ = ("step_id", "inputs")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    inputs: _containers.RepeatedCompositeFieldContainer[EmbedInput]
+    def __init__(self, step_id: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ...) -> None: ...
+
+class EmbedStepResponse(_message.Message):
+    __slots__ = ("vectors", "hidden_size", "compute_s")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    vectors: bytes
+    hidden_size: int
+    compute_s: float
+    def __init__(self, vectors: _Optional[bytes] = ..., hidden_size: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
+
+class RankCommand(_message.Message):
+    __slots__ = ("step", "embed")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    step: StepRequest
+    embed: EmbedStepRequest
+    def __init__(self, step: _Optional[_Union[StepRequest, _Mapping]] = ..., embed: _Optional[_Union[EmbedStepRequest, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class ShardStub:
                 request_serializer=shardgate_dot_proto_dot_shard__pb2.StepRequest.SerializeToString,
                 response_deserializer=shardgate_dot_proto_dot_shard__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/shardgate.shard.v1.Shard/Embed',
+                request_serializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepRequest.SerializeToString,
+                response_deserializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -63,6 +68,13 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Runs one forward over a batch of embedding inputs and returns their pooled vectors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=shardgate_dot_proto_dot_shard__pb2.StepRequest.FromString,
                     response_serializer=shardgate_dot_proto_dot_shard__pb2.StepResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepRequest.FromString,
+                    response_serializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Shard:
             '/shardgate.shard.v1.Shard/Step',
             shardgate_dot_proto_dot_shard__pb2.StepRequest.SerializeToString,
             shardgate_dot_proto_dot_shard__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardgate.shard.v1.Shard/Embed',
+            shardgate_dot_proto_dot_shard__pb2.EmbedStepRequest.SerializeToString,
+            shardgate_dot_proto_dot_shard__pb2.EmbedStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,11 @@
-"""Wires the gateway: start the replicas, build an engine per replica, serve gRPC until a signal."""
+"""Wires the gateway: start the replicas, build an engine per replica, serve gRPC until a signal.
+
+Health (grpc.health.v1, for "" and shardgate.v1.Inference) says NOT_SERVING while the replicas
+load and warm up, SERVING once they answer, and NOT_SERVING again while the server drains
+(SIGINT/SIGTERM: new calls get UNAVAILABLE, in-flight ones get --drain-timeout to finish) or
+while no replica can serve (each failed replica is restarted by its supervisor; see
+supervisor.py).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from tokenizers import Tokenizer
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
+from shardgate.server.embed_batcher import DynamicBatcher
 from shardgate.server.engine import Engine
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
 from shardgate.server.launcher import LocalReplica
@@ -23,6 +31,7 @@ from shardgate.server.replica import ReplicaClient, ReplicaInfo
 from shardgate.server.router import Router
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
+from shardgate.server.supervisor import ReplicaSupervisor
 
 log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -47,7 +56,8 @@ def build_server(config: GatewayConfig) -> tuple[grpc.aio.Server, int]:
         keys = [line.strip() for line in Path(security.api_key_file).read_bytes().decode().splitlines() if line.strip()]
         interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
     interceptors.append(HygieneInterceptor())
-    server = grpc.aio.server(interceptors=interceptors, options=KEEPALIVE_OPTIONS)
+    options = [*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     address = f"{config.host}:{config.port}"
     if security.tls_cert:
         credentials = grpc.ssl_server_credentials(
@@ -72,51 +82,88 @@ def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None
 
 
 async def serve(config: GatewayConfig) -> None:
-    """Runs the gateway until SIGINT or SIGTERM."""
+    """Runs the gateway until SIGINT or SIGTERM, then drains."""
     server, port = build_server(config)
     service = InferenceService(config)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health_servicer, serving=False)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
 
-    local = [LocalReplica(config.replica, index) for index in range(config.replicas)]
+    local = [LocalReplica(config.replica, config.scheduler, index) for index in range(config.replicas)]
     remote_credentials = replica_credentials(config)
     clients = [ReplicaClient(r.target) for r in local] + [ReplicaClient(a, remote_credentials) for a in config.remote_replicas]
-    engine_tasks: list[asyncio.Task] = []
+    supervisors: list[ReplicaSupervisor] = []
+    tasks: list[asyncio.Task] = []
     try:
         for replica in local:
             replica.start()
         infos = await asyncio.gather(*(_ready(client, replica, config) for client, replica in zip(clients, local + [None] * len(config.remote_replicas))))
         _check_same_model(infos, clients)
         tokenizer = Tokenizer.from_str(infos[0].tokenizer_json)
+        batcher = DynamicBatcher(config.embed, config.scheduler.priority_aging_s)
         engines = [
-            Engine(index, Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer, infos[0].eos_token_ids)
+            Engine(
+                index, Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer,
+                infos[0].eos_token_ids, batcher, config.supervision.step_timeout_s,
+            )  # fmt: skip
             for index, (client, info) in enumerate(zip(clients, infos))
         ]
-        engine_tasks = [asyncio.create_task(engine.run(), name=f"engine-{engine.index}") for engine in engines]
-        service.attach(Router(engines), tokenizer, infos)
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        router = Router(engines)
+
+        async def health_follows_replicas() -> None:
+            if not service.draining:  # while draining, health stays NOT_SERVING
+                await _set_health(health_servicer, serving=router.serving)
+
+        supervisors = [
+            ReplicaSupervisor(engine, config, health_follows_replicas, local[engine.index] if engine.index < len(local) else None, remote_credentials)
+            for engine in engines
+        ]
+        tasks = [asyncio.create_task(engine.run(), name=f"engine {engine.index}") for engine in engines]
+        tasks += [asyncio.create_task(s.run(), name=f"replica {s.engine.index} supervisor") for s in supervisors]
+        service.attach(router, batcher, tokenizer, infos, supervisors)
+        await _set_health(health_servicer, serving=True)
         log.info(
             "serving %s on %s:%d: %d replica(s) of tp %d × pp %d",
             infos[0].model, config.host, port, len(engines), infos[0].tp, infos[0].pp,
         )  # fmt: skip
-        await _until_signal(engine_tasks)
+        await _until_signal(tasks[: len(engines)])
+        await _drain(service, health_servicer, engines, config.drain_timeout_s)
     finally:
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(config.grace_s)
-        for task in engine_tasks:
+        await server.stop(1.0)
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for client in clients:
-            await client.close()
-        for replica in local:
-            replica.stop()
+        if supervisors:
+            await asyncio.gather(*(s.stop() for s in supervisors))
+        else:
+            for client in clients:
+                await client.close()
+            for replica in local:
+                replica.stop()
+
+
+async def _set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
+
+
+async def _drain(service: InferenceService, health_servicer, engines: list[Engine], timeout_s: float) -> None:
+    """Health NOT_SERVING and new calls UNAVAILABLE at once; in-flight requests get timeout_s to
+    finish, then end with finish reason `cancelled`."""
+    service.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while service.in_flight() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    for engine in engines:
+        engine.cancel_all()
+    log.info("drained (%d calls were still in flight)", service.in_flight())
 
 
 async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: GatewayConfig) -> ReplicaInfo:
@@ -137,16 +184,16 @@ def _check_same_model(infos: list[ReplicaInfo], clients: list[ReplicaClient]) ->
             raise RuntimeError(f"replica {client.target} serves {info.model}, not {first.model}")
 
 
-async def _until_signal(engine_tasks: list[asyncio.Task]) -> None:
-    """Returns on SIGINT/SIGTERM; raises if an engine loop dies."""
+async def _until_signal(tasks: list[asyncio.Task]) -> None:
+    """Returns on SIGINT/SIGTERM; raises if an engine loop ends."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stop_task = asyncio.create_task(stop.wait())
-    await asyncio.wait({stop_task, *engine_tasks}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({stop_task, *tasks}, return_when=asyncio.FIRST_COMPLETED)
     stop_task.cancel()
-    for task in engine_tasks:
+    for task in tasks:
         if task.done():
             task.result()
-            raise RuntimeError(f"{task.get_name()} stopped")
+            raise RuntimeError(f"the {task.get_name()} stopped")

@@ -1,8 +1,14 @@
-"""The engine loop: schedule a step, run it on the replica, hand each request its tokens.
+"""The engine loop of one replica: schedule a step, run it on the replica, hand each request
+its tokens; between generation steps, run the embedding batches the batcher forms.
 
 It runs as one asyncio task in the gateway's event loop. gRPC handlers submit requests and read
 their events from a per-request queue; everything that touches the scheduler happens on the
 loop's thread, so no locks are needed.
+
+Each iteration first ends the requests whose deadline has passed (a queued one never reaches
+the replica; a running one keeps the tokens it streamed and frees its blocks before the next
+step). Then, when an embedding batch is ready, it runs it, unless the previous forward was an
+embedding batch and generation is waiting: the two kinds alternate, so neither starves.
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 from tokenizers import Tokenizer
 
 from shardgate.server.detokenizer import IncrementalDetokenizer, StopMatcher
-from shardgate.server.replica import ReplicaClient
+from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
+from shardgate.server.replica import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.validation import ValidRequest
@@ -73,46 +82,203 @@ class Engine:
     """Drives one replica: its own scheduler, KV accounting and step loop."""
 
     def __init__(
-        self, index: int, scheduler: Scheduler, replica: ReplicaClient, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]
+        self,
+        index: int,
+        scheduler: Scheduler,
+        replica: ReplicaClient,
+        tokenizer: Tokenizer,
+        eos_token_ids: tuple[int, ...],
+        batcher: DynamicBatcher | None = None,
+        step_timeout_s: float | None = None,
     ) -> None:
         self.index = index
+        self.step_timeout_s = step_timeout_s
+        self.healthy = True
+        self.failed = asyncio.Event()
+        """Set when the replica fails; the supervisor waits on it."""
+        self._restored = asyncio.Event()
+        self.on_orphans: Callable[[list[RequestHandle]], None] | None = None
+        """Receives the requests of a failed replica that had sent nothing yet, to run elsewhere."""
         self.scheduler = scheduler
         self.replica = replica
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.batcher = batcher
         self._handles: dict[int, RequestHandle] = {}
         self._seq_ids = itertools.count(1)
         self._wakeup = asyncio.Event()
+        self._embed_jobs: list[EmbedJob] = []
+        """Calls taken from the batcher whose inputs are not all computed yet."""
+        self._last_was_embed = False
+        self._embed_step_ids = itertools.count(1)
+        self.num_forward_passes = 0
+        self.num_embed_forward_passes = 0
+        if batcher is not None:
+            batcher.add_listener(self._wakeup.set)
 
-    def submit(self, valid: ValidRequest) -> RequestHandle:
-        request = Request(next(self._seq_ids), valid.request_id, valid.prompt_ids, valid.params)
+    def submit(self, valid: ValidRequest, deadline: float | None = None) -> RequestHandle:
+        request = Request(next(self._seq_ids), valid.request_id, valid.prompt_ids, valid.params, valid.priority, deadline)
         handle = RequestHandle(request, self.index, IncrementalDetokenizer(self.tokenizer, valid.prompt_ids), StopMatcher(valid.stop))
         self._handles[request.seq_id] = handle
         self.scheduler.add(request)
         self._wakeup.set()
         return handle
 
+    def adopt(self, handle: RequestHandle) -> None:
+        """Takes over a request that had sent nothing yet from a failed replica."""
+        old = handle.request
+        handle.request = Request(next(self._seq_ids), old.request_id, old.prompt_ids, old.params, old.priority, old.deadline, arrival=old.arrival)
+        handle.replica = self.index
+        self._handles[handle.request.seq_id] = handle
+        self.scheduler.add(handle.request)
+        self._wakeup.set()
+
     def cancel(self, handle: RequestHandle) -> None:
         """Ends a request its caller gave up on; its KV blocks are free before the next step."""
         if not handle.done:
             self._finish(handle, FinishReason.CANCELLED)
 
+    def cancel_all(self) -> None:
+        """Ends every request with finish reason `cancelled` (a drain that ran out of time)."""
+        for handle in list(self._handles.values()):
+            self.cancel(handle)
+
+    def fail(self, reason: str) -> None:
+        """Marks the replica failed. Requests that already streamed tokens end UNAVAILABLE (after
+        those tokens); those that sent nothing go to on_orphans, to run on another replica."""
+        if not self.healthy:
+            return
+        log.error("replica %d failed: %s", self.index, reason)
+        self.healthy = False
+        self._restored.clear()
+        orphans = []
+        for handle in list(self._handles.values()):
+            if handle.request.output_ids:
+                self._abort(handle, grpc.StatusCode.UNAVAILABLE, "the model replica serving this request failed")
+            else:
+                self.scheduler.finish(handle.request, FinishReason.ERROR)
+                del self._handles[handle.request.seq_id]
+                orphans.append(handle)
+        for job in self._embed_jobs:
+            job.fail(grpc.StatusCode.UNAVAILABLE, "the model replica serving this call failed")
+        self._embed_jobs = []
+        self.failed.set()
+        if self.on_orphans is not None:
+            self.on_orphans(orphans)
+        else:
+            for handle in orphans:
+                handle.events.put_nowait(ErrorEvent(grpc.StatusCode.UNAVAILABLE, "the model replica failed"))
+
+    def restore(self, replica: ReplicaClient, scheduler: Scheduler) -> None:
+        """Resumes on a restarted replica, with its fresh KV cache."""
+        self.replica = replica
+        self.scheduler = scheduler
+        self.healthy = True
+        self.failed.clear()
+        self._restored.set()
+        self._wakeup.set()
+
     async def run(self) -> None:
         while True:
-            if not self.scheduler.has_work():
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            if not self.healthy:
+                await self._restored.wait()
                 continue
-            plan = self.scheduler.schedule()
+            now = time.monotonic()
+            self._expire(now)
+            generation_waits = self.scheduler.has_work()
+            if not (generation_waits and self._last_was_embed):
+                if not self._embed_jobs and self.batcher is not None:
+                    self._embed_jobs = self.batcher.take(now)
+                if self._embed_jobs:
+                    self._last_was_embed = True
+                    await self._embed_step()
+                    continue
+            if generation_waits:
+                self._last_was_embed = False
+                await self._generation_step()
+                continue
+            self._wakeup.clear()
+            timeout = self.batcher.seconds_until_ready(now) if self.batcher is not None else None
             try:
-                response = await self.replica.step(plan)
-            except grpc.aio.AioRpcError as error:
-                log.error("step %d failed on the replica: %s", plan.step_id, error.details())
-                self._fail_all(grpc.StatusCode.UNAVAILABLE, "the model replica failed")
-                continue
-            sampled = {token.seq_id: (token.token_id, token.logprob) for token in response.tokens}
-            for request in self.scheduler.update(plan, sampled):
-                self._on_token(self._handles[request.seq_id])
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _generation_step(self) -> None:
+        plan = self.scheduler.schedule()
+        self.num_forward_passes += 1
+        try:
+            response = await self.replica.step(plan, self.step_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            self.fail(f"step {plan.step_id}: {error.code().name} {error.details()}")
+            return
+        sampled = {token.seq_id: (token.token_id, token.logprob) for token in response.tokens}
+        for request in self.scheduler.update(plan, sampled):
+            self._on_token(self._handles[request.seq_id])
+
+    async def _embed_step(self) -> None:
+        """Runs one forward over the next inputs of the taken calls, in KV blocks lent from the
+        block manager for this forward only."""
+        items = self._pack_embed_inputs()
+        if not items:  # cannot happen for validated inputs (each fits the budget and the cache)
+            job = self._embed_jobs.pop(0)
+            job.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "inputs: an input does not fit the replica's KV cache")
+            return
+        now = time.monotonic()
+        for job, _, _ in items:
+            if job.first_scheduled is None:
+                job.first_scheduled = now
+        self.num_forward_passes += 1
+        self.num_embed_forward_passes += 1
+        step_id = next(self._embed_step_ids)
+        try:
+            response = await self.replica.embed(step_id, [item for _, _, item in items], self.step_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            self.fail(f"embedding batch {step_id}: {error.code().name} {error.details()}")
+            return
+        finally:
+            for _, _, item in items:
+                self.scheduler.blocks.free(item.block_ids)
+        row = response.hidden_size * 4
+        for position, (job, index, _) in enumerate(items):
+            if not job.done:  # a call cancelled while the forward ran gets nothing
+                job.set_vector(index, response.vectors[position * row : (position + 1) * row])
+        self._embed_jobs = [job for job in self._embed_jobs if not job.done]
+
+    def _pack_embed_inputs(self) -> list[tuple[EmbedJob, int, EmbedItem]]:
+        """The pending inputs of the taken calls, in order, while they fit the step's token
+        budget and the free KV blocks. The first input gets its blocks even if running requests
+        must be preempted for them, so an embedding batch never waits on generation."""
+        blocks = self.scheduler.blocks
+        budget = self.scheduler.config.max_batch_tokens
+        items: list[tuple[EmbedJob, int, EmbedItem]] = []
+        pending = ((job, index) for job in self._embed_jobs for index in job.pending_inputs())
+        for job, index in pending:
+            tokens = job.inputs[index]
+            if len(tokens) > budget:
+                break
+            table: list[int] = []
+            if blocks.grow(table, len(tokens)) is None:
+                if items or not self.scheduler.make_room(blocks.blocks_for(len(tokens))):
+                    break
+                blocks.grow(table, len(tokens))
+            items.append((job, index, EmbedItem(tokens, table, job.pooling, job.normalize)))
+            budget -= len(tokens)
+        return items
+
+    def _expire(self, now: float) -> None:
+        """Ends every request and taken embedding call whose deadline has passed."""
+        for handle in [h for h in self._handles.values() if h.request.deadline is not None and h.request.deadline <= now]:
+            request = handle.request
+            if request.first_scheduled is None:
+                message = f"deadline exceeded while queued (waited {now - request.arrival:.3f} s)"
+            else:
+                message = f"deadline exceeded after {len(request.output_ids)} generated tokens"
+            self._abort(handle, grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        for job in self._embed_jobs:
+            if job.deadline is not None and job.deadline <= now:
+                job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before all inputs were embedded")
+        self._embed_jobs = [job for job in self._embed_jobs if not job.done]
 
     def _on_token(self, handle: RequestHandle) -> None:
         request = handle.request
@@ -134,11 +300,10 @@ class Engine:
             tail += handle.stop.flush()
         handle.events.put_nowait(FinishEvent(reason, tail))
 
-    def _fail_all(self, code: grpc.StatusCode, message: str) -> None:
-        for handle in list(self._handles.values()):
-            self.scheduler.finish(handle.request, FinishReason.ERROR)
-            del self._handles[handle.request.seq_id]
-            handle.events.put_nowait(ErrorEvent(code, message))
+    def _abort(self, handle: RequestHandle, code: grpc.StatusCode, message: str) -> None:
+        self.scheduler.finish(handle.request, FinishReason.ERROR)
+        del self._handles[handle.request.seq_id]
+        handle.events.put_nowait(ErrorEvent(code, message))
 
     @property
     def num_active(self) -> int:

@@ -89,8 +89,12 @@ class HygieneInterceptor(grpc.aio.ServerInterceptor):
             async def guarded_stream(request, context):
                 request = await _checked(request, context, handler.request_streaming)
                 try:
-                    async for response in behaviour(request, context):
-                        yield response
+                    responses = behaviour(request, context)
+                    if hasattr(responses, "__aiter__"):
+                        async for response in responses:
+                            yield response
+                    else:  # a handler that writes with context.write() (e.g. health's Watch)
+                        await responses
                 except Exception as error:  # noqa: BLE001 - this is the last line of defence
                     await _internal(error, method, context)
 

@@ -15,7 +15,7 @@ import time
 
 import grpc
 
-from shardgate.server.config import ReplicaConfig
+from shardgate.server.config import ReplicaConfig, SchedulerConfig
 from shardgate.server.replica import ReplicaClient, ReplicaInfo
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,13 @@ class LocalReplica:
     """The shard processes of one replica on this host; rank 0 (the driver) listens on a unix
     socket that only the gateway uses."""
 
-    def __init__(self, config: ReplicaConfig, index: int = 0) -> None:
+    def __init__(self, config: ReplicaConfig, batch_limits: SchedulerConfig, index: int = 0, start: int = 0) -> None:
         self.config = config
+        self.batch_limits = batch_limits
+        """The largest step the gateway will send: the shards profile memory at it."""
         self.index = index
+        self.start_number = start
+        """0 for the first start of this replica, then one more per restart."""
         self.world_size = config.tp * config.pp
         self._dir = tempfile.mkdtemp(prefix=f"shardgate-replica{index}-")
         self.target = f"unix://{os.path.join(self._dir, 'driver.sock')}"
@@ -49,6 +53,8 @@ class LocalReplica:
             "--device", self.config.device,
             "--block-size", str(self.config.block_size),
             "--kv-cache-memory", repr(self.config.kv_cache_memory),
+            "--max-batch-tokens", str(self.batch_limits.max_batch_tokens),
+            "--max-num-seqs", str(self.batch_limits.max_num_seqs),
             "--listen", self.target,
             "--tp", str(self.config.tp),
             "--pp", str(self.config.pp),
@@ -63,6 +69,7 @@ class LocalReplica:
                 LOCAL_WORLD_SIZE=str(self.world_size),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(master_port),
+                SHARDGATE_REPLICA=f"{self.index}:{self.start_number}",  # for fault injection (shards/faults.py)
             )
             # A session of their own: the terminal's Ctrl-C goes to the gateway, which then
             # stops the shards in order; the shards also exit if the gateway dies.
@@ -84,6 +91,14 @@ class LocalReplica:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
             await asyncio.sleep(0.1)
+
+    async def wait_lost(self) -> None:
+        """Raises RuntimeError once any rank has exited (the replica is lost)."""
+        loop = asyncio.get_running_loop()
+        exits = {loop.run_in_executor(None, process.wait): rank for rank, process in enumerate(self.processes)}
+        done, _ = await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+        rank = exits[done.pop()]
+        raise RuntimeError(f"replica {self.index} rank {rank} exited with code {self.processes[rank].returncode}")
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every rank, SIGKILL what is left after timeout, remove the socket folder."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import grpc
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.server.embed_batcher import Pooling
 from shardgate.server.scheduler import StepPlan
 
 # The tokenizer travels in Describe, and Llama-3's tokenizer.json alone is ~9 MB.
@@ -36,6 +37,7 @@ class ReplicaInfo:
     devices: tuple[str, ...]
     tp: int
     pp: int
+    hidden_size: int
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -56,7 +58,22 @@ class ReplicaInfo:
             devices=tuple(message.devices),
             tp=message.tp,
             pp=message.pp,
+            hidden_size=message.hidden_size,
         )
+
+
+@dataclass(frozen=True)
+class EmbedItem:
+    """One input of an embedding forward."""
+
+    token_ids: list[int]
+    block_ids: list[int]
+    """KV blocks lent for this forward, covering len(token_ids) tokens."""
+    pooling: Pooling
+    normalize: bool
+
+
+_POOLING = {Pooling.MEAN: shard_pb2.POOLING_MEAN, Pooling.LAST: shard_pb2.POOLING_LAST}
 
 
 def plan_to_proto(plan: StepPlan) -> shard_pb2.StepRequest:
@@ -102,8 +119,15 @@ class ReplicaClient:
         response = await self._stub.Describe(shard_pb2.DescribeRequest(), timeout=timeout, wait_for_ready=True)
         return ReplicaInfo.from_proto(response)
 
-    async def step(self, plan: StepPlan) -> shard_pb2.StepResponse:
-        return await self._stub.Step(plan_to_proto(plan))
+    async def step(self, plan: StepPlan, timeout: float | None = None) -> shard_pb2.StepResponse:
+        return await self._stub.Step(plan_to_proto(plan), timeout=timeout)
+
+    async def embed(self, step_id: int, items: list[EmbedItem], timeout: float | None = None) -> shard_pb2.EmbedStepResponse:
+        inputs = [
+            shard_pb2.EmbedInput(token_ids=item.token_ids, block_ids=item.block_ids, pooling=_POOLING[item.pooling], normalize=item.normalize)
+            for item in items
+        ]
+        return await self._stub.Embed(shard_pb2.EmbedStepRequest(step_id=step_id, inputs=inputs), timeout=timeout)
 
     async def close(self) -> None:
         await self._channel.close()

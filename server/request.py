@@ -49,6 +49,10 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    priority: int = 0
+    """Higher runs first (see server/priority.py)."""
+    deadline: float | None = None
+    """time.monotonic() by which the request must end, or None."""
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)

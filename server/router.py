@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from shardgate.server.engine import Engine, RequestHandle
-from shardgate.server.validation import ValidRequest
+import grpc
+
+from shardgate.server.engine import Engine, ErrorEvent, RequestHandle
+from shardgate.server.validation import RequestError, ValidRequest
+
+NO_REPLICA = "no model replica can serve right now (failed replicas are restarting)"
 
 
 class Router:
@@ -18,12 +22,31 @@ class Router:
         if not engines:
             raise ValueError("a router needs at least one replica")
         self.engines = engines
+        for engine in engines:
+            engine.on_orphans = self.adopt
 
-    def pick(self) -> Engine:
-        return max(self.engines, key=lambda e: (e.scheduler.spare_blocks(), -e.scheduler.num_requests))
+    @property
+    def serving(self) -> bool:
+        return any(engine.healthy for engine in self.engines)
 
-    def submit(self, valid: ValidRequest) -> RequestHandle:
-        return self.pick().submit(valid)
+    def pick(self) -> Engine | None:
+        healthy = [engine for engine in self.engines if engine.healthy]
+        return max(healthy, key=lambda e: (e.scheduler.spare_blocks(), -e.scheduler.num_requests), default=None)
+
+    def submit(self, valid: ValidRequest, deadline: float | None = None) -> RequestHandle:
+        engine = self.pick()
+        if engine is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "replicas", NO_REPLICA)
+        return engine.submit(valid, deadline)
+
+    def adopt(self, orphans: list[RequestHandle]) -> None:
+        """Moves requests that had sent nothing off a failed replica, onto healthy ones."""
+        for handle in orphans:
+            engine = self.pick()
+            if engine is None:
+                handle.events.put_nowait(ErrorEvent(grpc.StatusCode.UNAVAILABLE, NO_REPLICA))
+            else:
+                engine.adopt(handle)
 
     def cancel(self, handle: RequestHandle) -> None:
         self.engines[handle.replica].cancel(handle)

@@ -7,12 +7,13 @@ leave between any two steps.
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import SchedulerConfig
+from shardgate.server.priority import virtual_arrival
 from shardgate.server.request import FinishReason, Request, Status
 
 
@@ -50,19 +51,24 @@ class StepPlan:
 class Scheduler:
     """Decodes first (oldest first), then new prefills, under a token budget and a sequence cap.
 
-    When a running request needs a KV block and none is free, the newest running request is
-    preempted: its blocks are freed and it goes back to the front of the queue, to be
-    recomputed later (its tokens so far are kept, so greedy output is unchanged).
+    Waiting requests are admitted in priority order with aging (server/priority.py). When a
+    running request needs a KV block and none is free, the newest running request is
+    preempted: its blocks are freed and it goes back to the queue (at its old place: its
+    arrival and priority are unchanged), to be recomputed later (its tokens so far are kept,
+    so greedy output is unchanged).
     """
 
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[Request] = deque()
+        self.waiting: list[Request] = []
+        """Sorted by queue key: the next request to admit first."""
         self.running: list[Request] = []
         self._pending_free: list[int] = []
         self._step_id = 0
         self.num_preemptions = 0
+        self.num_started = 0
+        """Requests scheduled at least once (sent to the replica)."""
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,9 +81,17 @@ class Scheduler:
         """Free blocks less those the queued requests need to start (may be negative)."""
         return self.blocks.num_free - sum(self.blocks.blocks_for(r.num_tokens) - len(r.block_ids) for r in self.waiting)
 
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Tokens the waiting requests will compute when they run (prompt and any output so far)."""
+        return sum(request.num_tokens for request in self.waiting)
+
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
-        self.waiting.append(request)
+        bisect.insort(self.waiting, request, key=self._queue_key)
+
+    def _queue_key(self, request: Request) -> tuple[float, int]:
+        return virtual_arrival(request.priority, request.arrival, self.config.priority_aging_s), request.seq_id
 
     def schedule(self) -> StepPlan:
         self._step_id += 1
@@ -101,10 +115,11 @@ class Scheduler:
             new_blocks = self.blocks.grow(request.block_ids, request.num_computed_tokens + num_tokens)
             if new_blocks is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop(0)
             request.status = Status.RUNNING
             if request.first_scheduled is None:
                 request.first_scheduled = time.monotonic()
+                self.num_started += 1
             self.running.append(request)
             plan.chunks.append(self._chunk(request, num_tokens, new_blocks))
             budget -= num_tokens
@@ -162,6 +177,13 @@ class Scheduler:
         request.known_to_replica = True
         return chunk
 
+    def make_room(self, num_blocks: int) -> bool:
+        """Preempts the newest running requests until num_blocks blocks are free (for work
+        outside the plan, such as an embedding batch). False if even that is not enough."""
+        while self.blocks.num_free < num_blocks and self.running:
+            self._preempt_newest()
+        return self.blocks.num_free >= num_blocks
+
     def _grow_or_preempt(self, request: Request, num_tokens: int, plan: StepPlan) -> list[int] | None:
         """Allocates blocks for the request's next chunk, preempting the newest running requests
         until they fit. Returns None when the request had to preempt itself."""
@@ -169,16 +191,19 @@ class Scheduler:
             new_blocks = self.blocks.grow(request.block_ids, request.num_computed_tokens + num_tokens)
             if new_blocks is not None:
                 return new_blocks
-            victim = self.running.pop()
-            self._release(victim)
-            victim.status = Status.WAITING
-            victim.num_computed_tokens = 0
-            victim.num_preemptions += 1
-            self.num_preemptions += 1
+            victim = self._preempt_newest()
             plan.preempted.append(victim)
-            self.waiting.appendleft(victim)
             if victim is request:
                 return None
+
+    def _preempt_newest(self) -> Request:
+        victim = self.running.pop()
+        self._release(victim)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(victim)
+        return victim
 
     def _release(self, request: Request) -> None:
         self.blocks.free(request.block_ids)

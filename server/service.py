@@ -1,19 +1,28 @@
-"""gRPC handlers of the public Inference service: validate, submit, relay events."""
+"""gRPC handlers of the public Inference service: validate, admit, submit, relay events."""
 
 from __future__ import annotations
 
+import array
+import asyncio
+import sys
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
+from shardgate.server.admission import Admission, QueueLoad, Ticket
 from shardgate.server.config import GatewayConfig
-from shardgate.server.engine import ErrorEvent, FinishEvent, RequestHandle, TokenEvent, usage_times
+from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
+from shardgate.server.engine import ErrorEvent, Event, FinishEvent, RequestHandle, TokenEvent, usage_times
 from shardgate.server.replica import ReplicaInfo
 from shardgate.server.request import FinishReason
 from shardgate.server.router import Router
-from shardgate.server.validation import ModelLimits, RequestError, validate
+from shardgate.server.supervisor import ReplicaSupervisor
+from shardgate.server.validation import ModelLimits, RequestError, invalid, validate, validate_embed
 
 _FINISH_REASONS = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -36,6 +45,48 @@ def _usage(handle: RequestHandle) -> inference_pb2.Usage:
     )
 
 
+def _stream_message(handle: RequestHandle, event: TokenEvent | FinishEvent) -> inference_pb2.GenerateStreamResponse:
+    request_id = handle.request.request_id
+    if isinstance(event, TokenEvent):
+        return inference_pb2.GenerateStreamResponse(
+            request_id=request_id,
+            text=event.text,
+            token_ids=[event.token_id],
+            logprobs=[] if event.logprob is None else [event.logprob],
+        )
+    return inference_pb2.GenerateStreamResponse(
+        request_id=request_id, text=event.text, finish_reason=_FINISH_REASONS[event.reason], usage=_usage(handle)
+    )
+
+
+def _deadline(timeout_s: float | None, context: grpc.aio.ServicerContext) -> float | None:
+    """The earlier of the request's own timeout and the call's gRPC deadline, as time.monotonic()."""
+    now = time.monotonic()
+    remaining = context.time_remaining()
+    candidates = [now + t for t in (timeout_s, remaining) if t is not None]
+    return min(candidates, default=None)
+
+
+def _vector(data: bytes) -> array.array:
+    """Little-endian float32 bytes as an array of floats."""
+    values = array.array("f")
+    values.frombytes(data)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """A submitted generation request and its place in the admission count."""
+
+    handle: RequestHandle
+    ticket: Ticket
+
+
+_WAKE = object()
+
+
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Registered before the model loads (so health can say NOT_SERVING); calls before
     `attach` get UNAVAILABLE."""
@@ -43,52 +94,85 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.router: Router | None = None
+        self.draining = False
+        """Set on SIGTERM: new calls get UNAVAILABLE while in-flight ones finish."""
 
-    def attach(self, router: Router, tokenizer: Tokenizer, infos: list[ReplicaInfo]) -> None:
+    def attach(
+        self, router: Router, batcher: DynamicBatcher, tokenizer: Tokenizer, infos: list[ReplicaInfo], supervisors: list[ReplicaSupervisor]
+    ) -> None:
         self.router = router
+        self.supervisors = supervisors
+        self.batcher = batcher
         self.tokenizer = tokenizer
         self.infos = infos
+        max_context = min(infos[0].max_position_embeddings, *(info.kv_capacity_tokens for info in infos))
         self.limits = ModelLimits(
             vocab_size=infos[0].vocab_size,
-            max_context_tokens=min(infos[0].max_position_embeddings, *(info.kv_capacity_tokens for info in infos)),
+            max_context_tokens=max_context,
+            max_embed_tokens=min(max_context, self.config.scheduler.max_batch_tokens),
+        )
+        self.admission = Admission(self.config.admission, self._queue_load)
+
+    def _queue_load(self) -> QueueLoad:
+        schedulers = [engine.scheduler for engine in self.router.engines]
+        return QueueLoad(
+            requests=sum(len(s.waiting) for s in schedulers) + self.batcher.num_queued_requests,
+            tokens=sum(s.num_waiting_tokens for s in schedulers) + self.batcher.num_queued_tokens,
         )
 
+    def in_flight(self) -> int:
+        """Calls admitted and not yet ended (generations and Embed calls)."""
+        return self.admission.active if self.router is not None else 0
+
     async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         if self.router is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
 
-    async def _submit(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
+    def _start(self, message: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> _Generation:
+        """Validates, admits and submits a request; raises RequestError when it is refused."""
+        valid = validate(message, self.tokenizer, self.limits, self.config)
+        ticket = self.admission.admit(len(valid.prompt_ids))
+        handle = self.router.submit(valid, _deadline(valid.timeout_s, context))
+        return _Generation(handle, ticket)
+
+    async def _start_or_abort(self, message: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> _Generation:
         await self._require_ready(context)
         try:
-            valid = validate(request, self.tokenizer, self.limits, self.config)
+            return self._start(message, context)
         except RequestError as error:
             await context.abort(error.code, str(error))
-        return self.router.submit(valid)
 
-    async def _events(self, handle: RequestHandle, context: grpc.aio.ServicerContext):
-        """Yields a request's events until its last; cancels it if the caller goes away first."""
+    async def _events(self, generation: _Generation) -> AsyncIterator[Event]:
+        """Yields a request's events up to its last (a FinishEvent or an ErrorEvent); cancels
+        the request if the consumer stops first. Consumers iterate it under aclosing(), so the
+        request is cancelled and counted out before their call ends, however it ends."""
         try:
             while True:
-                event = await handle.events.get()
-                if isinstance(event, ErrorEvent):
-                    await context.abort(event.code, event.message)
+                event = await generation.handle.events.get()
                 yield event
-                if isinstance(event, FinishEvent):
+                if isinstance(event, (FinishEvent, ErrorEvent)):
                     return
         finally:
-            self.router.cancel(handle)
+            self.router.cancel(generation.handle)
+            generation.ticket.release()
 
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
-        handle = await self._submit(request, context)
+        generation = await self._start_or_abort(request, context)
         text, token_ids, logprobs = [], [], []
-        async for event in self._events(handle, context):
-            text.append(event.text)
-            if isinstance(event, TokenEvent):
-                token_ids.append(event.token_id)
-                if event.logprob is not None:
-                    logprobs.append(event.logprob)
-            else:
-                reason = event.reason
+        async with aclosing(self._events(generation)) as events:
+            async for event in events:
+                if isinstance(event, ErrorEvent):
+                    await context.abort(event.code, event.message)
+                text.append(event.text)
+                if isinstance(event, TokenEvent):
+                    token_ids.append(event.token_id)
+                    if event.logprob is not None:
+                        logprobs.append(event.logprob)
+                else:
+                    reason = event.reason
+        handle = generation.handle
         return inference_pb2.GenerateResponse(
             request_id=handle.request.request_id,
             text="".join(text),
@@ -99,23 +183,129 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         )
 
     async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        handle = await self._submit(request, context)
-        request_id = handle.request.request_id
-        async for event in self._events(handle, context):
-            if isinstance(event, TokenEvent):
-                yield inference_pb2.GenerateStreamResponse(
-                    request_id=request_id,
-                    text=event.text,
-                    token_ids=[event.token_id],
-                    logprobs=[] if event.logprob is None else [event.logprob],
-                )
-            else:
-                yield inference_pb2.GenerateStreamResponse(
-                    request_id=request_id,
-                    text=event.text,
-                    finish_reason=_FINISH_REASONS[event.reason],
-                    usage=_usage(handle),
-                )
+        generation = await self._start_or_abort(request, context)
+        async with aclosing(self._events(generation)) as events:
+            async for event in events:
+                if isinstance(event, ErrorEvent):
+                    await context.abort(event.code, event.message)
+                yield _stream_message(generation.handle, event)
+
+    async def GenerateBidi(self, request_iterator, context) -> AsyncIterator[inference_pb2.GenerateBidiResponse]:
+        """Requests start as their messages arrive; each one's messages go out as they are made.
+        The stream ends once the client has half-closed and every request on it has ended;
+        if the call itself ends first (cancelled, deadline), every live request is cancelled."""
+        await self._require_ready(context)
+        out: asyncio.Queue = asyncio.Queue()
+        live: dict[str, _Generation] = {}
+        relays: set[asyncio.Task] = set()
+
+        def fail(request_id: str, code: grpc.StatusCode, message: str) -> None:
+            status = inference_pb2.RequestStatus(request_id=request_id, code=code.value[0], message=message)
+            out.put_nowait(inference_pb2.GenerateBidiResponse(error=status))
+
+        async def relay(request_id: str, generation: _Generation) -> None:
+            try:
+                async with aclosing(self._events(generation)) as events:
+                    async for event in events:
+                        if isinstance(event, ErrorEvent):
+                            fail(request_id, event.code, event.message)
+                        else:
+                            out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, event)))
+            finally:
+                del live[request_id]
+                out.put_nowait(_WAKE)
+
+        def start(message: inference_pb2.GenerateRequest) -> None:
+            request_id = message.request_id
+            try:
+                if not request_id:
+                    raise invalid("request_id", "must be set on a multiplexed stream")
+                if request_id in live:
+                    raise invalid("request_id", f"{request_id!r} is already live on this stream")
+                generation = self._start(message, context)
+            except RequestError as error:
+                fail(request_id, error.code, str(error))
+                return
+            live[request_id] = generation
+            task = asyncio.create_task(relay(request_id, generation), name=f"bidi {request_id}")
+            relays.add(task)
+            task.add_done_callback(relays.discard)
+
+        async def read() -> None:
+            async for message in request_iterator:
+                action = message.WhichOneof("action")
+                if action == "generate":
+                    start(message.generate)
+                elif action == "cancel":
+                    # Cancelling a finished or unknown request does nothing: it has ended already.
+                    generation = live.get(message.cancel.request_id)
+                    if generation is not None:
+                        self.router.cancel(generation.handle)
+                else:
+                    fail("", grpc.StatusCode.INVALID_ARGUMENT, "action: must be generate or cancel")
+
+        reader = asyncio.create_task(read(), name="bidi reader")
+        reader.add_done_callback(lambda _: out.put_nowait(_WAKE))
+        try:
+            while True:
+                item = await out.get()
+                if item is not _WAKE:
+                    yield item
+                elif reader.done() and not live and out.empty():  # ended requests' messages all sent
+                    reader.result()  # a broken request stream ends the call with its error
+                    return
+        finally:
+            reader.cancel()
+            for task in list(relays):
+                task.cancel()
+            for generation in live.values():  # also those whose relay never started
+                self.router.cancel(generation.handle)
+                generation.ticket.release()
+
+    async def Embed(self, request, context) -> inference_pb2.EmbedResponse:
+        await self._require_ready(context)
+        try:
+            valid = validate_embed(request, self.tokenizer, self.limits, self.config)
+            ticket = self.admission.admit(sum(len(ids) for ids in valid.inputs))
+        except RequestError as error:
+            await context.abort(error.code, str(error))
+        job = EmbedJob(valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, _deadline(valid.timeout_s, context))
+        self.batcher.submit(job)
+        try:
+            await job.finished.wait()
+        finally:
+            ticket.release()
+            if not job.done:
+                self.batcher.cancel(job)
+        if job.error is not None:
+            await context.abort(*job.error)
+        return inference_pb2.EmbedResponse(
+            request_id=job.request_id,
+            embeddings=[inference_pb2.Embedding(values=_vector(v), tokens=len(ids)) for v, ids in zip(job.vectors, job.inputs)],
+            usage=inference_pb2.Usage(prompt_tokens=job.num_tokens, queue_time_s=job.first_scheduled - job.arrival),
+        )
+
+    async def ServerStatus(self, request, context) -> inference_pb2.ServerStatusResponse:
+        await self._require_ready(context)
+        load = self._queue_load()
+        replicas = [
+            inference_pb2.ReplicaStatus(
+                total_kv_blocks=engine.scheduler.blocks.num_blocks,
+                free_kv_blocks=engine.scheduler.blocks.num_free,
+                running_requests=len(engine.scheduler.running),
+                waiting_requests=len(engine.scheduler.waiting),
+                preemptions=engine.scheduler.num_preemptions,
+                forward_passes=engine.num_forward_passes,
+                embed_forward_passes=engine.num_embed_forward_passes,
+                started_requests=engine.scheduler.num_started,
+                healthy=engine.healthy,
+                restarts=supervisor.restarts,
+            )
+            for engine, supervisor in zip(self.router.engines, self.supervisors)
+        ]
+        return inference_pb2.ServerStatusResponse(
+            active_requests=self.admission.active, queued_requests=load.requests, queued_tokens=load.tokens, replicas=replicas
+        )
 
     async def Tokenize(self, request, context) -> inference_pb2.TokenizeResponse:
         await self._require_ready(context)
@@ -138,4 +328,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             kv_capacity_tokens=[i.kv_capacity_tokens for i in self.infos],
             devices=[device for i in self.infos for device in i.devices],
             eos_token_ids=list(info.eos_token_ids),
+            hidden_size=info.hidden_size,
+            max_embed_inputs=self.config.embed.max_inputs,
         )

@@ -14,6 +14,8 @@ from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2
 from shardgate.server.config import GatewayConfig
+from shardgate.server.embed_batcher import Pooling
+from shardgate.server.priority import PRIORITY_LIMIT
 from shardgate.server.request import SamplingParams
 
 MAX_REQUEST_ID_CHARS = 256
@@ -37,6 +39,8 @@ class ModelLimits:
     vocab_size: int
     max_context_tokens: int
     """min(the model's positions, one replica's KV capacity)."""
+    max_embed_tokens: int
+    """Longest Embed input: min(max_context_tokens, the step token budget)."""
 
 
 @dataclass(frozen=True)
@@ -45,14 +49,66 @@ class ValidRequest:
     prompt_ids: list[int]
     params: SamplingParams
     stop: list[str]
+    priority: int = 0
+    timeout_s: float | None = None
+    """The request's own deadline (timeout_ms), in seconds from arrival."""
+
+
+@dataclass(frozen=True)
+class ValidEmbed:
+    request_id: str
+    inputs: list[list[int]]
+    """Token ids of each input (with the model's special tokens, as a prompt gets them)."""
+    pooling: Pooling
+    normalize: bool
+    priority: int
+    timeout_s: float | None
+
+
+_POOLINGS = {inference_pb2.POOLING_MEAN: Pooling.MEAN, inference_pb2.POOLING_LAST: Pooling.LAST}
+
+
+def _request_id(message) -> str:
+    if len(message.request_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+    return message.request_id or secrets.token_hex(8)
+
+
+def _priority(message) -> int:
+    if not -PRIORITY_LIMIT <= message.priority <= PRIORITY_LIMIT:
+        raise invalid("priority", f"must be in [{-PRIORITY_LIMIT}, {PRIORITY_LIMIT}], got {message.priority}")
+    return message.priority
+
+
+def _timeout_s(message) -> float | None:
+    return message.timeout_ms / 1000 if message.timeout_ms else None
+
+
+def validate_embed(
+    message: inference_pb2.EmbedRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig
+) -> ValidEmbed:
+    request_id = _request_id(message)
+    if not message.inputs:
+        raise invalid("inputs", "must not be empty")
+    if len(message.inputs) > config.embed.max_inputs:
+        raise invalid("inputs", f"at most {config.embed.max_inputs} inputs per call, got {len(message.inputs)}")
+    for i, text in enumerate(message.inputs):
+        if not text:
+            raise invalid(f"inputs[{i}]", "must not be empty")
+    if message.pooling not in _POOLINGS:
+        raise invalid("pooling", f"unknown pooling {message.pooling}")
+    priority = _priority(message)
+    inputs = [encoding.ids for encoding in tokenizer.encode_batch(list(message.inputs), add_special_tokens=True)]
+    for i, ids in enumerate(inputs):
+        if len(ids) > limits.max_embed_tokens:
+            raise invalid(f"inputs[{i}]", f"{len(ids)} tokens exceed the longest input ({limits.max_embed_tokens} tokens)")
+    return ValidEmbed(request_id, inputs, _POOLINGS[message.pooling], message.normalize, priority, _timeout_s(message))
 
 
 def validate(
     message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig
 ) -> ValidRequest:
-    if len(message.request_id) > MAX_REQUEST_ID_CHARS:
-        raise invalid("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
-    request_id = message.request_id or secrets.token_hex(8)
+    request_id = _request_id(message)
 
     kind = message.WhichOneof("input")
     if kind == "prompt_token_ids":
@@ -92,6 +148,7 @@ def validate(
     for i, s in enumerate(stop):
         if not s or len(s) > config.max_stop_string_chars:
             raise invalid(f"stop[{i}]", f"must be 1 to {config.max_stop_string_chars} characters")
+    priority = _priority(message)
 
     seed = message.seed if message.HasField("seed") else secrets.randbits(63)
     params = SamplingParams(
@@ -103,4 +160,4 @@ def validate(
         ignore_eos=message.ignore_eos,
         logprobs=message.logprobs,
     )
-    return ValidRequest(request_id, prompt_ids, params, stop)
+    return ValidRequest(request_id, prompt_ids, params, stop, priority, _timeout_s(message))

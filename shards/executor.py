@@ -1,9 +1,10 @@
 """Runs each step plan on every rank of the replica.
 
-The driver (rank 0) receives the plan from the gateway and broadcasts its protobuf bytes to the
-other ranks on the gloo control group (a length, then the bytes: no pickle). Every rank applies
-the same plan to its own sequence table and runs its part of the model; the last stage's
-tp-rank 0 sends the sampled tokens back to the driver when the driver is not on that stage.
+The driver (rank 0) receives the plan from the gateway and broadcasts it, as the bytes of a
+RankCommand protobuf, to the other ranks on the gloo control group (a length, then the bytes:
+no pickle). Every rank applies the same plan to its own sequence table and runs its part of the
+model; the last stage's tp-rank 0 sends the sampled tokens (or pooled embeddings) back to the
+driver when the driver is not on that stage.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from shardgate.proto import shard_pb2
+from shardgate.shards.embedding import EmbedInput, embed
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.parallel import ParallelState
 from shardgate.shards.runner import ModelRunner, SampleResult
@@ -39,7 +41,7 @@ class StepExecutor:
         collective, so the replica stays in step)."""
         start = time.perf_counter()
         if self._distributed:
-            self._broadcast(request.SerializeToString())
+            self._broadcast(shard_pb2.RankCommand(step=request).SerializeToString())
         results = self._execute(request)
         if self._distributed and self.parallel.sampler_rank != 0:
             results = self._receive_samples(request)
@@ -48,17 +50,37 @@ class StepExecutor:
             compute_s=time.perf_counter() - start,
         )
 
+    def embed(self, request: shard_pb2.EmbedStepRequest) -> shard_pb2.EmbedStepResponse:
+        """Driver: run an embedding batch on every rank; return the pooled vectors."""
+        start = time.perf_counter()
+        if self._distributed:
+            self._broadcast(shard_pb2.RankCommand(embed=request).SerializeToString())
+        vectors = self._embed(request)
+        if self._distributed and self.parallel.sampler_rank != 0:
+            vectors = torch.empty(len(request.inputs), self.runner.config.hidden_size, dtype=torch.float32)
+            dist.recv(vectors, src=self.parallel.sampler_rank, group=self.parallel.control)
+        return shard_pb2.EmbedStepResponse(
+            vectors=vectors.numpy().astype("<f4", copy=False).tobytes(),
+            hidden_size=vectors.shape[1],
+            compute_s=time.perf_counter() - start,
+        )
+
     def follow(self) -> None:
-        """Every other rank: run the driver's plans until it says stop."""
+        """Every other rank: run the driver's commands until it says stop."""
+        reports = self.parallel.rank == self.parallel.sampler_rank != 0
         while (data := self._broadcast(None)) is not None:
-            request = shard_pb2.StepRequest.FromString(data)
+            command = shard_pb2.RankCommand.FromString(data)
             try:
-                results = self._execute(request)
+                if command.HasField("embed"):
+                    vectors = self._embed(command.embed)
+                    if reports:
+                        dist.send(vectors, dst=0, group=self.parallel.control)
+                else:
+                    results = self._execute(command.step)
+                    if reports:
+                        self._send_samples(results)
             except ValueError as error:
-                log.error("rank %d rejected step %d: %s", self.parallel.rank, request.step_id, error)
-                continue
-            if self.parallel.rank == self.parallel.sampler_rank != 0:
-                self._send_samples(results)
+                log.error("rank %d rejected a %s: %s", self.parallel.rank, command.WhichOneof("command"), error)
 
     def stop(self) -> None:
         """Driver: release the other ranks from follow()."""
@@ -68,6 +90,20 @@ class StepExecutor:
     def _execute(self, request: shard_pb2.StepRequest) -> list[SampleResult]:
         self.faults.on_step()
         return self.runner.step(self.sequences.apply(request))
+
+    def _embed(self, request: shard_pb2.EmbedStepRequest) -> torch.Tensor | None:
+        """Pooled vectors (N, hidden) float32 on CPU on the last stage; None elsewhere."""
+        inputs = [
+            EmbedInput(
+                token_ids=list(item.token_ids),
+                block_table=list(item.block_ids),
+                last=item.pooling == shard_pb2.POOLING_LAST,
+                normalize=item.normalize,
+            )
+            for item in request.inputs
+        ]
+        vectors = embed(self.runner, inputs)
+        return None if vectors is None else vectors.cpu().contiguous()
 
     def _broadcast(self, data: bytes | None, stop: bool = False) -> bytes | None:
         group = self.parallel.control

@@ -1,4 +1,5 @@
-"""A shard process: load this rank's part of the model, size the KV cache, serve steps.
+"""A shard process: load this rank's part of the model, warm up and profile the largest step,
+size the KV cache (shards/memory.py), serve steps.
 
 Started by the gateway (or by torchrun) with torchrun's environment: RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT. `python -m shardgate.shards.main --help` lists the flags.
@@ -25,6 +26,7 @@ from shardgate.proto import shard_pb2, shard_pb2_grpc
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
 from shardgate.shards.parallel import ParallelConfig, ParallelState, init_parallel
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import load_model
@@ -33,8 +35,6 @@ from shardgate.shards.worker import ShardService
 log = logging.getLogger("shardgate.shard")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_DEFAULT_KV_BYTES = 1 << 30
-GPU_DEFAULT_KV_FRACTION = 0.9
 INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
 # Ranks other than the driver wait in a broadcast between steps, however long the server idles;
 # a lost driver is caught by the parent watch (or torchrun's agent), not by this timeout.
@@ -55,7 +55,11 @@ class ShardConfig:
     block_size: int
     """Tokens per KV block."""
     kv_cache_memory: float
-    """Bytes when > 1, a fraction of free memory when in (0, 1], 0 for the device's default."""
+    """Bytes when > 1, a fraction of the memory left after the model and the largest step when in (0, 1], 0 for the device's default."""
+    max_batch_tokens: int
+    """Most tokens in one step the gateway sends: the warmup step is this large."""
+    max_num_seqs: int
+    """Most sequences in one step the gateway sends."""
     listen: str
     """gRPC address the driver serves the gateway on (unix:///path or host:port)."""
     tp: int
@@ -81,6 +85,8 @@ class ShardConfig:
             raise ValueError("--block-size must be >= 1")
         if self.kv_cache_memory < 0:
             raise ValueError("--kv-cache-memory must be >= 0")
+        if self.max_batch_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("--max-batch-tokens and --max-num-seqs must be >= 1")
         if self.world_size != self.tp * self.pp:
             raise ValueError(f"WORLD_SIZE={self.world_size} but --tp {self.tp} × --pp {self.pp} = {self.tp * self.pp}")
         if not 0 <= self.rank < self.world_size:
@@ -96,19 +102,6 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     return torch.device(name)
-
-
-def kv_cache_bytes(setting: float, device: torch.device) -> int:
-    """The KV budget in bytes from --kv-cache-memory (bytes, or a fraction of free memory)."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if setting > 1:
-        return int(setting)
-    if setting > 0:
-        return int(free * setting)
-    return int(free * GPU_DEFAULT_KV_FRACTION) if device.type == "cuda" else min(CPU_DEFAULT_KV_BYTES, free // 2)
 
 
 def watch_parent(parent_pid: int) -> None:
@@ -130,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=0.0)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048, help="largest step the gateway sends (the warmup step)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
     parser.add_argument("--listen", required=True, help="driver's address for the gateway: unix:///path or host:port")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -145,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         device=args.device,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
+        max_batch_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs,
         listen=args.listen,
         tp=args.tp,
         pp=args.pp,
@@ -218,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     dtype = DTYPES[config.dtype]
     loaded = load_model(config.model, dtype, device, parallel)
-    budget = kv_cache_bytes(config.kv_cache_memory, device)
+    try:
+        profile = profile_step(loaded.model, loaded.config, config.max_batch_tokens, config.max_num_seqs, config.block_size, dtype, device)
+        budget = kv_cache_bytes(config.kv_cache_memory, profile, device.type, config.max_batch_tokens)
+    except CapacityError as error:
+        print(f"shard: {error}", file=sys.stderr)
+        return 2
+    log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
     num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(config.block_size, dtype), parallel)
     if num_blocks < 1:
         print(f"shard: --kv-cache-memory gives {budget} bytes, less than one KV block; raise it", file=sys.stderr)
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=devices,
         tp=config.tp,
         pp=config.pp,
+        hidden_size=loaded.config.hidden_size,
     )
     options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
     # One worker: steps are sequential by design; the gateway never sends two at once.

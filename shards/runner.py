@@ -74,17 +74,9 @@ class ModelRunner:
             if chunk.sample:
                 last_rows.append(end - 1)
 
-        parallel = self.parallel
         with torch.inference_mode():
-            received = None
-            if not parallel.is_first_stage:
-                received = torch.empty(len(input_ids), self.config.hidden_size, dtype=self.dtype, device=self.device)
-                dist.recv(received, src=parallel.prev_rank)
-            hidden = self.model(input_ids, positions, metadata, self.kv_cache, received)  # (T, hidden)
-            if not parallel.is_last_stage:
-                dist.send(hidden, dst=parallel.next_rank)
-                return []
-            if not sampled:
+            hidden = self.forward(input_ids, positions, metadata)  # (T, hidden)
+            if hidden is None or not sampled:
                 return []
             logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)
             token_ids, logprobs = sample(
@@ -94,6 +86,20 @@ class ModelRunner:
             SampleResult(chunk.seq_id, token_id, logprob)
             for chunk, token_id, logprob in zip(sampled, token_ids, logprobs)
         ]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor | None:
+        """This rank's layers over the packed tokens: the final hidden states (T, hidden) on the
+        last pipeline stage; earlier stages send theirs on and return None."""
+        parallel = self.parallel
+        received = None
+        if not parallel.is_first_stage:
+            received = torch.empty(len(input_ids), self.config.hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(received, src=parallel.prev_rank)
+        hidden = self.model(input_ids, positions, metadata, self.kv_cache, received)
+        if not parallel.is_last_stage:
+            dist.send(hidden, dst=parallel.next_rank)
+            return None
+        return hidden
 
     def _check(self, chunk: SeqChunk) -> None:
         """Reject chunks that would index out of range (a bad id on a GPU kills the process, not the request)."""

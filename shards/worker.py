@@ -21,3 +21,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             return self.executor.run(request)
         except ValueError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+
+    def Embed(self, request: shard_pb2.EmbedStepRequest, context) -> shard_pb2.EmbedStepResponse:
+        try:
+            return self.executor.embed(request)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))

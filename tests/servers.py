@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +40,12 @@ class RunningServer:
                 self.process.wait()
 
 
-def start_server(
-    log_dir: Path, *args: str, timeout: float = 180, credentials: grpc.ChannelCredentials | None = None
-) -> RunningServer:
-    """Starts the gateway with the given `shardgate serve` flags and waits until its health
-    check says SERVING (over TLS with `credentials`, for a server started with --tls-cert)."""
+def launch_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
+    """Starts the gateway with the given `shardgate serve` flags (and extra environment
+    variables); returns at once."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "shardgate.clients.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
@@ -54,7 +53,20 @@ def start_server(
             stderr=subprocess.STDOUT,
             env=env,
         )
-    server = RunningServer(process, f"127.0.0.1:{port}", log_path)
+    return RunningServer(process, f"127.0.0.1:{port}", log_path)
+
+
+def start_server(
+    log_dir: Path,
+    *args: str,
+    timeout: float = 180,
+    credentials: grpc.ChannelCredentials | None = None,
+    env: dict[str, str] | None = None,
+) -> RunningServer:
+    """Starts the gateway with the given `shardgate serve` flags and waits until its health
+    check says SERVING (over TLS with `credentials`, for a server started with --tls-cert)."""
+    server = launch_server(log_dir, *args, env=env)
+    process = server.process
     deadline = time.monotonic() + timeout
     if credentials is None:
         channel = grpc.insecure_channel(server.address)
@@ -75,3 +87,13 @@ def start_server(
                 server.stop()
                 raise RuntimeError(f"server did not start in {timeout} s:\n{server.log()}")
             time.sleep(0.2)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    """Polls condition() until it holds; for server-side effects the client has no event for
+    (a cancelled call's cleanup, a request reaching the queue)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.02)

@@ -31,3 +31,14 @@ def test_demo_starts_a_server_and_streams():
 def test_serve_rejects_a_bad_flag_without_traceback():
     result = shardgate("serve", "--dtype", "float64", timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_serve_exits_naming_the_flag_when_the_kv_budget_does_not_fit():
+    result = shardgate("serve", "--port", "0", "--kv-cache-memory", "1e15", "--max-batch-tokens", "64", timeout=120)
+    assert result.returncode != 0
+    assert "lower --kv-cache-memory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_rejects_inconsistent_settings_without_traceback():
+    result = shardgate("serve", "--embed-max-batch-size", "8", "--embed-max-inputs", "16", timeout=60)
+    assert result.returncode == 2 and "max_inputs must be in [1, 8]" in result.stderr and "Traceback" not in result.stderr

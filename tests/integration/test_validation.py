@@ -24,6 +24,7 @@ CASES = {
     "empty stop string": (dict(prompt="hi", stop=["ok", ""]), "stop[1]"),
     "too many stop strings": (dict(prompt="hi", stop=["s"] * 17), "stop"),
     "request id too long": (dict(prompt="hi", request_id="r" * 300), "request_id"),
+    "priority too high": (dict(prompt="hi", priority=101), "priority"),
 }
 
 
@@ -53,3 +54,11 @@ def test_server_keeps_serving_after_bad_input(client, tiny_server):
             call(client, "Generate", **dict(fields))
     assert len(client.generate("still alive", max_new_tokens=3, ignore_eos=True).token_ids) == 3
     assert tiny_server.process.poll() is None
+
+
+def test_message_over_the_size_limit_is_resource_exhausted(client):
+    # The server's default --max-message-bytes is 4 MiB.
+    with pytest.raises(grpc.RpcError) as raised:
+        call(client, "Generate", prompt="x" * (5 << 20))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(client.generate("small is fine", max_new_tokens=2, ignore_eos=True).token_ids) == 2

@@ -1,13 +1,16 @@
 """The engine loop against a scripted replica: finish reasons, cancellation, replica failure."""
 
 import asyncio
+import struct
+import time
 
 import grpc
 import pytest
 
 from shardgate.proto import shard_pb2
 from shardgate.server.block_manager import BlockManager
-from shardgate.server.config import SchedulerConfig
+from shardgate.server.config import EmbedBatcherConfig, SchedulerConfig
+from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob, Pooling
 from shardgate.server.engine import Engine, ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.request import FinishReason, SamplingParams
 from shardgate.server.scheduler import Scheduler
@@ -28,7 +31,7 @@ class ScriptedReplica:
         self.fail_at_step = fail_at_step
         self.plans = []
 
-    async def step(self, plan):
+    async def step(self, plan, timeout=None):
         self.plans.append(plan)
         await asyncio.sleep(0)
         if plan.step_id == self.fail_at_step:
@@ -120,3 +123,232 @@ def test_replica_failure_ends_requests_with_unavailable():
     events, blocks, engine = asyncio.run(scenario())
     assert isinstance(events[-1], ErrorEvent) and events[-1].code == grpc.StatusCode.UNAVAILABLE
     assert blocks.num_free == blocks.num_blocks and engine.num_active == 0
+
+
+def test_deadline_passed_in_the_queue_never_reaches_the_replica():
+    async def scenario():
+        replica = ScriptedReplica({10: [72], 11: [73]})
+        engine, blocks = make_engine(replica)
+        loop = asyncio.create_task(engine.run())
+        late = engine.submit(valid(10, max_new_tokens=5), deadline=time.monotonic() - 0.001)
+        on_time = engine.submit(valid(11, max_new_tokens=5), deadline=time.monotonic() + 60)
+        late_events, on_time_events = await drain(late), await drain(on_time)
+        loop.cancel()
+        return replica, late, late_events, on_time_events, blocks, engine
+
+    replica, late, late_events, on_time_events, blocks, engine = asyncio.run(scenario())
+    assert late_events == [ErrorEvent(grpc.StatusCode.DEADLINE_EXCEEDED, late_events[0].message)]
+    assert "while queued" in late_events[0].message
+    assert all(c.request is not late.request for p in replica.plans for c in p.chunks)
+    assert isinstance(on_time_events[-1], FinishEvent) and engine.scheduler.num_started == 1
+    assert blocks.num_free == blocks.num_blocks
+
+
+def test_deadline_mid_decode_keeps_the_tokens_and_frees_the_blocks():
+    async def scenario():
+        replica = ScriptedReplica({10: [72]})
+        engine, blocks = make_engine(replica)
+        loop = asyncio.create_task(engine.run())
+        handle = engine.submit(valid(10, max_new_tokens=50), deadline=time.monotonic() + 60)
+        events = [await handle.events.get() for _ in range(3)]
+        handle.request.deadline = time.monotonic()  # the deadline arrives now
+        steps_at_deadline = len(replica.plans)
+        events += await drain(handle)
+        loop.cancel()
+        return replica, handle, events, steps_at_deadline, blocks
+
+    replica, handle, events, at_deadline, blocks = asyncio.run(scenario())
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert isinstance(events[-1], ErrorEvent) and events[-1].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert events[-1].message == f"deadline exceeded after {len(tokens)} generated tokens"
+    assert len(tokens) <= at_deadline + 1  # at most the step in flight when it expired
+    assert all(c.request is not handle.request for p in replica.plans[at_deadline + 1 :] for c in p.chunks)
+    assert blocks.num_free == blocks.num_blocks
+
+
+class CancellingReplica(ScriptedReplica):
+    """Cancels a request from inside the step in which `when(plan, request)` first holds."""
+
+    def __init__(self, scripts, when):
+        super().__init__(scripts)
+        self.when = when
+        self.target = None
+        self.engine = None
+        self.cancelled_at = None
+
+    async def step(self, plan, timeout=None):
+        if self.cancelled_at is None and self.target is not None and self.when(plan, self.target.request):
+            self.engine.cancel(self.target)
+            self.cancelled_at = len(self.plans)
+        return await super().step(plan)
+
+
+def _chunk_of(plan, request):
+    return next((c for c in plan.chunks if c.request is request), None)
+
+
+@pytest.mark.parametrize(
+    "state, when",
+    [
+        ("queued", lambda plan, request: request.first_scheduled is None and plan.step_id >= 2),
+        ("prefill", lambda plan, request: (c := _chunk_of(plan, request)) is not None and not c.sample),
+        ("decode", lambda plan, request: (c := _chunk_of(plan, request)) is not None and c.num_tokens == 1 and c.start_pos > 30),
+    ],
+)
+def test_cancel_in_any_state_frees_everything_within_one_step(state, when):
+    async def scenario():
+        replica = CancellingReplica({10: [72], 11: [73]}, when)
+        blocks = BlockManager(64, 4)
+        engine = Engine(0, Scheduler(SchedulerConfig(max_batch_tokens=8, max_num_seqs=1 if state == "queued" else 4), blocks), replica, TOKENIZER, (EOS,))
+        replica.engine = engine
+        loop = asyncio.create_task(engine.run())
+        other = engine.submit(valid(11, max_new_tokens=12))
+        prompt = [10] + [1] * 29  # 30 tokens: a prefill of four steps at 8 tokens a step
+        target = engine.submit(ValidRequest("target", prompt, valid(10, max_new_tokens=40).params, []))
+        replica.target = target
+        events = await drain(target)
+        await drain(other)
+        loop.cancel()
+        return replica, target, events, blocks, engine
+
+    replica, target, events, blocks, engine = asyncio.run(scenario())
+    assert replica.cancelled_at is not None and events[-1] == FinishEvent(FinishReason.CANCELLED, events[-1].text)
+    later = replica.plans[replica.cancelled_at + 1 :]
+    assert all(c.request is not target.request for p in later for c in p.chunks)  # nothing computed for it after
+    if target.request.first_scheduled is not None:
+        assert target.request.seq_id in [s for p in later for s in p.free_seq_ids]  # the replica forgets it
+    assert blocks.num_free == blocks.num_blocks and engine.num_active == 0
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+
+
+class EmbeddingReplica(ScriptedReplica):
+    """Also answers embedding batches: each input's vector is [its token count, its token sum]."""
+
+    def __init__(self, scripts=None):
+        super().__init__(scripts or {})
+        self.batches = []  # (kind, ...) in order: ("step", plan) or ("embed", items, free blocks during the call)
+        self.blocks = None
+
+    async def step(self, plan, timeout=None):
+        self.batches.append(("step",))
+        return await super().step(plan)
+
+    async def embed(self, step_id, items, timeout=None):
+        self.batches.append(("embed", [list(i.token_ids) for i in items], [list(i.block_ids) for i in items]))
+        await asyncio.sleep(0)
+        vectors = b"".join(struct.pack("<2f", len(i.token_ids), sum(i.token_ids)) for i in items)
+        return shard_pb2.EmbedStepResponse(vectors=vectors, hidden_size=2)
+
+
+def embed_job(*inputs, deadline=None):
+    return EmbedJob("e", [list(tokens) for tokens in inputs], Pooling.MEAN, False, deadline=deadline)
+
+
+def make_embed_engine(replica, num_blocks=64, max_batch_tokens=64, delay_us=0, max_batch_size=32):
+    blocks = BlockManager(num_blocks, 4)
+    batcher = DynamicBatcher(EmbedBatcherConfig(max_batch_size=max_batch_size, max_queue_delay_us=delay_us, max_inputs=4), aging_s=1.0)
+    engine = Engine(0, Scheduler(SchedulerConfig(max_batch_tokens=max_batch_tokens), blocks), replica, TOKENIZER, (EOS,), batcher)
+    return engine, batcher, blocks
+
+
+def vectors_of(job):
+    return [struct.unpack("<2f", v) for v in job.vectors]
+
+
+def test_embedding_calls_share_a_forward_in_lent_blocks():
+    async def scenario():
+        replica = EmbeddingReplica()
+        engine, batcher, blocks = make_embed_engine(replica, delay_us=20_000)
+        loop = asyncio.create_task(engine.run())
+        jobs = [embed_job([1] * (i + 1), [2, 2]) for i in range(5)]
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.gather(*(job.finished.wait() for job in jobs))
+        loop.cancel()
+        return replica, jobs, blocks, engine
+
+    replica, jobs, blocks, engine = asyncio.run(scenario())
+    assert [kind for kind, *_ in replica.batches] == ["embed"]  # five calls, one forward
+    _, tokens, tables = replica.batches[0]
+    assert len(tokens) == 10 and all(len(t) == -(-len(x) // 4) for t, x in zip(tables, tokens))
+    assert len({b for t in tables for b in t}) == sum(len(t) for t in tables)  # no block lent twice
+    assert [vectors_of(job) for job in jobs] == [[(i + 1, i + 1), (2, 4)] for i in range(5)]
+    assert blocks.num_free == blocks.num_blocks and engine.num_embed_forward_passes == engine.num_forward_passes == 1
+
+
+def test_embedding_batch_larger_than_the_token_budget_takes_several_forwards():
+    async def scenario():
+        replica = EmbeddingReplica()
+        engine, batcher, blocks = make_embed_engine(replica, max_batch_tokens=8)
+        loop = asyncio.create_task(engine.run())
+        job = embed_job([1, 1, 1], [2, 2, 2], [3, 3, 3], [4])
+        batcher.submit(job)
+        await job.finished.wait()
+        loop.cancel()
+        return replica, job, blocks
+
+    replica, job, blocks = asyncio.run(scenario())
+    assert [tokens for _, tokens, _ in replica.batches] == [[[1, 1, 1], [2, 2, 2]], [[3, 3, 3], [4]]]
+    assert vectors_of(job) == [(3, 3), (3, 6), (3, 9), (1, 4)] and blocks.num_free == blocks.num_blocks
+
+
+def test_embedding_and_generation_alternate_and_embedding_preempts_for_blocks():
+    async def scenario():
+        replica = EmbeddingReplica({10: [72]})
+        engine, batcher, blocks = make_embed_engine(replica, num_blocks=6, max_batch_tokens=8)  # one input a forward
+        loop = asyncio.create_task(engine.run())
+        handle = engine.submit(valid(10, max_new_tokens=20))  # grows to 6 blocks: the whole cache
+        events = [await handle.events.get() for _ in range(18)]  # 21+ tokens: 6 blocks, or 5 and one free
+        jobs = [embed_job([5] * 8), embed_job([6] * 8)]
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.gather(*(job.finished.wait() for job in jobs))
+        events += await drain(handle)
+        loop.cancel()
+        return replica, handle, events, jobs, blocks, engine
+
+    replica, handle, events, jobs, blocks, engine = asyncio.run(scenario())
+    kinds = [kind for kind, *_ in replica.batches]
+    first_embed = kinds.index("embed")
+    assert kinds[first_embed : first_embed + 3] == ["embed", "step", "embed"]  # generation waits: they alternate
+    assert engine.scheduler.num_preemptions >= 1 and handle.request.num_preemptions >= 1
+    assert [e.token_id for e in events if isinstance(e, TokenEvent)] == [72] * 20  # recomputed, unchanged
+    assert [vectors_of(job) for job in jobs] == [[(8, 40)], [(8, 48)]] and blocks.num_free == blocks.num_blocks
+
+
+def test_embedding_call_past_its_deadline_is_never_computed():
+    async def scenario():
+        replica = EmbeddingReplica()
+        engine, batcher, _ = make_embed_engine(replica)
+        loop = asyncio.create_task(engine.run())
+        late = embed_job([1], deadline=time.monotonic() - 1)
+        batcher.submit(late)
+        await late.finished.wait()
+        loop.cancel()
+        return replica, late
+
+    replica, late = asyncio.run(scenario())
+    assert late.error[0] == grpc.StatusCode.DEADLINE_EXCEEDED and replica.batches == []
+
+
+def test_embedding_call_cancelled_during_its_forward_gets_nothing():
+    class CancelDuringForward(EmbeddingReplica):
+        async def embed(self, step_id, items, timeout=None):
+            self.batcher.cancel(self.victim)  # the caller goes away while the forward runs
+            return await super().embed(step_id, items)
+
+    async def scenario():
+        replica = CancelDuringForward()
+        engine, batcher, blocks = make_embed_engine(replica)
+        jobs = [embed_job([1, 2]), embed_job([3])]
+        replica.batcher, replica.victim = batcher, jobs[0]
+        loop = asyncio.create_task(engine.run())
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.gather(*(job.finished.wait() for job in jobs))
+        loop.cancel()
+        return jobs, blocks
+
+    jobs, blocks = asyncio.run(scenario())
+    assert jobs[0].error[0] == grpc.StatusCode.CANCELLED and jobs[0].vectors == [None]
+    assert vectors_of(jobs[1]) == [(1, 3)] and blocks.num_free == blocks.num_blocks

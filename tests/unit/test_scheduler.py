@@ -130,3 +130,49 @@ def test_block_manager_refuses_without_side_effects():
     assert blocks.grow(table, 9) == [0, 1, 2] and blocks.usage == 1.0
     blocks.free(table)
     assert table == [] and blocks.num_free == 3
+
+
+def make_at(seq_id: int, arrival: float, priority: int = 0, prompt_len: int = 2) -> Request:
+    return Request(seq_id, f"r{seq_id}", list(range(1, prompt_len + 1)), PARAMS, priority=priority, arrival=arrival)
+
+
+def test_waiting_requests_run_by_priority_fifo_within_a_level():
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, priority_aging_s=10.0), BlockManager(32, 4))
+    low, high, high_later, low_later = make_at(1, 0.0), make_at(2, 1.0, 5), make_at(3, 2.0, 5), make_at(4, 3.0)
+    for request in (low, high, high_later, low_later):
+        scheduler.add(request)
+    order = []
+    while scheduler.has_work():
+        plan, _ = run_step(scheduler)
+        order.append(plan.chunks[0].request)
+        scheduler.finish(plan.chunks[0].request, FinishReason.LENGTH)
+    assert order == [high, high_later, low, low_later] and scheduler.num_started == 4
+
+
+def test_aging_lets_an_old_low_priority_request_pass_newer_high_ones():
+    # With aging 1 s, priority 3 counts as arriving 3 s earlier: a priority-0 request that has
+    # waited longer than that goes first.
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, priority_aging_s=1.0), BlockManager(32, 4))
+    old_low, high = make_at(1, 0.0), make_at(2, 3.5, 3)
+    scheduler.add(high)
+    scheduler.add(old_low)
+    assert list(scheduler.waiting) == [old_low, high]
+    newer_high = make_at(3, 2.5, 3)  # arrived within 3 s of old_low: overtakes it
+    scheduler.add(newer_high)
+    assert list(scheduler.waiting) == [newer_high, old_low, high]
+
+
+def test_make_room_preempts_the_newest_running_requests():
+    blocks = BlockManager(6, 2)
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64), blocks)
+    old, new = make(1, 4), make(2, 4)
+    scheduler.add(old)
+    scheduler.add(new)
+    run_step(scheduler)
+    assert blocks.num_free == 2
+    assert scheduler.make_room(4)
+    assert scheduler.running == [old] and list(scheduler.waiting) == [new] and blocks.num_free == 4
+    assert new.block_ids == [] and scheduler.num_preemptions == 1
+    assert scheduler.schedule().free_seq_ids == [2]
+    assert not scheduler.make_room(7)  # more than the cache holds: everything preempted, still short
+    assert scheduler.running == [] and blocks.num_free == 6
