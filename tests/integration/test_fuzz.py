@@ -1,0 +1,110 @@
+"""Fuzzing the public API with hypothesis: whatever arrives, the server stays up and every call
+ends OK or with a documented status (never UNKNOWN/INTERNAL, never a hang)."""
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from servers import start_server
+from shardgate.proto import inference_pb2
+
+DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+FUZZ = settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+GENERATE, STREAM, EMBED = "/shardgate.v1.Inference/Generate", "/shardgate.v1.Inference/GenerateStream", "/shardgate.v1.Inference/Embed"
+
+uint32 = st.integers(0, 2**32 - 1)
+int32 = st.integers(-(2**31), 2**31 - 1)
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+texts = st.text(max_size=40) | st.text(max_size=3000).filter(lambda t: len(t) > 2000)
+
+
+@pytest.fixture(scope="module")
+def channel(tmp_path_factory):
+    server = start_server(
+        tmp_path_factory.mktemp("fuzz"), "--kv-cache-memory", str(32 << 20), "--max-new-tokens-limit", "6",
+        "--max-batch-tokens", "512", "--embed-max-queue-delay-us", "0",
+    )  # fmt: skip
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel
+    assert server.process.poll() is None, "the server died"
+    server.stop()
+
+
+def call(channel, method: str, payload: bytes) -> grpc.StatusCode:
+    try:
+        if method == STREAM:
+            list(channel.unary_stream(method)(payload, timeout=60))
+        else:
+            channel.unary_unary(method)(payload, timeout=60)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        assert "Traceback" not in (error.details() or "")
+        return error.code()
+
+
+@st.composite
+def generate_requests(draw) -> bytes:
+    message = inference_pb2.GenerateRequest(
+        request_id=draw(st.text(max_size=300)),
+        max_new_tokens=draw(st.integers(0, 8) | uint32),
+        top_k=draw(st.integers(-3, 100) | int32),
+        stop=draw(st.lists(st.text(max_size=300), max_size=30)),
+        ignore_eos=draw(st.booleans()),
+        logprobs=draw(st.booleans()),
+        priority=draw(st.integers(-120, 120) | int32),
+        timeout_ms=draw(st.sampled_from([0, 0, 1, 5, 10_000]) | uint32),
+    )
+    if draw(st.booleans()):
+        message.prompt = draw(texts)
+    else:
+        message.prompt_token_ids.ids.extend(draw(st.lists(st.integers(0, 300) | uint32, max_size=50)))
+    for name in ("temperature", "top_p"):
+        if draw(st.booleans()):
+            setattr(message, name, draw(floats))
+    if draw(st.booleans()):
+        message.seed = draw(st.integers(0, 2**64 - 1))
+    return message.SerializeToString()
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2); payload may be any bytes, UTF-8 or not."""
+    length, out = len(payload), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([number << 3 | 2]) + bytes(out) + payload
+
+
+@given(payload=generate_requests(), stream=st.booleans())
+@FUZZ
+def test_structured_generate_requests(channel, payload, stream):
+    assert call(channel, STREAM if stream else GENERATE, payload) in DOCUMENTED
+
+
+@given(
+    kind=st.sampled_from(["raw", "bad utf-8"]),
+    data=st.binary(max_size=200),
+    number=st.sampled_from([1, 2, 9]),
+    method=st.sampled_from([GENERATE, STREAM, EMBED]),
+)
+@FUZZ
+def test_raw_bytes_and_invalid_utf8(channel, kind, data, number, method):
+    payload = data if kind == "raw" else field(number, b"\xff\xfe" + data) + b"\x20\x04"
+    assert call(channel, method, payload) in DOCUMENTED
+
+
+@given(
+    inputs=st.lists(texts, max_size=80),
+    pooling=st.integers(0, 7),
+    normalize=st.booleans(),
+    priority=st.integers(-120, 120),
+    timeout_ms=st.sampled_from([0, 1, 10_000]),
+)
+@FUZZ
+def test_embed_requests(channel, inputs, pooling, normalize, priority, timeout_ms):
+    message = inference_pb2.EmbedRequest(inputs=inputs, normalize=normalize, priority=priority, timeout_ms=timeout_ms)
+    payload = message.SerializeToString() + bytes([3 << 3]) + bytes([pooling])  # pooling may be an unknown enum value
+    assert call(channel, EMBED, payload) in DOCUMENTED
