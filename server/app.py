@@ -21,6 +21,7 @@ from shardgate.server.replica import ReplicaClient, ReplicaInfo
 from shardgate.server.router import Router
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
+from shardgate.server.telemetry import Telemetry
 
 log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -28,8 +29,9 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGINT or SIGTERM."""
-    server = grpc.aio.server()
-    service = InferenceService(config)
+    telemetry = Telemetry.start(config.telemetry, config.host)
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors(SERVICE_NAME))
+    service = InferenceService(config, telemetry)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -49,9 +51,13 @@ async def serve(config: GatewayConfig) -> None:
         _check_same_model(infos, clients)
         tokenizer = Tokenizer.from_str(infos[0].tokenizer_json)
         engines = [
-            Engine(index, Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer, infos[0].eos_token_ids)
+            Engine(
+                index, Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer,
+                infos[0].eos_token_ids, telemetry.replica(index, len(info.devices)),
+            )  # fmt: skip
             for index, (client, info) in enumerate(zip(clients, infos))
         ]
+        telemetry.attach(infos[0].model, [engine.scheduler for engine in engines])
         engine_tasks = [asyncio.create_task(engine.run(), name=f"engine-{engine.index}") for engine in engines]
         service.attach(Router(engines), tokenizer, infos)
         for name in ("", SERVICE_NAME):
@@ -72,6 +78,7 @@ async def serve(config: GatewayConfig) -> None:
             await client.close()
         for replica in local:
             replica.stop()
+        telemetry.close()
 
 
 async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: GatewayConfig) -> ReplicaInfo:

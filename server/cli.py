@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
-from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig
+from shardgate.server.config import TRACE_STEPS, GatewayConfig, ReplicaConfig, SchedulerConfig, TelemetryConfig, TracingConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    gateway, replica, scheduler = GatewayConfig(), ReplicaConfig(), SchedulerConfig()
+    gateway, replica, scheduler, telemetry = GatewayConfig(), ReplicaConfig(), SchedulerConfig(), TelemetryConfig()
     parser.add_argument("--model", default=replica.model, help="local Hugging Face folder, or builtin:tiny (default)")
     parser.add_argument("--host", default=gateway.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=gateway.port, help="public gRPC port (default %(default)s; 0 = any free)")
@@ -28,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=float, default=replica.kv_cache_memory,
                         help="KV cache bytes (> 1) or fraction of free memory (0-1]; default: 1 GiB on CPU, 0.9 on GPU")  # fmt: skip
     parser.add_argument("--max-new-tokens-limit", type=int, default=gateway.max_new_tokens_limit, help="largest max_new_tokens allowed (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=telemetry.metrics_port,
+                        help="serve Prometheus metrics on this port of --host (default: no metrics endpoint)")  # fmt: skip
+    parser.add_argument("--trace-steps", default=telemetry.trace_steps, choices=TRACE_STEPS,
+                        help="which batch steps get spans when tracing (OTEL_EXPORTER_OTLP_ENDPOINT) is on: "
+                        "sampled (those serving a sampled request; default), all, none")  # fmt: skip
+    parser.add_argument("--device-cost-per-hour", type=float, default=telemetry.device_cost_per_hour,
+                        help="price of one device-hour; responses then report usage.cost in that currency")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -47,6 +55,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             kv_cache_memory=args.kv_cache_memory,
             tp=args.tp,
             pp=args.pp,
+        ),
+        telemetry=TelemetryConfig(
+            tracing=TracingConfig.from_environ(os.environ),
+            trace_steps=args.trace_steps,
+            metrics_port=args.metrics_port,
+            device_cost_per_hour=args.device_cost_per_hour,
         ),
     )
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import grpc
 from tokenizers import Tokenizer
 
+from shardgate.server.config import TelemetryConfig
 from shardgate.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from shardgate.server.replica import ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
 from shardgate.server.scheduler import Scheduler
+from shardgate.server.telemetry import ReplicaTelemetry, Telemetry
 from shardgate.server.validation import ValidRequest
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,21 @@ class Engine:
     """Drives one replica: its own scheduler, KV accounting and step loop."""
 
     def __init__(
-        self, index: int, scheduler: Scheduler, replica: ReplicaClient, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]
+        self,
+        index: int,
+        scheduler: Scheduler,
+        replica: ReplicaClient,
+        tokenizer: Tokenizer,
+        eos_token_ids: tuple[int, ...],
+        telemetry: ReplicaTelemetry | None = None,
     ) -> None:
         self.index = index
         self.scheduler = scheduler
         self.replica = replica
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        # Default: cost accounting and metrics of its own, no tracing, one device.
+        self.telemetry = telemetry if telemetry is not None else Telemetry(TelemetryConfig()).replica(index, 1)
         self._handles: dict[int, RequestHandle] = {}
         self._seq_ids = itertools.count(1)
         self._wakeup = asyncio.Event()
@@ -104,12 +114,15 @@ class Engine:
                 await self._wakeup.wait()
                 continue
             plan = self.scheduler.schedule()
+            step = self.telemetry.step_started(plan)
             try:
-                response = await self.replica.step(plan)
+                response = await self.replica.step(plan, metadata=step.metadata, report_timings=step.report_timings)
             except grpc.aio.AioRpcError as error:
                 log.error("step %d failed on the replica: %s", plan.step_id, error.details())
+                self.telemetry.step_failed(step, error.details() or error.code().name)
                 self._fail_all(grpc.StatusCode.UNAVAILABLE, "the model replica failed")
                 continue
+            self.telemetry.step_finished(step, response)
             sampled = {token.seq_id: (token.token_id, token.logprob) for token in response.tokens}
             for request in self.scheduler.update(plan, sampled):
                 self._on_token(self._handles[request.seq_id])

@@ -98,8 +98,14 @@ class ReplicaClient:
         response = await self._stub.Describe(shard_pb2.DescribeRequest(), timeout=timeout, wait_for_ready=True)
         return ReplicaInfo.from_proto(response)
 
-    async def step(self, plan: StepPlan) -> shard_pb2.StepResponse:
-        return await self._stub.Step(plan_to_proto(plan))
+    async def step(
+        self, plan: StepPlan, metadata: tuple[tuple[str, str], ...] = (), report_timings: bool = False
+    ) -> shard_pb2.StepResponse:
+        """Runs a step; metadata may carry the step span's traceparent; report_timings asks for
+        every rank's timings in the response."""
+        message = plan_to_proto(plan)
+        message.report_timings = report_timings
+        return await self._stub.Step(message, metadata=metadata or None)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
@@ -13,6 +14,7 @@ from shardgate.server.engine import ErrorEvent, FinishEvent, RequestHandle, Toke
 from shardgate.server.replica import ReplicaInfo
 from shardgate.server.request import FinishReason
 from shardgate.server.router import Router
+from shardgate.server.telemetry import Telemetry
 from shardgate.server.validation import ModelLimits, RequestError, validate
 
 _FINISH_REASONS = {
@@ -24,7 +26,7 @@ _FINISH_REASONS = {
 }
 
 
-def _usage(handle: RequestHandle) -> inference_pb2.Usage:
+def _usage(handle: RequestHandle, telemetry: Telemetry) -> inference_pb2.Usage:
     request = handle.request
     queue, ttft = usage_times(request)
     return inference_pb2.Usage(
@@ -33,6 +35,8 @@ def _usage(handle: RequestHandle) -> inference_pb2.Usage:
         queue_time_s=queue,
         time_to_first_token_s=ttft,
         replica=handle.replica,
+        device_seconds=request.device_seconds,
+        cost=telemetry.cost(request.device_seconds),
     )
 
 
@@ -40,8 +44,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Registered before the model loads (so health can say NOT_SERVING); calls before
     `attach` get UNAVAILABLE."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, telemetry: Telemetry) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.router: Router | None = None
 
     def attach(self, router: Router, tokenizer: Tokenizer, infos: list[ReplicaInfo]) -> None:
@@ -60,23 +65,35 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _submit(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
         await self._require_ready(context)
         try:
-            valid = validate(request, self.tokenizer, self.limits, self.config)
+            with self.telemetry.tracer.start_as_current_span("validate"):
+                valid = validate(request, self.tokenizer, self.limits, self.config)
         except RequestError as error:
+            self.telemetry.request_rejected(request.request_id, error.code)
             await context.abort(error.code, str(error))
-        return self.router.submit(valid)
+        handle = self.router.submit(valid)
+        call_span = trace.get_current_span().get_span_context()
+        if call_span.is_valid:
+            handle.request.span_context = call_span
+        return handle
 
     async def _events(self, handle: RequestHandle, context: grpc.aio.ServicerContext):
         """Yields a request's events until its last; cancels it if the caller goes away first."""
+        call_span = trace.get_current_span()
+        code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the caller went away
         try:
             while True:
                 event = await handle.events.get()
                 if isinstance(event, ErrorEvent):
+                    code = event.code
                     await context.abort(event.code, event.message)
+                if isinstance(event, FinishEvent):
+                    code = grpc.StatusCode.OK
                 yield event
                 if isinstance(event, FinishEvent):
                     return
         finally:
             self.router.cancel(handle)
+            self.telemetry.request_finished(handle, code, call_span)
 
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         handle = await self._submit(request, context)
@@ -95,7 +112,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             token_ids=token_ids,
             logprobs=logprobs,
             finish_reason=_FINISH_REASONS[reason],
-            usage=_usage(handle),
+            usage=_usage(handle, self.telemetry),
         )
 
     async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
@@ -114,7 +131,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     request_id=request_id,
                     text=event.text,
                     finish_reason=_FINISH_REASONS[event.reason],
-                    usage=_usage(handle),
+                    usage=_usage(handle, self.telemetry),
                 )
 
     async def Tokenize(self, request, context) -> inference_pb2.TokenizeResponse:

@@ -28,7 +28,7 @@ class ScriptedReplica:
         self.fail_at_step = fail_at_step
         self.plans = []
 
-    async def step(self, plan):
+    async def step(self, plan, metadata=(), report_timings=False):
         self.plans.append(plan)
         await asyncio.sleep(0)
         if plan.step_id == self.fail_at_step:
