@@ -15,8 +15,6 @@ SECONDS_PER_HOUR = 3600.0
 def share_device_time(plan: StepPlan, device_seconds: float) -> None:
     """Adds each request's share of a step's device time to its `device_seconds`."""
     total = plan.num_tokens
-    if total == 0:
-        return
     for chunk in plan.chunks:
         chunk.request.device_seconds += device_seconds * chunk.num_tokens / total
 

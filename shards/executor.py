@@ -8,8 +8,9 @@ tp-rank 0 sends the sampled tokens back to the driver when the driver is not on 
 Tracing: when the gateway's Step call carries a traceparent, the driver opens a span for the
 step and writes its traceparent into the plan before broadcasting it, and every rank records
 its forward as a child span (with its rank, tp rank, pipeline stage and communication times).
-Timings: when the plan asks for them, the driver gathers each rank's forward and communication
-seconds (five float64s per rank) on the control group after the step.
+Timings: when the plan asks for them, or is traced, the driver gathers each rank's forward and
+communication seconds (five float64s per rank) on the control group after the step; so a
+traced step's span also lasts until every rank is done.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class StepExecutor:
             results, time_spent = self._execute(request)
             if self._distributed and self.parallel.sampler_rank != 0:
                 results = self._receive_samples(request)
-            timings = self._gather_timings(time_spent) if request.report_timings else []
+            timings = self._gather_timings(time_spent) if _gathers(request) else []
         return shard_pb2.StepResponse(
             tokens=[shard_pb2.SampledToken(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob or 0.0) for r in results],
             compute_s=time.perf_counter() - start,
@@ -92,7 +93,7 @@ class StepExecutor:
                 continue
             if self.parallel.rank == self.parallel.sampler_rank != 0:
                 self._send_samples(results)
-            if request.report_timings:
+            if _gathers(request):
                 self._gather_timings(time_spent)
 
     def stop(self) -> None:
@@ -102,7 +103,7 @@ class StepExecutor:
 
     def _execute(self, request: shard_pb2.StepRequest) -> tuple[list[SampleResult], RankTime]:
         traced = bool(request.traceparent) and self.tracer is not None
-        timer = CommTimer(self.runner.device) if traced or request.report_timings else None
+        timer = CommTimer(self.runner.device) if _gathers(request) else None
         chunks = self.sequences.apply(request)
         start_ns, started = time.time_ns(), time.perf_counter()
         results = self.runner.step(chunks, timer)
@@ -172,3 +173,9 @@ class StepExecutor:
         dist.recv(tokens, src=self.parallel.sampler_rank, group=self.parallel.control)
         dist.recv(logprobs, src=self.parallel.sampler_rank, group=self.parallel.control)
         return [SampleResult(seq_id, int(t), float(lp)) for seq_id, t, lp in zip(sampled, tokens.tolist(), logprobs.tolist())]
+
+
+def _gathers(request: shard_pb2.StepRequest) -> bool:
+    """Whether the ranks time the step and the driver gathers their timings: decided by the
+    plan alone, so that every rank agrees."""
+    return request.report_timings or bool(request.traceparent)
