@@ -4,6 +4,7 @@ with tracing off, in alternating rounds so that both see the same machine.
 
     .venv/bin/python tests/bench_tracing.py                     # builtin:tiny, tp 2
     .venv/bin/python tests/bench_tracing.py --tp 1 --rounds 7 --requests 64
+    .venv/bin/python tests/bench_tracing.py --variant metrics   # metrics served vs not (no tracing)
 
 Prints each round's generated tokens per second and the median ratio (on / off).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from otlp_receiver import otlp_receiver
 from servers import RunningServer, start_server
+from shardgate.server.launcher import free_port
 
 OTEL_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER")
 
@@ -39,12 +42,16 @@ def load(server: RunningServer, args: argparse.Namespace) -> float:
 
 
 def start(log_dir: Path, args: argparse.Namespace, endpoint: str | None = None) -> RunningServer:
+    """The plain server, or (given the receiver's endpoint) the variant: tracing on, or metrics served."""
     saved = {name: os.environ.pop(name) for name in OTEL_VARIABLES if name in os.environ}
-    if endpoint:
+    flags = ["--model", args.model, "--tp", str(args.tp), "--kv-cache-memory", str(64 << 20)]
+    if endpoint and args.variant == "tracing":
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+        flags += ["--trace-steps", args.trace_steps]
+    elif endpoint:
+        flags += ["--metrics-port", str(free_port())]
     try:
-        flags = ["--model", args.model, "--tp", str(args.tp), "--kv-cache-memory", str(64 << 20)]
-        return start_server(log_dir, *flags, *(["--trace-steps", args.trace_steps] if endpoint else []))
+        return start_server(log_dir, *flags)
     finally:
         os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         os.environ.update(saved)
@@ -58,11 +65,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per round")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (their folder is printed)")
+    parser.add_argument("--variant", choices=("tracing", "metrics"), default="tracing", help="what the second server turns on")
     parser.add_argument("--trace-steps", default="sampled", help="--trace-steps of the traced server")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as logs, otlp_receiver() as (endpoint, spans):
-        servers = {"off": start(Path(logs), args), "on": start(Path(logs), args, endpoint)}
+    logs = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    with otlp_receiver() as (endpoint, spans):
+        servers = {"off": start(logs, args), "on": start(logs, args, endpoint)}
         try:
             for server in servers.values():
                 load(server, args)  # warm-up
@@ -74,6 +84,10 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
+            if args.keep_logs:
+                print(f"server logs in {logs}")
+            else:
+                shutil.rmtree(logs)
         off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
         print(f"median: off {off:.1f} tok/s, on {on:.1f} tok/s; tracing on / off = {on / off:.3f} ({len(spans.spans)} spans received)")
 

@@ -33,8 +33,12 @@ def scheduled(num_requests: int, sampled: bool = True) -> tuple[Scheduler, list[
     return scheduler, requests, scheduler.schedule()
 
 
-def traced_telemetry(sampler=StepSampler(ParentBased(ALWAYS_OFF)), **config) -> tuple[Telemetry, object]:
-    """Tracing on; by default a sampler that records nothing but step spans."""
+STEPS_ONLY = StepSampler(ParentBased(ALWAYS_OFF))
+"""Records nothing but step spans."""
+
+
+def traced_telemetry(sampler=STEPS_ONLY, **config) -> tuple[Telemetry, object]:
+    """Tracing on, by default with a sampler that records nothing but step spans."""
     provider, exporter = capture_spans(sampler)
     return Telemetry(TelemetryConfig(**config), provider), exporter
 
