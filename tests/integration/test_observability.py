@@ -255,3 +255,35 @@ def test_device_seconds_of_requests_add_up_to_the_replicas_busy_device_time(obse
     assert delta(before, after, "shardgate_step_batch_size_sum", replica=0) > delta(before, after, "shardgate_step_batch_size_count", replica=0)
     assert len({round(u.device_seconds, 9) for u in usages}) == 6  # each paid its own share
     assert Counter(u.replica for u in usages) == {0: 6}
+
+
+def test_pipeline_stages_report_their_transfers(tmp_path):
+    with otlp_receiver() as (endpoint, spans):
+        metrics_port = free_port()
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+                env.delenv(name, raising=False)
+            env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            env.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+            server = start_server(tmp_path, "--pp", "2", "--kv-cache-memory", str(16 << 20), "--metrics-port", str(metrics_port))
+        try:
+            observed = Observed(server, spans, f"http://127.0.0.1:{metrics_port}/metrics")
+            trace_id = secrets.token_hex(16)
+            with server.client() as client:
+                client.generate("stages", max_new_tokens=2, ignore_eos=True, traceparent=f"00-{trace_id}-{secrets.token_hex(8)}-01")
+            received = spans.wait_for(lambda s: steps_complete(s, trace_id, num_steps=2, name="/shardgate.v1.Inference/Generate"))
+            metrics = observed.scrape()
+        finally:
+            server.stop()
+    [call] = [s for s in received if s.trace_id == trace_id and s.name.endswith("/Generate")]
+    for step in linked_to(received, call):
+        [driver] = children(received, step)
+        first, last = sorted(children(received, driver), key=lambda s: s.attributes["shard.rank"])
+        assert (first.attributes["pp.stage"], last.attributes["pp.stage"]) == (0, 1)
+        assert (first.attributes["shard.pp_send.count"], first.attributes["shard.pp_recv.count"]) == (1, 0)
+        assert (last.attributes["shard.pp_send.count"], last.attributes["shard.pp_recv.count"]) == (0, 1)
+        assert last.attributes["shard.pp_recv.seconds"] > 0 and first.attributes["shard.all_reduce.count"] == 0  # tp 1: no collectives
+        assert first.within(driver) and last.within(driver)
+    assert value(metrics, "shardgate_rank_communication_seconds_count", replica=0, rank=1, op="pp_recv") == 2
+    assert value(metrics, "shardgate_rank_communication_seconds_sum", replica=0, rank=1, op="pp_recv") > 0
+    assert value(metrics, "shardgate_rank_forward_seconds_count", replica=0, rank=0) == 2
