@@ -1,8 +1,13 @@
-"""Python client of the shardgate Inference API (needs only grpcio and protobuf)."""
+"""Python client of the shardgate Inference API (needs only grpcio and protobuf).
+
+Tracing: a call joins the caller's trace. With OpenTelemetry's API installed (`pip install
+shardgate[tracing]`), the current span's context goes with each generation call as W3C
+`traceparent` metadata; a `traceparent=` argument sets it explicitly.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,11 +31,19 @@ class Usage:
     queue_time_s: float
     time_to_first_token_s: float
     replica: int
+    device_seconds: float
+    cost: float
 
     @classmethod
     def from_proto(cls, message: inference_pb2.Usage) -> "Usage":
         return cls(
-            message.prompt_tokens, message.completion_tokens, message.queue_time_s, message.time_to_first_token_s, message.replica
+            message.prompt_tokens,
+            message.completion_tokens,
+            message.queue_time_s,
+            message.time_to_first_token_s,
+            message.replica,
+            message.device_seconds,
+            message.cost,
         )
 
 
@@ -95,6 +108,15 @@ def build_request(
     return message
 
 
+def _trace_injector() -> Callable[[dict], None] | None:
+    """OpenTelemetry's context injector, when its API is installed."""
+    try:
+        from opentelemetry import propagate
+    except ImportError:
+        return None
+    return propagate.inject
+
+
 class Client:
     """Blocking client: `Client("127.0.0.1:50051").generate("Hello", max_new_tokens=16)`."""
 
@@ -102,9 +124,20 @@ class Client:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._inject = _trace_injector()
 
-    def generate(self, prompt: str | list[int], **params) -> Completion:
-        response = self._stub.Generate(build_request(prompt, **params), timeout=self.timeout)
+    def trace_metadata(self, traceparent: str | None = None) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata that puts a call in a trace: the given traceparent, else the current
+        OpenTelemetry context (none without an active span or without OpenTelemetry)."""
+        if traceparent:
+            return (("traceparent", traceparent),)
+        carrier: dict[str, str] = {}
+        if self._inject is not None:
+            self._inject(carrier)
+        return tuple(carrier.items())
+
+    def generate(self, prompt: str | list[int], traceparent: str | None = None, **params) -> Completion:
+        response = self._stub.Generate(build_request(prompt, **params), timeout=self.timeout, metadata=self.trace_metadata(traceparent))
         return Completion(
             request_id=response.request_id,
             text=response.text,
@@ -114,8 +147,9 @@ class Client:
             logprobs=list(response.logprobs),
         )
 
-    def stream(self, prompt: str | list[int], **params) -> Iterator[Delta]:
-        for message in self._stub.GenerateStream(build_request(prompt, **params), timeout=self.timeout):
+    def stream(self, prompt: str | list[int], traceparent: str | None = None, **params) -> Iterator[Delta]:
+        call = self._stub.GenerateStream(build_request(prompt, **params), timeout=self.timeout, metadata=self.trace_metadata(traceparent))
+        for message in call:
             last = message.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
             yield Delta(
                 request_id=message.request_id,

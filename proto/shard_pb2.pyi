@@ -83,14 +83,18 @@ class SeqChunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "free_seq_ids", "chunks")
+    __slots__ = ("step_id", "free_seq_ids", "chunks", "traceparent", "report_timings")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FREE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    REPORT_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     free_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     chunks: _containers.RepeatedCompositeFieldContainer[SeqChunk]
-    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ...) -> None: ...
+    traceparent: str
+    report_timings: bool
+    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., traceparent: _Optional[str] = ..., report_timings: _Optional[bool] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("seq_id", "token_id", "logprob")
@@ -103,12 +107,30 @@ class SampledToken(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("tokens", "compute_s")
+    __slots__ = ("tokens", "compute_s", "rank_timings")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    RANK_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
     compute_s: float
-    def __init__(self, tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    rank_timings: _containers.RepeatedCompositeFieldContainer[RankTiming]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., rank_timings: _Optional[_Iterable[_Union[RankTiming, _Mapping]]] = ...) -> None: ...
+
+class RankTiming(_message.Message):
+    __slots__ = ("rank", "forward_s", "all_reduce_s", "all_gather_s", "pp_send_s", "pp_recv_s")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_S_FIELD_NUMBER: _ClassVar[int]
+    ALL_REDUCE_S_FIELD_NUMBER: _ClassVar[int]
+    ALL_GATHER_S_FIELD_NUMBER: _ClassVar[int]
+    PP_SEND_S_FIELD_NUMBER: _ClassVar[int]
+    PP_RECV_S_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    forward_s: float
+    all_reduce_s: float
+    all_gather_s: float
+    pp_send_s: float
+    pp_recv_s: float
+    def __init__(self, rank: _Optional[int] = ..., forward_s: _Optional[float] = ..., all_reduce_s: _Optional[float] = ..., all_gather_s: _Optional[float] = ..., pp_send_s: _Optional[float] = ..., pp_recv_s: _Optional[float] = ...) -> None: ...
 
 class EmbedInput(_message.Message):
     __slots__ = ("token_ids", "block_ids", "pooling", "normalize")

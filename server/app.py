@@ -32,6 +32,7 @@ from shardgate.server.router import Router
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
 from shardgate.server.supervisor import ReplicaSupervisor
+from shardgate.server.telemetry import Telemetry
 
 log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -48,10 +49,11 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
-def build_server(config: GatewayConfig) -> tuple[grpc.aio.Server, int]:
-    """The public gRPC server: interceptors, keepalive, and a TLS or plaintext port."""
+def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor]) -> tuple[grpc.aio.Server, int]:
+    """The public gRPC server: interceptors (tracing outermost, then auth, then hygiene),
+    keepalive, and a TLS or plaintext port."""
     security = config.security
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    interceptors: list[grpc.aio.ServerInterceptor] = list(tracing)
     if security.api_key_file:
         keys = [line.strip() for line in Path(security.api_key_file).read_bytes().decode().splitlines() if line.strip()]
         interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
@@ -83,8 +85,9 @@ def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None
 
 async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGINT or SIGTERM, then drains."""
-    server, port = build_server(config)
-    service = InferenceService(config)
+    telemetry = Telemetry.start(config.telemetry, config.host)
+    server, port = build_server(config, telemetry.server_interceptors(SERVICE_NAME))
+    service = InferenceService(config, telemetry)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -107,11 +110,12 @@ async def serve(config: GatewayConfig) -> None:
         engines = [
             Engine(
                 index, Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer,
-                infos[0].eos_token_ids, batcher, config.supervision.step_timeout_s,
+                infos[0].eos_token_ids, batcher, config.supervision.step_timeout_s, telemetry.replica(index, len(info.devices)),
             )  # fmt: skip
             for index, (client, info) in enumerate(zip(clients, infos))
         ]
         router = Router(engines)
+        telemetry.attach(infos[0].model, lambda: [engine.scheduler for engine in engines])  # schedulers change on restart
 
         async def health_follows_replicas() -> None:
             if not service.draining:  # while draining, health stays NOT_SERVING
@@ -145,6 +149,7 @@ async def serve(config: GatewayConfig) -> None:
                 await client.close()
             for replica in local:
                 replica.stop()
+        telemetry.close()
 
 
 async def _set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:

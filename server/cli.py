@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
-from shardgate.server.config import AdmissionConfig, EmbedBatcherConfig, GatewayConfig, ReplicaConfig, SchedulerConfig, SecurityConfig, SupervisionConfig
+from shardgate.server.config import TRACE_STEPS, AdmissionConfig, EmbedBatcherConfig, GatewayConfig, ReplicaConfig, SchedulerConfig, SecurityConfig, SupervisionConfig, TelemetryConfig, TracingConfig
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -20,7 +21,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gateway, replica, scheduler = GatewayConfig(), ReplicaConfig(), SchedulerConfig()
-    admission, embed, supervision = AdmissionConfig(), EmbedBatcherConfig(), SupervisionConfig()
+    admission, embed, supervision, telemetry = AdmissionConfig(), EmbedBatcherConfig(), SupervisionConfig(), TelemetryConfig()
     parser.add_argument("--model", default=replica.model, help="local Hugging Face folder, or builtin:tiny (default)")
     parser.add_argument("--host", default=gateway.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=gateway.port, help="public gRPC port (default %(default)s; 0 = any free)")
@@ -68,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="consecutive restarts of a failed replica before giving up (default %(default)s)")  # fmt: skip
     parser.add_argument("--restart-backoff", type=float, default=supervision.restart_backoff_s,
                         help="seconds before the first restart, doubling per attempt (default %(default)s)")  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, default=telemetry.metrics_port,
+                        help="serve Prometheus metrics on this port of --host (default: no metrics endpoint)")  # fmt: skip
+    parser.add_argument("--trace-steps", default=telemetry.trace_steps, choices=TRACE_STEPS,
+                        help="which batch steps get spans when tracing (OTEL_EXPORTER_OTLP_ENDPOINT) is on: "
+                        "sampled (those serving a sampled request; default), all, none")  # fmt: skip
+    parser.add_argument("--device-cost-per-hour", type=float, default=telemetry.device_cost_per_hour,
+                        help="price of one device-hour; responses then report usage.cost in that currency")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -101,6 +109,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             kv_cache_memory=args.kv_cache_memory,
             tp=args.tp,
             pp=args.pp,
+        ),
+        telemetry=TelemetryConfig(
+            tracing=TracingConfig.from_environ(os.environ),
+            trace_steps=args.trace_steps,
+            metrics_port=args.metrics_port,
+            device_cost_per_hour=args.device_cost_per_hour,
         ),
         drain_timeout_s=args.drain_timeout,
         supervision=SupervisionConfig(

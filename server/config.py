@@ -6,6 +6,7 @@ The CLI builds these from flags; nothing here reads the environment.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -153,6 +154,54 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """Whether a process exports spans, from the standard OpenTelemetry environment.
+
+    Only the switch is read here; the SDK reads the other OTEL_* variables itself (service
+    name, resource attributes, sampler, batch processor, exporter headers and TLS).
+    """
+
+    endpoint: str = ""
+    """OTLP/gRPC collector (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT); empty: no tracing."""
+    disabled: bool = False
+    """OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none: no tracing, whatever the endpoint."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint) and not self.disabled
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> "TracingConfig":
+        return cls(
+            endpoint=environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            disabled=environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+            or environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none",
+        )
+
+
+TRACE_STEPS = ("sampled", "all", "none")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Traces, metrics and cost accounting of the gateway."""
+
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    """Whether and where spans go (the CLI reads it from the OTEL_* environment)."""
+    trace_steps: str = "sampled"
+    """Which batch steps get spans: sampled (those serving at least one sampled request), all, none."""
+    metrics_port: int = 0
+    """Port of the Prometheus text endpoint, on the gateway's host address; 0 = no endpoint."""
+    device_cost_per_hour: float = 0.0
+    """Price of one device for one hour, in any currency; 0 = responses report no cost."""
+
+    def __post_init__(self) -> None:
+        _require(self.trace_steps in TRACE_STEPS, f"trace_steps must be one of {', '.join(TRACE_STEPS)}, not {self.trace_steps!r}")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port must be in [0, 65535]")
+        _require(self.device_cost_per_hour >= 0 and math.isfinite(self.device_cost_per_hour), "device_cost_per_hour must be a finite number >= 0")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The public server."""
 
@@ -182,6 +231,7 @@ class GatewayConfig:
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port must be in [0, 65535]")

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 import grpc
 from tokenizers import Tokenizer
 
+from shardgate.server.config import TelemetryConfig
 from shardgate.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.replica import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
 from shardgate.server.scheduler import Scheduler
+from shardgate.server.telemetry import ReplicaTelemetry, Telemetry
 from shardgate.server.validation import ValidRequest
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class Engine:
         eos_token_ids: tuple[int, ...],
         batcher: DynamicBatcher | None = None,
         step_timeout_s: float | None = None,
+        telemetry: ReplicaTelemetry | None = None,
     ) -> None:
         self.index = index
         self.step_timeout_s = step_timeout_s
@@ -104,6 +107,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.batcher = batcher
+        # Default: cost accounting and metrics of its own, no tracing, one device.
+        self.telemetry = telemetry if telemetry is not None else Telemetry(TelemetryConfig()).replica(index, 1)
         self._handles: dict[int, RequestHandle] = {}
         self._seq_ids = itertools.count(1)
         self._wakeup = asyncio.Event()
@@ -207,11 +212,14 @@ class Engine:
     async def _generation_step(self) -> None:
         plan = self.scheduler.schedule()
         self.num_forward_passes += 1
+        step = self.telemetry.step_started(plan)
         try:
-            response = await self.replica.step(plan, self.step_timeout_s)
+            response = await self.replica.step(plan, self.step_timeout_s, metadata=step.metadata, report_timings=step.report_timings)
         except grpc.aio.AioRpcError as error:
+            self.telemetry.step_failed(step, error.details() or error.code().name)
             self.fail(f"step {plan.step_id}: {error.code().name} {error.details()}")
             return
+        self.telemetry.step_finished(step, response)
         sampled = {token.seq_id: (token.token_id, token.logprob) for token in response.tokens}
         for request in self.scheduler.update(plan, sampled):
             self._on_token(self._handles[request.seq_id])

@@ -119,8 +119,14 @@ class ReplicaClient:
         response = await self._stub.Describe(shard_pb2.DescribeRequest(), timeout=timeout, wait_for_ready=True)
         return ReplicaInfo.from_proto(response)
 
-    async def step(self, plan: StepPlan, timeout: float | None = None) -> shard_pb2.StepResponse:
-        return await self._stub.Step(plan_to_proto(plan), timeout=timeout)
+    async def step(
+        self, plan: StepPlan, timeout: float | None = None, metadata: tuple[tuple[str, str], ...] = (), report_timings: bool = False
+    ) -> shard_pb2.StepResponse:
+        """Runs a step; metadata may carry the step span's traceparent; report_timings asks for
+        every rank's timings in the response."""
+        message = plan_to_proto(plan)
+        message.report_timings = report_timings
+        return await self._stub.Step(message, timeout=timeout, metadata=metadata or None)
 
     async def embed(self, step_id: int, items: list[EmbedItem], timeout: float | None = None) -> shard_pb2.EmbedStepResponse:
         inputs = [

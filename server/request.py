@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
 
 
 class FinishReason(enum.Enum):
@@ -66,7 +70,14 @@ class Request:
     num_preemptions: int = 0
     first_scheduled: float | None = None
     first_token: float | None = None
+    finished_at: float | None = None
+    """time.monotonic() when the request ended (finished, cancelled or failed)."""
     finish_reason: FinishReason | None = None
+    device_seconds: float = 0.0
+    """Its share of the device time of the steps it was in (server/cost.py)."""
+    span_context: SpanContext | None = None
+    """The gRPC server span of the call, when traced: parent of the request's stage spans,
+    target of the step spans' links."""
 
     @property
     def num_tokens(self) -> int:

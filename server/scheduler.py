@@ -161,6 +161,7 @@ class Scheduler:
         self._release(request)
         request.status = Status.FINISHED
         request.finish_reason = reason
+        request.finished_at = time.monotonic()
 
     def _chunk(self, request: Request, num_tokens: int, new_blocks: list[int]) -> ScheduledChunk:
         start = request.num_computed_tokens

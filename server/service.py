@@ -11,6 +11,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
@@ -22,6 +23,7 @@ from shardgate.server.replica import ReplicaInfo
 from shardgate.server.request import FinishReason
 from shardgate.server.router import Router
 from shardgate.server.supervisor import ReplicaSupervisor
+from shardgate.server.telemetry import Telemetry
 from shardgate.server.validation import ModelLimits, RequestError, invalid, validate, validate_embed
 
 _FINISH_REASONS = {
@@ -33,7 +35,7 @@ _FINISH_REASONS = {
 }
 
 
-def _usage(handle: RequestHandle) -> inference_pb2.Usage:
+def _usage(handle: RequestHandle, telemetry: Telemetry) -> inference_pb2.Usage:
     request = handle.request
     queue, ttft = usage_times(request)
     return inference_pb2.Usage(
@@ -42,10 +44,12 @@ def _usage(handle: RequestHandle) -> inference_pb2.Usage:
         queue_time_s=queue,
         time_to_first_token_s=ttft,
         replica=handle.replica,
+        device_seconds=request.device_seconds,
+        cost=telemetry.cost(request.device_seconds),
     )
 
 
-def _stream_message(handle: RequestHandle, event: TokenEvent | FinishEvent) -> inference_pb2.GenerateStreamResponse:
+def _stream_message(handle: RequestHandle, event: TokenEvent | FinishEvent, telemetry: Telemetry) -> inference_pb2.GenerateStreamResponse:
     request_id = handle.request.request_id
     if isinstance(event, TokenEvent):
         return inference_pb2.GenerateStreamResponse(
@@ -55,7 +59,7 @@ def _stream_message(handle: RequestHandle, event: TokenEvent | FinishEvent) -> i
             logprobs=[] if event.logprob is None else [event.logprob],
         )
     return inference_pb2.GenerateStreamResponse(
-        request_id=request_id, text=event.text, finish_reason=_FINISH_REASONS[event.reason], usage=_usage(handle)
+        request_id=request_id, text=event.text, finish_reason=_FINISH_REASONS[event.reason], usage=_usage(handle, telemetry)
     )
 
 
@@ -91,8 +95,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Registered before the model loads (so health can say NOT_SERVING); calls before
     `attach` get UNAVAILABLE."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, telemetry: Telemetry) -> None:
         self.config = config
+        self.telemetry = telemetry
         self.router: Router | None = None
         self.draining = False
         """Set on SIGTERM: new calls get UNAVAILABLE while in-flight ones finish."""
@@ -132,9 +137,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _start(self, message: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> _Generation:
         """Validates, admits and submits a request; raises RequestError when it is refused."""
-        valid = validate(message, self.tokenizer, self.limits, self.config)
-        ticket = self.admission.admit(len(valid.prompt_ids))
-        handle = self.router.submit(valid, _deadline(valid.timeout_s, context))
+        try:
+            with self.telemetry.tracer.start_as_current_span("validate"):
+                valid = validate(message, self.tokenizer, self.limits, self.config)
+            ticket = self.admission.admit(len(valid.prompt_ids))
+        except RequestError as error:
+            self.telemetry.request_rejected(message.request_id, error.code)
+            raise
+        try:
+            handle = self.router.submit(valid, _deadline(valid.timeout_s, context))
+        except RequestError as error:
+            ticket.release()
+            self.telemetry.request_rejected(message.request_id, error.code)
+            raise
+        call_span = trace.get_current_span().get_span_context()
+        if call_span.is_valid:
+            handle.request.span_context = call_span
         return _Generation(handle, ticket)
 
     async def _start_or_abort(self, message: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> _Generation:
@@ -148,15 +166,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """Yields a request's events up to its last (a FinishEvent or an ErrorEvent); cancels
         the request if the consumer stops first. Consumers iterate it under aclosing(), so the
         request is cancelled and counted out before their call ends, however it ends."""
+        call_span = trace.get_current_span()
+        code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the caller went away
         try:
             while True:
                 event = await generation.handle.events.get()
+                if isinstance(event, ErrorEvent):
+                    code = event.code
+                elif isinstance(event, FinishEvent):
+                    code = grpc.StatusCode.OK
                 yield event
                 if isinstance(event, (FinishEvent, ErrorEvent)):
                     return
         finally:
             self.router.cancel(generation.handle)
             generation.ticket.release()
+            self.telemetry.request_finished(generation.handle, code, call_span)
 
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         generation = await self._start_or_abort(request, context)
@@ -179,7 +204,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             token_ids=token_ids,
             logprobs=logprobs,
             finish_reason=_FINISH_REASONS[reason],
-            usage=_usage(handle),
+            usage=_usage(handle, self.telemetry),
         )
 
     async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
@@ -188,7 +213,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             async for event in events:
                 if isinstance(event, ErrorEvent):
                     await context.abort(event.code, event.message)
-                yield _stream_message(generation.handle, event)
+                yield _stream_message(generation.handle, event, self.telemetry)
 
     async def GenerateBidi(self, request_iterator, context) -> AsyncIterator[inference_pb2.GenerateBidiResponse]:
         """Requests start as their messages arrive; each one's messages go out as they are made.
@@ -210,7 +235,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         if isinstance(event, ErrorEvent):
                             fail(request_id, event.code, event.message)
                         else:
-                            out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, event)))
+                            out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, event, self.telemetry)))
             finally:
                 del live[request_id]
                 out.put_nowait(_WAKE)

@@ -5,49 +5,87 @@ RankCommand protobuf, to the other ranks on the gloo control group (a length, th
 no pickle). Every rank applies the same plan to its own sequence table and runs its part of the
 model; the last stage's tp-rank 0 sends the sampled tokens (or pooled embeddings) back to the
 driver when the driver is not on that stage.
+
+Tracing: when the gateway's Step call carries a traceparent, the driver opens a span for the
+step and writes its traceparent into the plan before broadcasting it, and every rank records
+its forward as a child span (with its rank, tp rank, pipeline stage and communication times).
+Timings: when the plan asks for them, or is traced, the driver gathers each rank's forward and
+communication seconds (five float64s per rank) on the control group after the step; so a
+traced step's span also lasts until every rank is done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from shardgate.proto import shard_pb2
+from shardgate.server.otel import context_from_traceparent, traceparent
 from shardgate.shards.embedding import EmbedInput, embed
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.parallel import ParallelState
-from shardgate.shards.runner import ModelRunner, SampleResult
+from shardgate.shards.runner import ModelRunner, SampleResult, SeqChunk
 from shardgate.shards.sequences import SequenceTable
+from shardgate.shards.timing import KINDS, CommTimer
 
 log = logging.getLogger(__name__)
 _STOP = -1
 
 
+@dataclass(frozen=True)
+class RankTime:
+    """This rank's time in one step."""
+
+    forward_s: float
+    timer: CommTimer | None
+    """Its communication, when the step was timed."""
+
+
 class StepExecutor:
-    def __init__(self, runner: ModelRunner, parallel: ParallelState, faults: FaultInjector | None = None) -> None:
+    def __init__(
+        self, runner: ModelRunner, parallel: ParallelState, tracer: trace.Tracer | None = None, faults: FaultInjector | None = None
+    ) -> None:
         self.runner = runner
         self.parallel = parallel
-        self.faults = faults or FaultInjector(parallel.rank, None)
+        self.tracer = tracer
+        """None when this process exports no spans."""
+        self.faults = faults or FaultInjector(None, -1, 0, parallel.rank)
         self.sequences = SequenceTable()
         self._distributed = parallel.config.world_size > 1
 
-    def run(self, request: shard_pb2.StepRequest) -> shard_pb2.StepResponse:
-        """Driver: hand the plan to every rank, run it, return the sampled tokens.
+    def run(self, request: shard_pb2.StepRequest, parent: otel_context.Context | None = None) -> shard_pb2.StepResponse:
+        """Driver: hand the plan to every rank, run it, return the sampled tokens. `parent` is
+        the gateway's step span, when the step is traced.
 
         Raises ValueError for a malformed plan (every rank rejects it alike, before any
         collective, so the replica stays in step)."""
         start = time.perf_counter()
-        if self._distributed:
-            self._broadcast(shard_pb2.RankCommand(step=request).SerializeToString())
-        results = self._execute(request)
-        if self._distributed and self.parallel.sampler_rank != 0:
-            results = self._receive_samples(request)
+        span = None
+        if parent is not None and self.tracer is not None:
+            span = self.tracer.start_span(
+                "shardgate.shard.v1.Shard/Step", parent, kind=trace.SpanKind.SERVER, attributes={"shardgate.step.id": request.step_id}
+            )
+            request.traceparent = traceparent(span)
+        else:
+            request.traceparent = ""
+        with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
+            if self._distributed:
+                self._broadcast(shard_pb2.RankCommand(step=request).SerializeToString())
+            results, time_spent = self._execute(request)
+            if self._distributed and self.parallel.sampler_rank != 0:
+                results = self._receive_samples(request)
+            timings = self._gather_timings(time_spent) if _gathers(request) else []
         return shard_pb2.StepResponse(
             tokens=[shard_pb2.SampledToken(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob or 0.0) for r in results],
             compute_s=time.perf_counter() - start,
+            rank_timings=timings,
         )
 
     def embed(self, request: shard_pb2.EmbedStepRequest) -> shard_pb2.EmbedStepResponse:
@@ -75,21 +113,34 @@ class StepExecutor:
                     vectors = self._embed(command.embed)
                     if reports:
                         dist.send(vectors, dst=0, group=self.parallel.control)
-                else:
-                    results = self._execute(command.step)
-                    if reports:
-                        self._send_samples(results)
+                    continue
+                results, time_spent = self._execute(command.step)
             except ValueError as error:
                 log.error("rank %d rejected a %s: %s", self.parallel.rank, command.WhichOneof("command"), error)
+                continue
+            if reports:
+                self._send_samples(results)
+            if _gathers(command.step):
+                self._gather_timings(time_spent)
 
     def stop(self) -> None:
         """Driver: release the other ranks from follow()."""
         if self._distributed:
             self._broadcast(b"", stop=True)
 
-    def _execute(self, request: shard_pb2.StepRequest) -> list[SampleResult]:
+    def _execute(self, request: shard_pb2.StepRequest) -> tuple[list[SampleResult], RankTime]:
         self.faults.on_step()
-        return self.runner.step(self.sequences.apply(request))
+        traced = bool(request.traceparent) and self.tracer is not None
+        timer = CommTimer(self.runner.device) if _gathers(request) else None
+        chunks = self.sequences.apply(request)
+        start_ns, started = time.time_ns(), time.perf_counter()
+        results = self.runner.step(chunks, timer)
+        if timer is not None:
+            timer.finish()
+        forward = RankTime(time.perf_counter() - started, timer)
+        if traced:
+            self._record_forward(request, chunks, start_ns, forward)
+        return results, forward
 
     def _embed(self, request: shard_pb2.EmbedStepRequest) -> torch.Tensor | None:
         """Pooled vectors (N, hidden) float32 on CPU on the last stage; None elsewhere."""
@@ -104,6 +155,39 @@ class StepExecutor:
         ]
         vectors = embed(self.runner, inputs)
         return None if vectors is None else vectors.cpu().contiguous()
+
+    def _record_forward(self, request: shard_pb2.StepRequest, chunks: list[SeqChunk], start_ns: int, forward: RankTime) -> None:
+        """This rank's forward span, beneath the driver's span of the step."""
+        parallel = self.parallel
+        attributes = {
+            "shard.rank": parallel.rank,
+            "tp.rank": parallel.tp_rank,
+            "pp.stage": parallel.pp_stage,
+            "shardgate.step.id": request.step_id,
+            "shard.tokens": sum(len(chunk.token_ids) for chunk in chunks),
+        }
+        for kind in KINDS:
+            attributes[f"shard.{kind}.seconds"] = forward.timer.seconds[kind]
+            attributes[f"shard.{kind}.count"] = forward.timer.counts[kind]
+        span = self.tracer.start_span("forward", context_from_traceparent(request.traceparent), attributes=attributes, start_time=start_ns)
+        span.end(end_time=start_ns + int(forward.forward_s * 1e9))
+
+    def _gather_timings(self, time_spent: RankTime) -> list[shard_pb2.RankTiming]:
+        """Every rank's timings, in rank order, on the driver (others send theirs and get [])."""
+        seconds = time_spent.timer.seconds
+        row = torch.tensor([time_spent.forward_s, *(seconds[kind] for kind in KINDS)], dtype=torch.float64)
+        rows = [row]
+        if self._distributed:
+            rows = [torch.empty_like(row) for _ in range(self.parallel.config.world_size)] if self.parallel.is_driver else None
+            dist.gather(row, rows, dst=0, group=self.parallel.control)
+        if not self.parallel.is_driver:
+            return []
+        return [
+            shard_pb2.RankTiming(
+                rank=rank, forward_s=forward_s, all_reduce_s=all_reduce, all_gather_s=all_gather, pp_send_s=send, pp_recv_s=recv
+            )
+            for rank, (forward_s, all_reduce, all_gather, send, recv) in enumerate(r.tolist() for r in rows)
+        ]
 
     def _broadcast(self, data: bytes | None, stop: bool = False) -> bytes | None:
         group = self.parallel.control
@@ -131,3 +215,9 @@ class StepExecutor:
         dist.recv(tokens, src=self.parallel.sampler_rank, group=self.parallel.control)
         dist.recv(logprobs, src=self.parallel.sampler_rank, group=self.parallel.control)
         return [SampleResult(seq_id, int(t), float(lp)) for seq_id, t, lp in zip(sampled, tokens.tolist(), logprobs.tolist())]
+
+
+def _gathers(request: shard_pb2.StepRequest) -> bool:
+    """Whether the ranks time the step and the driver gathers their timings: decided by the
+    plan alone, so that every rank agrees."""
+    return request.report_timings or bool(request.traceparent)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.server.config import TracingConfig
+from shardgate.server.otel import init_tracing
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.kv_cache import KVCache
@@ -77,6 +79,8 @@ class ShardConfig:
     rank: int
     world_size: int
     local_rank: int
+    tracing: TracingConfig
+    """Whether and where this rank exports spans (the OTEL_* environment)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -152,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         rank=int(env.get("RANK", 0)),
         world_size=int(env.get("WORLD_SIZE", 1)),
         local_rank=int(env.get("LOCAL_RANK", 0)),
+        tracing=TracingConfig.from_environ(env),
     )
 
 
@@ -227,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard: --kv-cache-memory gives {budget} bytes, less than one KV block; raise it", file=sys.stderr)
         return 2
     kv_cache = KVCache(loaded.model.kv_layout, num_blocks, config.block_size, dtype, device)
-    executor = StepExecutor(ModelRunner(loaded.model, loaded.config, kv_cache, device), parallel, faults)
+    provider = init_tracing(config.tracing, "shardgate-shard")
+    tracer = provider.get_tracer("shardgate.shards") if provider is not None else None
+    executor = StepExecutor(ModelRunner(loaded.model, loaded.config, kv_cache, device), parallel, tracer, faults)
     devices = gather_device_names(device, parallel)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", config.rank, parallel.tp_rank, parallel.pp_stage)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from shardgate.shards.timing import CommTimer
+
 
 def partition_layers(num_layers: int, pp_size: int) -> list[tuple[int, int]]:
     """Layer ranges [start, end) of each pipeline stage: as even as possible, earlier stages
@@ -42,19 +44,27 @@ class TensorParallel:
         if size < 1 or not 0 <= rank < size or (size > 1 and group is None):
             raise ValueError(f"invalid tensor-parallel rank {rank} of {size}")
         self.rank, self.size, self.group = rank, size, group
+        self.timer: CommTimer | None = None
+        """Set by the runner for a step whose timings are wanted: the collectives add their time."""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the ranks, in place."""
         if self.size > 1:
+            started = self.timer.start() if self.timer is not None else None
             dist.all_reduce(x, group=self.group)
+            if self.timer is not None:
+                self.timer.stop("all_reduce", started)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' x concatenated along the last dimension, in rank order."""
         if self.size == 1:
             return x
+        started = self.timer.start() if self.timer is not None else None
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
+        if self.timer is not None:
+            self.timer.stop("all_gather", started)
         return torch.cat(parts, dim=-1)
 
 

@@ -6,6 +6,7 @@ receiver knows the (tokens, hidden) shape without being told."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.llama import LlamaForCausalLM
 from shardgate.shards.model_config import ModelConfig
 from shardgate.shards.sampler import SamplingParams, sample
+from shardgate.shards.timing import CommTimer
 
 
 @dataclass
@@ -47,11 +49,19 @@ class ModelRunner:
         self.parallel = model.parallel
         self.dtype = next(model.parameters()).dtype
 
-    def step(self, chunks: list[SeqChunk]) -> list[SampleResult]:
+    def step(self, chunks: list[SeqChunk], timer: CommTimer | None = None) -> list[SampleResult]:
         """Run all chunks as one flat batch; one result per chunk with sample=True, in chunk
-        order (on the last pipeline stage; earlier stages return none)."""
+        order (on the last pipeline stage; earlier stages return none). With a timer, the
+        step's collectives and pipeline transfers add their time to it."""
         if not chunks:
             return []
+        self.parallel.tp.timer = timer
+        try:
+            return self._step(chunks, timer)
+        finally:
+            self.parallel.tp.timer = None
+
+    def _step(self, chunks: list[SeqChunk], timer: CommTimer | None) -> list[SampleResult]:
         for chunk in chunks:
             self._check(chunk)
         input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], device=self.device)  # (T,)
@@ -75,7 +85,7 @@ class ModelRunner:
                 last_rows.append(end - 1)
 
         with torch.inference_mode():
-            hidden = self.forward(input_ids, positions, metadata)  # (T, hidden)
+            hidden = self.forward(input_ids, positions, metadata, timer)  # (T, hidden)
             if hidden is None or not sampled:
                 return []
             logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)
@@ -87,17 +97,21 @@ class ModelRunner:
             for chunk, token_id, logprob in zip(sampled, token_ids, logprobs)
         ]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor | None:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, timer: CommTimer | None = None
+    ) -> torch.Tensor | None:
         """This rank's layers over the packed tokens: the final hidden states (T, hidden) on the
         last pipeline stage; earlier stages send theirs on and return None."""
         parallel = self.parallel
         received = None
         if not parallel.is_first_stage:
             received = torch.empty(len(input_ids), self.config.hidden_size, dtype=self.dtype, device=self.device)
-            dist.recv(received, src=parallel.prev_rank)
+            with _timed(timer, "pp_recv"):
+                dist.recv(received, src=parallel.prev_rank)
         hidden = self.model(input_ids, positions, metadata, self.kv_cache, received)
         if not parallel.is_last_stage:
-            dist.send(hidden, dst=parallel.next_rank)
+            with _timed(timer, "pp_send"):
+                dist.send(hidden, dst=parallel.next_rank)
             return None
         return hidden
 
@@ -120,3 +134,7 @@ class ModelRunner:
                 f"sequence {chunk.seq_id}: block table must hold {blocks_needed} block ids "
                 f"below {self.kv_cache.num_blocks}"
             )
+
+
+def _timed(timer: CommTimer | None, kind: str) -> contextlib.AbstractContextManager:
+    return timer.measure(kind) if timer is not None else contextlib.nullcontext()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.server.otel import context_from_metadata
 from shardgate.shards.executor import StepExecutor
 
 
@@ -17,8 +18,10 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         return self.description
 
     def Step(self, request: shard_pb2.StepRequest, context) -> shard_pb2.StepResponse:
+        # The gateway's step span, when it traces this step and this process exports spans.
+        parent = context_from_metadata(context.invocation_metadata()) if self.executor.tracer is not None else None
         try:
-            return self.executor.run(request)
+            return self.executor.run(request, parent)
         except ValueError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 

@@ -30,9 +30,11 @@ class ScriptedReplica:
         self.scripts = scripts
         self.fail_at_step = fail_at_step
         self.plans = []
+        self.metadata = []
 
-    async def step(self, plan, timeout=None):
+    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
         self.plans.append(plan)
+        self.metadata.append(metadata)
         await asyncio.sleep(0)
         if plan.step_id == self.fail_at_step:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, details="shard died")
@@ -176,7 +178,7 @@ class CancellingReplica(ScriptedReplica):
         self.engine = None
         self.cancelled_at = None
 
-    async def step(self, plan, timeout=None):
+    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
         if self.cancelled_at is None and self.target is not None and self.when(plan, self.target.request):
             self.engine.cancel(self.target)
             self.cancelled_at = len(self.plans)
@@ -229,7 +231,7 @@ class EmbeddingReplica(ScriptedReplica):
         self.batches = []  # (kind, ...) in order: ("step", plan) or ("embed", items, free blocks during the call)
         self.blocks = None
 
-    async def step(self, plan, timeout=None):
+    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
         self.batches.append(("step",))
         return await super().step(plan)
 
@@ -352,3 +354,35 @@ def test_embedding_call_cancelled_during_its_forward_gets_nothing():
     jobs, blocks = asyncio.run(scenario())
     assert jobs[0].error[0] == grpc.StatusCode.CANCELLED and jobs[0].vectors == [None]
     assert vectors_of(jobs[1]) == [(1, 3)] and blocks.num_free == blocks.num_blocks
+
+
+def test_steps_are_traced_for_sampled_requests_and_charged_to_them():
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from shardgate.server.config import TelemetryConfig
+    from shardgate.server.telemetry import Telemetry
+    from span_capture import capture_spans
+
+    provider, exporter = capture_spans()
+    telemetry = Telemetry(TelemetryConfig(), provider)
+
+    async def scenario():
+        replica = ScriptedReplica({10: [72], 11: [73]})
+        engine = Engine(0, Scheduler(SchedulerConfig(), BlockManager(64, 4)), replica, TOKENIZER, (EOS,), telemetry=telemetry.replica(0, 2))
+        loop = asyncio.create_task(engine.run())
+        traced = engine.submit(valid(10, max_new_tokens=3))
+        traced.request.span_context = SpanContext(5, 6, False, TraceFlags(TraceFlags.SAMPLED))
+        await drain(traced)
+        untraced = engine.submit(valid(11, max_new_tokens=2))
+        await drain(untraced)
+        loop.cancel()
+        return replica, traced, untraced
+
+    replica, traced, untraced = asyncio.run(scenario())
+    steps = exporter.get_finished_spans()
+    assert len(steps) == 3 and all([(link.context.trace_id, link.context.span_id) for link in s.links] == [(5, 6)] for s in steps)
+    assert [dict(m).get("traceparent", "")[3:35] for m in replica.metadata] == [f"{s.context.trace_id:032x}" for s in steps] + ["", ""]
+    charged = traced.request.device_seconds + untraced.request.device_seconds
+    assert traced.request.device_seconds > 0 and untraced.request.device_seconds > 0
+    busy = telemetry.metrics.registry.get_sample_value("shardgate_device_seconds_total", {"replica": "0"})
+    assert charged == pytest.approx(busy)

@@ -1,0 +1,289 @@
+"""Traces, metrics, cost and request logs of a real gateway with a TP=2 replica.
+
+The processes export spans over OTLP/gRPC to a real TraceService server in this process
+(tests/otlp_receiver.py); metrics are scraped from --metrics-port and parsed with
+prometheus-client's parser.
+"""
+
+import json
+import secrets
+import time
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from otlp_receiver import ReceivedSpan, SpanStore, otlp_receiver
+from servers import RunningServer, start_server
+from shardgate.clients.client import build_request
+from shardgate.proto import inference_pb2_grpc
+from shardgate.server.launcher import free_port
+
+PRICE_PER_DEVICE_HOUR = 7.2
+STREAM = "/shardgate.v1.Inference/GenerateStream"
+DRIVER_STEP = "shardgate.shard.v1.Shard/Step"
+SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
+LAYERS = 4  # builtin:tiny
+MODEL_LABELS = {"gen_ai_operation_name": "text_completion", "gen_ai_request_model": "builtin:tiny"}
+
+
+@dataclass
+class Observed:
+    server: RunningServer
+    spans: SpanStore
+    metrics_url: str
+
+    def scrape(self) -> dict[tuple[str, frozenset], float]:
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def log_lines(self, request_id: str, timeout: float = 10) -> list[dict]:
+        """The structured log lines of a request, once there is one (the last stream message
+        can reach the caller just before the gateway writes the line)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [json.loads(line.split("shardgate.requests: ", 1)[1]) for line in self.server.log().splitlines() if "shardgate.requests: " in line]
+            mine = [line for line in lines if line["request_id"] == request_id]
+            if mine or time.monotonic() > deadline:
+                return mine
+            time.sleep(0.05)
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    with otlp_receiver() as (endpoint, spans):
+        metrics_port = free_port()
+        with pytest.MonkeyPatch.context() as env:  # the shard processes inherit the gateway's environment
+            for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+                env.delenv(name, raising=False)
+            env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            env.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # export every 50 ms, not every 5 s
+            server = start_server(
+                tmp_path_factory.mktemp("logs"), "--tp", "2", "--kv-cache-memory", str(16 << 20),
+                "--metrics-port", str(metrics_port), "--device-cost-per-hour", str(PRICE_PER_DEVICE_HOUR),
+            )  # fmt: skip
+        try:
+            yield Observed(server, spans, f"http://127.0.0.1:{metrics_port}/metrics")
+        finally:
+            server.stop()
+
+
+def children(spans: list[ReceivedSpan], parent: ReceivedSpan) -> list[ReceivedSpan]:
+    return [s for s in spans if s.parent_span_id == parent.span_id]
+
+
+def linked_to(spans: list[ReceivedSpan], target: ReceivedSpan) -> list[ReceivedSpan]:
+    return [s for s in spans if (target.trace_id, target.span_id) in s.links]
+
+
+def steps_complete(spans: list[ReceivedSpan], trace_id: str, num_steps: int, name: str = STREAM) -> bool:
+    """The request's server span and stages, and num_steps step spans linked to it, each with
+    its driver span and both ranks' forward spans, have all arrived."""
+    calls = [s for s in spans if s.trace_id == trace_id and s.name == name]
+    if not calls or len(children(spans, calls[0])) < 4:
+        return False
+    steps = linked_to(spans, calls[0])
+    return len(steps) == num_steps and all(
+        len(drivers := children(spans, step)) == 1 and len(children(spans, drivers[0])) == 2 for step in steps
+    )
+
+
+def test_streamed_request_is_traced_from_the_caller_to_every_rank(observed):
+    trace_id, caller_span_id = secrets.token_hex(16), secrets.token_hex(8)
+    with observed.server.client() as client:
+        deltas = list(client.stream(
+            "trace me", max_new_tokens=4, temperature=0, ignore_eos=True, request_id="traced-stream",
+            traceparent=f"00-{trace_id}-{caller_span_id}-01",
+        ))  # fmt: skip
+    usage = deltas[-1].usage
+    spans = observed.spans.wait_for(lambda spans: steps_complete(spans, trace_id, num_steps=4))
+
+    # The request: the gRPC server span joins the caller's trace; its stages are its children.
+    [call] = [s for s in spans if s.name == STREAM and s.trace_id == trace_id]
+    assert call.parent_span_id == caller_span_id and call.kind == SERVER and call.service == "shardgate-gateway"
+    stages = {s.name: s for s in children(spans, call)}
+    assert sorted(stages) == ["decode", "prefill", "queue", "validate"]
+    assert all(s.trace_id == trace_id for s in stages.values())
+    assert all(s.within(call) for s in stages.values())
+    validate, queue, prefill, decode = (stages[name] for name in ("validate", "queue", "prefill", "decode"))
+    assert validate.end_ns <= queue.start_ns <= queue.end_ns <= prefill.start_ns <= prefill.end_ns <= decode.start_ns <= decode.end_ns
+    attributes = call.attributes
+    assert attributes["gen_ai.operation.name"] == "text_completion" and attributes["gen_ai.request.model"] == "builtin:tiny"
+    assert attributes["gen_ai.request.max_tokens"] == 4 and attributes["gen_ai.request.temperature"] == 0.0
+    assert attributes["gen_ai.request.top_p"] == 1.0 and attributes["gen_ai.response.id"] == "traced-stream"
+    assert attributes["gen_ai.usage.input_tokens"] == usage.prompt_tokens and attributes["gen_ai.usage.output_tokens"] == 4
+    assert attributes["gen_ai.response.finish_reasons"] == ["length"] and attributes["shardgate.preemptions"] == 0
+    assert attributes["gen_ai.latency.time_to_first_token"] == pytest.approx(usage.time_to_first_token_s)
+    assert attributes["gen_ai.latency.time_in_queue"] == pytest.approx(usage.queue_time_s)
+    assert attributes["gen_ai.latency.time_per_output_token"] > 0
+    assert attributes["shardgate.device_seconds"] == pytest.approx(usage.device_seconds)
+
+    # Its steps: one prefill and three decodes, each a span linked to the request's server span.
+    steps = sorted(linked_to(spans, call), key=lambda s: s.start_ns)
+    assert [s.attributes["shardgate.step.phase"] for s in steps] == ["prefill", "decode", "decode", "decode"]
+    assert [s.attributes["shardgate.step.tokens"] for s in steps] == [usage.prompt_tokens, 1, 1, 1]
+    assert all(s.kind == CLIENT and s.attributes["shardgate.step.batch_size"] == 1 and s.service == "shardgate-gateway" for s in steps)
+    assert sum(s.attributes["shardgate.step.device_seconds"] for s in steps) == pytest.approx(usage.device_seconds)
+    for step in steps:
+        # ... under it the driver's span of the Step call, and under that both ranks' forwards.
+        [driver] = children(spans, step)
+        assert driver.name == DRIVER_STEP and driver.kind == SERVER and driver.service == "shardgate-shard"
+        assert driver.trace_id == step.trace_id and driver.within(step)
+        forwards = sorted(children(spans, driver), key=lambda s: s.attributes["shard.rank"])
+        assert [(f.attributes["shard.rank"], f.attributes["tp.rank"], f.attributes["pp.stage"]) for f in forwards] == [(0, 0, 0), (1, 1, 0)]
+        for forward in forwards:
+            assert forward.name == "forward" and forward.trace_id == step.trace_id and forward.within(driver)
+            assert forward.attributes["shard.all_reduce.count"] == 2 * LAYERS + 1  # o_proj and down_proj per layer, the embedding
+            assert forward.attributes["shard.all_gather.count"] == 1  # the LM head
+            assert 0 < forward.attributes["shard.all_reduce.seconds"] < (forward.end_ns - forward.start_ns) / 1e9
+            assert forward.attributes["shard.pp_recv.count"] == forward.attributes["shard.pp_send.count"] == 0
+
+    [line] = observed.log_lines("traced-stream")
+    assert line["trace_id"] == trace_id and line["status"] == "OK" and line["completion_tokens"] == 4
+
+
+def test_steps_serving_only_unsampled_requests_get_no_spans(observed):
+    unsampled, marker = secrets.token_hex(16), secrets.token_hex(16)
+    with observed.server.client() as client:
+        client.generate("not sampled", max_new_tokens=3, ignore_eos=True, traceparent=f"00-{unsampled}-{secrets.token_hex(8)}-00")
+        client.generate("marker", max_new_tokens=1, ignore_eos=True, request_id="marker-1", traceparent=f"00-{marker}-{secrets.token_hex(8)}-01")
+    # Each process exports in order, so once the marker's spans from all three are in, any span
+    # of the earlier request would be too.
+    spans = observed.spans.wait_for(lambda spans: steps_complete(spans, marker, num_steps=1, name="/shardgate.v1.Inference/Generate"))
+    assert not [s for s in spans if s.trace_id == unsampled]
+    assert not [s for s in spans if any(trace_id == unsampled for trace_id, _ in s.links)]
+    [line] = observed.log_lines("marker-1")
+    assert line["trace_id"] == marker
+
+
+def test_metrics_move_by_the_requests_made(observed):
+    before = observed.scrape()
+    usages = []
+    with observed.server.client() as client:
+        for n in (3, 5):  # one at a time: each is one prefill step, then n - 1 decode steps
+            usages.append(client.generate(f"metrics {n}", max_new_tokens=n, temperature=0, ignore_eos=True).usage)
+        with pytest.raises(grpc.RpcError) as rejected:
+            client.generate("too long", max_new_tokens=10**6, request_id="rejected-1")
+    assert rejected.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = observed.scrape()
+
+    def moved(name, **labels):
+        return delta(before, after, name, **labels)
+
+    prompt = sum(u.prompt_tokens for u in usages)
+    assert moved("shardgate_responses_total", code="OK") == 2 and moved("shardgate_responses_total", code="INVALID_ARGUMENT") == 1
+    assert moved("shardgate_requests_finished_total", reason="length") == 2
+    assert moved("shardgate_prompt_tokens_total") == prompt and moved("shardgate_generation_tokens_total") == 8
+    for histogram in ("gen_ai_server_request_duration_seconds", "gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds"):
+        assert moved(f"{histogram}_count", **MODEL_LABELS) == 2
+        assert moved(f"{histogram}_bucket", le="+Inf", **MODEL_LABELS) == 2
+    assert moved("gen_ai_server_time_to_first_token_seconds_sum", **MODEL_LABELS) == pytest.approx(sum(u.time_to_first_token_s for u in usages))
+    assert moved("shardgate_request_queue_time_seconds_count") == 2
+    assert moved("shardgate_request_queue_time_seconds_sum") == pytest.approx(sum(u.queue_time_s for u in usages))
+    assert moved("shardgate_step_duration_seconds_count", replica=0, phase="prefill") == 2
+    assert moved("shardgate_step_duration_seconds_count", replica=0, phase="decode") == 2 + 4
+    assert moved("shardgate_step_duration_seconds_count", replica=0, phase="mixed") == 0
+    assert moved("shardgate_step_batch_size_count", replica=0) == 8 and moved("shardgate_step_batch_size_sum", replica=0) == 8
+    assert moved("shardgate_step_tokens_sum", replica=0) == prompt + 2 + 4
+    for rank in (0, 1):
+        assert moved("shardgate_rank_forward_seconds_count", replica=0, rank=rank) == 8
+        assert moved("shardgate_rank_forward_seconds_sum", replica=0, rank=rank) > 0
+        assert moved("shardgate_rank_communication_seconds_count", replica=0, rank=rank, op="all_reduce") == 8
+        assert moved("shardgate_rank_communication_seconds_sum", replica=0, rank=rank, op="all_reduce") > 0
+    device_seconds = sum(u.device_seconds for u in usages)
+    assert moved("shardgate_device_seconds_total", replica=0) == pytest.approx(device_seconds)
+    assert moved("shardgate_cost_total", replica=0) == pytest.approx(device_seconds * PRICE_PER_DEVICE_HOUR / 3600)
+    assert all(u.cost == pytest.approx(u.device_seconds * PRICE_PER_DEVICE_HOUR / 3600) for u in usages)
+    assert value(after, "shardgate_requests_running", replica=0) == value(after, "shardgate_requests_waiting", replica=0) == 0
+    assert value(after, "shardgate_kv_cache_usage_ratio", replica=0) == 0
+    [line] = observed.log_lines("rejected-1")
+    assert line["status"] == "INVALID_ARGUMENT"
+
+
+def test_gauges_show_a_running_request_and_counters_its_cancellation(observed):
+    before = observed.scrape()
+    with grpc.insecure_channel(observed.server.address) as channel:
+        call = inference_pb2_grpc.InferenceStub(channel).GenerateStream(
+            build_request("long", max_new_tokens=1000, ignore_eos=True, request_id="cancelled-1")
+        )
+        next(call)  # running now, and far from done
+        during = observed.scrape()
+        call.cancel()
+    assert value(during, "shardgate_requests_running", replica=0) == 1
+    assert value(during, "shardgate_requests_waiting", replica=0) == 0
+    assert 0 < value(during, "shardgate_kv_cache_usage_ratio", replica=0) < 1
+    [line] = observed.log_lines("cancelled-1")
+    after = observed.scrape()
+    assert line["status"] == "CANCELLED" and line["finish_reason"] == "cancelled"
+    assert delta(before, after, "shardgate_responses_total", code="CANCELLED") == 1
+    assert delta(before, after, "shardgate_requests_finished_total", reason="cancelled") == 1
+    assert delta(before, after, "shardgate_generation_tokens_total") == line["completion_tokens"] >= 1
+    assert value(after, "shardgate_requests_running", replica=0) == 0 and value(after, "shardgate_kv_cache_usage_ratio", replica=0) == 0
+
+
+def test_device_seconds_of_requests_add_up_to_the_replicas_busy_device_time(observed):
+    before = observed.scrape()
+
+    def generate(i):
+        with observed.server.client() as client:
+            return client.generate("cost " * (1 + 7 * i), max_new_tokens=4 + 3 * i, ignore_eos=True).usage
+
+    with ThreadPoolExecutor(6) as pool:  # batched together: prefills and decodes share steps
+        usages = list(pool.map(generate, range(6)))
+    after = observed.scrape()
+    busy_seconds = sum(delta(before, after, "shardgate_step_duration_seconds_sum", replica=0, phase=phase) for phase in ("prefill", "decode", "mixed"))
+    busy_device_seconds = busy_seconds * 2  # tp 2: two devices
+    charged = sum(u.device_seconds for u in usages)
+    assert charged == pytest.approx(busy_device_seconds, rel=0.05)
+    # Steps were shared: more sequences than steps.
+    assert delta(before, after, "shardgate_step_batch_size_sum", replica=0) > delta(before, after, "shardgate_step_batch_size_count", replica=0)
+    assert len({round(u.device_seconds, 9) for u in usages}) == 6  # each paid its own share
+    assert Counter(u.replica for u in usages) == {0: 6}
+
+
+def test_pipeline_stages_report_their_transfers(tmp_path):
+    with otlp_receiver() as (endpoint, spans):
+        metrics_port = free_port()
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+                env.delenv(name, raising=False)
+            env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            env.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+            server = start_server(tmp_path, "--pp", "2", "--kv-cache-memory", str(16 << 20), "--metrics-port", str(metrics_port))
+        try:
+            observed = Observed(server, spans, f"http://127.0.0.1:{metrics_port}/metrics")
+            trace_id = secrets.token_hex(16)
+            with server.client() as client:
+                client.generate("stages", max_new_tokens=2, ignore_eos=True, traceparent=f"00-{trace_id}-{secrets.token_hex(8)}-01")
+            received = spans.wait_for(lambda s: steps_complete(s, trace_id, num_steps=2, name="/shardgate.v1.Inference/Generate"))
+            metrics = observed.scrape()
+        finally:
+            server.stop()
+    [call] = [s for s in received if s.trace_id == trace_id and s.name.endswith("/Generate")]
+    for step in linked_to(received, call):
+        [driver] = children(received, step)
+        first, last = sorted(children(received, driver), key=lambda s: s.attributes["shard.rank"])
+        assert (first.attributes["pp.stage"], last.attributes["pp.stage"]) == (0, 1)
+        assert (first.attributes["shard.pp_send.count"], first.attributes["shard.pp_recv.count"]) == (1, 0)
+        assert (last.attributes["shard.pp_send.count"], last.attributes["shard.pp_recv.count"]) == (0, 1)
+        assert last.attributes["shard.pp_recv.seconds"] > 0 and first.attributes["shard.all_reduce.count"] == 0  # tp 1: no collectives
+        assert first.within(driver) and last.within(driver)
+    assert value(metrics, "shardgate_rank_communication_seconds_count", replica=0, rank=1, op="pp_recv") == 2
+    assert value(metrics, "shardgate_rank_communication_seconds_sum", replica=0, rank=1, op="pp_recv") > 0
+    assert value(metrics, "shardgate_rank_forward_seconds_count", replica=0, rank=0) == 2

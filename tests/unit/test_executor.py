@@ -1,0 +1,71 @@
+"""The driver's step: its span and the ranks' forward spans, and the timings it reports."""
+
+import pytest
+import torch
+from opentelemetry.trace import SpanKind, StatusCode
+
+from shardgate.proto import shard_pb2
+from shardgate.server.otel import context_from_traceparent
+from shardgate.shards.executor import StepExecutor
+from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.runner import ModelRunner
+from shardgate.shards.weights import load_model
+from span_capture import capture_spans
+
+CPU = torch.device("cpu")
+CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture(scope="module")
+def runner():
+    loaded = load_model("builtin:tiny", torch.float32, CPU)
+    return ModelRunner(loaded.model, loaded.config, KVCache(loaded.model.kv_layout, 16, 4, torch.float32, CPU), CPU)
+
+
+def executor_and_spans(runner):
+    provider, exporter = capture_spans()
+    executor = StepExecutor(runner, runner.parallel, provider.get_tracer("test"))
+    return executor, exporter
+
+
+def plan(seq_id: int = 1, report_timings: bool = False) -> shard_pb2.StepRequest:
+    chunk = shard_pb2.SeqChunk(
+        seq_id=seq_id, token_ids=[5, 6, 7], start_pos=0, new_block_ids=[0], sample=True, sampling=shard_pb2.Sampling(temperature=0, top_p=1)
+    )
+    return shard_pb2.StepRequest(step_id=3, free_seq_ids=[seq_id], chunks=[chunk], report_timings=report_timings)
+
+
+def test_a_traced_step_has_a_driver_span_over_each_ranks_forward(runner):
+    executor, exporter = executor_and_spans(runner)
+    response = executor.run(plan(), parent=context_from_traceparent(CALLER))
+    driver, forward = sorted(exporter.get_finished_spans(), key=lambda s: s.name != "shardgate.shard.v1.Shard/Step")
+    assert driver.kind is SpanKind.SERVER and f"{driver.parent.span_id:016x}" == CALLER.split("-")[2]
+    assert driver.context.trace_id == forward.context.trace_id == int(CALLER.split("-")[1], 16)
+    assert forward.name == "forward" and forward.parent.span_id == driver.context.span_id
+    assert driver.start_time <= forward.start_time <= forward.end_time <= driver.end_time
+    attributes = forward.attributes
+    assert (attributes["shard.rank"], attributes["tp.rank"], attributes["pp.stage"], attributes["shard.tokens"]) == (0, 0, 0, 3)
+    assert attributes["shard.all_reduce.count"] == 0  # one rank: no collectives
+    [timing] = response.rank_timings  # a traced step waits for every rank's timings
+    assert timing.rank == 0 and 0 < timing.forward_s <= (driver.end_time - driver.start_time) / 1e9
+    assert forward.end_time - forward.start_time == pytest.approx(timing.forward_s * 1e9, abs=1000)
+
+
+@pytest.mark.parametrize("report_timings", [False, True])
+def test_an_untraced_step_makes_no_spans(runner, report_timings):
+    executor, exporter = executor_and_spans(runner)
+    request = plan(report_timings=report_timings)
+    request.traceparent = CALLER  # the gateway never sets it; the driver overwrites it
+    response = executor.run(request)
+    assert exporter.get_finished_spans() == () and request.traceparent == ""
+    assert len(response.rank_timings) == report_timings and len(response.tokens) == 1
+
+
+def test_a_rejected_plan_ends_the_driver_span_with_an_error(runner):
+    executor, exporter = executor_and_spans(runner)
+    bad = plan()
+    bad.chunks[0].ClearField("sampling")  # a sequence the replica does not know
+    with pytest.raises(ValueError, match="unknown sequence"):
+        executor.run(bad, parent=context_from_traceparent(CALLER))
+    [driver] = exporter.get_finished_spans()
+    assert driver.status.status_code is StatusCode.ERROR
