@@ -231,7 +231,7 @@ def bench_command(args: argparse.Namespace) -> int:
         f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, prompt {workload.prompt_len} tokens, "
         f"output {workload.output_len} tokens, {load.describe()}"
     )
-    print(format_table(results, title))
+    print(format_table(results, title), file=sys.stderr if args.json == "-" else sys.stdout)  # stdout: the JSON alone
     if args.json:
         document = {
             "model": run.model, "dtype": run.dtype, "device": run.device,

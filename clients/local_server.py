@@ -84,17 +84,18 @@ def serve_actions() -> list:
 
 def serve_argv(args, skip: frozenset[str] = frozenset({"host", "port"})) -> list[str]:
     """The `shardgate serve` flags that `args` (parsed with serve's flags among others) sets
-    away from their defaults, as an argv."""
+    away from their defaults, as an argv; --model always, so the command says what it serves."""
     argv = []
     for action in serve_actions():
         if action.dest in skip or not action.option_strings or not hasattr(args, action.dest):
             continue
         value = getattr(args, action.dest)
-        if value == action.default:
+        if value == action.default and action.dest != "model":
             continue
         if action.nargs == 0:  # a switch
             if value:
                 argv.append(action.option_strings[0])
         else:
-            argv += [action.option_strings[0], str(value)]
+            text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+            argv += [action.option_strings[0], text]
     return argv
