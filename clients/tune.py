@@ -123,7 +123,7 @@ def _trial_line(trial: Trial, meets) -> str:
     )
 
 
-async def _probe_embed(address: str) -> bool:
+async def serves_embed(address: str) -> bool:
     from shardgate.clients.async_client import AsyncClient
 
     async with AsyncClient(address, timeout=60) as client:
@@ -134,7 +134,7 @@ async def _probe_embed(address: str) -> bool:
     return True
 
 
-async def _embed_run(address: str, texts: list[str], concurrency: int, device_cost_per_hour: float) -> Summary:
+async def measure_embed(address: str, texts: list[str], concurrency: int, device_cost_per_hour: float) -> Summary:
     from shardgate.clients.async_client import AsyncClient
     from shardgate.clients.load import run_embed_load
 
@@ -196,30 +196,30 @@ def tune_command(args: argparse.Namespace) -> int:
     slo = SLO(args.slo_ttft_p99, args.slo_itl_p99, args.slo_embed_p99)
     base = serve_argv(args, skip=SWEPT)
     progress = not args.no_progress
-    trials, embed_trials, serves_embed = [], [], None
+    trials, embed_trials, embed_served = [], [], None
     print(f"tuning on {workload.num_requests} requests, prompt {workload.prompt_len}, output {workload.output_len}, {load.describe()}", file=sys.stderr)
     try:
         for flags in generation_settings(args.max_num_seqs, args.max_batch_tokens):
             with LocalServer(base + list(flags)) as server:
                 run = asyncio.run(bench_server(server.address, {}, workload, load, progress))
-                if serves_embed is None and not args.no_embed:
-                    serves_embed = asyncio.run(_probe_embed(server.address))
+                if embed_served is None and not args.no_embed:
+                    embed_served = asyncio.run(serves_embed(server.address))
             trials.append(Trial(flags, run.summary))
             print(_trial_line(trials[-1], slo.met), file=sys.stderr)
-        if serves_embed is False:
+        best = recommend(trials, slo.met, args.objective)
+        if embed_served is False:
             print("skipping the Embed queue-delay sweep: this server does not implement Embed (UNIMPLEMENTED)", file=sys.stderr)
-        elif serves_embed:
+        elif embed_served:
             texts = make_embed_texts(workload)
-            for delay in args.embed_max_queue_delay_us:
+            for delay in args.embed_max_queue_delay_us:  # on the recommended generation setting
                 flags = ("--embed-max-queue-delay-us", str(delay))
-                with LocalServer(base + list(flags)) as server:
-                    summary = asyncio.run(_embed_run(server.address, texts, load.batch_size, load.device_cost_per_hour))
+                with LocalServer(base + list(best.flags if best else ()) + list(flags)) as server:
+                    summary = asyncio.run(measure_embed(server.address, texts, load.batch_size, load.device_cost_per_hour))
                 embed_trials.append(Trial(flags, summary))
                 print(f"  {embed_trials[-1].label:<40} {summary.requests_per_s:9.1f} Embed calls/s  p99 {summary.e2e_ms['p99']:8.1f} ms", file=sys.stderr)
     except (RuntimeError, ShardgateError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    best = recommend(trials, slo.met, args.objective)
     embed_best = recommend_embed(embed_trials, slo) if embed_trials else None
     plot(trials, slo, best, args.plot, embed_trials, embed_best)
     print(f"plot: {args.plot}")

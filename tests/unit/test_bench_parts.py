@@ -126,3 +126,23 @@ def test_bench_model_shape_and_padded_tokenizer():
     encoding = tokenizer.encode("The quick brown fox, 🙂")
     assert encoding.ids[0] == BOS_ID and tokenizer.decode(encoding.ids) == "The quick brown fox, 🙂"
     assert len(encoding.ids) < len("The quick brown fox, 🙂".encode())  # merges were learnt
+
+
+def test_tuner_probes_and_measures_embed():
+    import asyncio
+
+    import grpc
+
+    from fake_inference import start_fake_server
+    from shardgate.clients.tune import measure_embed, serves_embed
+
+    server = start_fake_server()
+    try:
+        assert asyncio.run(serves_embed(server.address)) is True
+        server.fake.failures = [(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")]
+        assert asyncio.run(serves_embed(server.address)) is False
+        summary = asyncio.run(measure_embed(server.address, ["a b", "c", "d e f"], concurrency=2, device_cost_per_hour=0))
+    finally:
+        server.stop()
+    assert (summary.requests, summary.errors) == (3, 0) and summary.requests_per_s > 0 and summary.e2e_ms["p99"] > 0
+    assert [call.method for call in server.fake.calls].count("Embed") == 2 + 1 + 3  # probes, warm-up, load
