@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -209,11 +210,14 @@ async def run_batch(client: AsyncClient, config: BatchConfig) -> BatchSummary:
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, tokens_per_s=f"{summary.completion_tokens / max(time.monotonic() - start, 1e-9):.0f}", refresh=False)
 
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # as SIGINT: stop cleanly, resume later
         try:
             await asyncio.gather(*(worker() for _ in range(config.concurrency)))
         except asyncio.CancelledError:
             summary.interrupted = True
         finally:
+            loop.remove_signal_handler(signal.SIGTERM)
             summary.elapsed_s = time.monotonic() - start
             bar.close()
     return summary

@@ -31,3 +31,10 @@ def test_demo_starts_a_server_and_streams():
 def test_serve_rejects_a_bad_flag_without_traceback():
     result = shardgate("serve", "--dtype", "float64", timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_info_shows_health_and_model_of_a_running_server(tiny_server):
+    result = shardgate("info", "--addr", tiny_server.address)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert fields["health"] == "SERVING" and fields["model"] == "builtin:tiny" and fields["devices"] == "cpu"
