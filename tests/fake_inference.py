@@ -32,7 +32,7 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
     fail_after_tokens: tuple[int, grpc.StatusCode] | None = None
     """GenerateStream: send this many tokens, then abort with this code (once)."""
     stall: bool = False
-    """Hold every call until the test ends (to make deadlines pass)."""
+    """Hold every call but ModelInfo until the test ends (to make deadlines pass, to keep requests in flight)."""
     calls: list[Call] = field(default_factory=list)
     on_call: object = None
     """Called with (method, context) for each call (e.g. to open a server span)."""
@@ -42,7 +42,7 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         self.calls.append(Call(method, request, dict(context.invocation_metadata()), context.time_remaining()))
         if self.on_call is not None:
             self.on_call(method, context)
-        if self.stall:
+        if self.stall and method != "ModelInfo":
             self.release.wait(30)
         if self.failures:
             code, details = self.failures.pop(0)

@@ -47,3 +47,24 @@ def test_interrupted_job_resumes_without_loss_or_duplicates(tiny_server, tmp_pat
     assert len(ok) == 198 and all(r["usage"]["completion_tokens"] == 40 and r["finish_reason"] == "length" for r in ok)
     with tiny_server.client() as client:  # what was written is the request's own result
         assert by_id["r199"]["text"] == client.generate("prompt number 199", max_new_tokens=40, temperature=0, ignore_eos=True).text
+
+
+def test_sigterm_stops_a_job_cleanly_like_sigint(tmp_path):
+    from fake_inference import start_fake_server
+
+    server = start_fake_server()
+    server.fake.stall = True  # every request stays in flight
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": "p"}) + "\n" for i in range(10)))
+    try:
+        job = subprocess.Popen(batch_command(server.address, source, target), stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while sum(call.method == "Generate" for call in server.fake.calls) < 4:  # all four workers wait on the server
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=30)
+    finally:
+        server.stop()
+    assert job.returncode == 130 and "interrupted: 0 done" in stderr and "Traceback" not in stderr
+    assert target.read_text() == ""  # cancelled requests are not written: they run on resume
