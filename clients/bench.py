@@ -62,6 +62,9 @@ class ServerRun:
     model: str
     dtype: str
     device: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    """The workload drew its prompt ids from the vocabulary without these: the baseline draws the same."""
 
 
 async def bench_server(address: str, client_options: dict, workload: WorkloadConfig, load: LoadConfig, progress: bool) -> ServerRun:
@@ -79,16 +82,16 @@ async def bench_server(address: str, client_options: dict, workload: WorkloadCon
             ignore_eos=load.ignore_eos, progress=progress, label=SHARDGATE,
         )  # fmt: skip
     summary = summarize(records, load.device_cost_per_hour, devices=len(info.devices))
-    return ServerRun(summary, info.model, info.dtype, info.devices[0] if info.devices else "cpu")
+    return ServerRun(summary, info.model, info.dtype, info.devices[0] if info.devices else "cpu", info.vocab_size, tuple(info.eos_token_ids))
 
 
-def bench_hf(model_dir: Path, run: ServerRun, workload: WorkloadConfig, vocab_size: int, eos_ids, load: LoadConfig, progress: bool) -> dict[str, Summary]:
+def bench_hf(model_dir: Path, run: ServerRun, workload: WorkloadConfig, load: LoadConfig, progress: bool) -> dict[str, Summary]:
     """The transformers baseline on the same checkpoint, dtype, device type and workload."""
     from shardgate.clients.baseline_hf import load_model, run_static_batches
 
     device = "cuda" if run.device.startswith("cuda") else "cpu"
     model = load_model(model_dir, run.dtype, device)
-    items = make_workload(workload, vocab_size, frozenset(eos_ids))
+    items = make_workload(workload, run.vocab_size, frozenset(run.eos_token_ids))
     results = {}
     runs = [(HF_ONE, 1)] + ([(hf_static(load.batch_size), load.batch_size)] if load.batch_size > 1 else [])  # a batch of 1 is one at a time
     for name, size in runs:
@@ -224,9 +227,7 @@ def bench_command(args: argparse.Namespace) -> int:
             server.stop()  # the baseline gets the machine to itself
     results = {SHARDGATE: run.summary}
     if args.baseline == "hf":
-        config = json.loads((Path(args.model) / "config.json").read_text())
-        eos = config.get("eos_token_id")
-        results |= bench_hf(Path(args.model), run, workload, config["vocab_size"], eos if isinstance(eos, list) else [eos], load, progress)
+        results |= bench_hf(Path(args.model), run, workload, load, progress)
     title = (
         f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, prompt {workload.prompt_len} tokens, "
         f"output {workload.output_len} tokens, {load.describe()}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from shardgate.clients.bench_metrics import Summary, summarize
 from shardgate.clients.errors import ShardgateError, Unimplemented
-from shardgate.clients.workload import WorkloadConfig, make_embed_texts
+from shardgate.clients.workload import make_embed_texts
 
 SWEPT = frozenset({"host", "port", "max_num_seqs", "max_batch_tokens"})
 
