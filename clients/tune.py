@@ -51,7 +51,7 @@ class Trial:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{f.removeprefix('--')}" if f.startswith("--") else f for f in self.flags)
+        return " ".join(f.removeprefix("--") for f in self.flags)
 
 
 def generation_settings(max_num_seqs: list[int], max_batch_tokens: list[int]) -> list[tuple[str, ...]]:
