@@ -1,39 +1,58 @@
-"""The `shardgate` command: serve, generate, demo."""
+"""The `shardgate` command: serve, generate, embed, info, batch, bench, tune, demo."""
 
 from __future__ import annotations
 
 import argparse
-import subprocess
+import asyncio
+import json
 import sys
-import time
-
-import grpc
+from pathlib import Path
 
 from shardgate.clients.client import Client
+from shardgate.clients.connection import TLS, Retry
+from shardgate.clients.errors import ShardgateError
 
 DEMO_PROMPT = "The quick brown fox"
 
 
-def _generation_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+def connection_arguments(parser: argparse.ArgumentParser, *, addr_default: str | None = "127.0.0.1:50051") -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument("--addr", default=addr_default, help="server address host:port (default %(default)s)")
+    group.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
+    group.add_argument("--retries", type=int, default=0, help="extra attempts for UNAVAILABLE/RESOURCE_EXHAUSTED before any token (default 0)")
+    group.add_argument("--tls", action="store_true", help="connect with TLS (the system's roots unless --ca-cert)")
+    group.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (implies --tls)")
+    group.add_argument("--client-cert", help="PEM client certificate for mutual TLS (implies --tls)")
+    group.add_argument("--client-key", help="PEM key of --client-cert")
+    group.add_argument("--server-name", help="name to check the server's certificate against")
+    group.add_argument("--token", help="bearer token sent as `authorization: Bearer TOKEN`")
+
+
+def client_options(args: argparse.Namespace) -> dict:
+    """Client/AsyncClient keyword arguments from the connection flags."""
+    tls = None
+    if args.tls or args.ca_cert or args.client_cert or args.client_key or args.server_name:
+        tls = TLS(root_certificates=args.ca_cert, certificate_chain=args.client_cert, private_key=args.client_key, server_name=args.server_name)
+    if args.retries < 0:
+        raise ValueError("--retries must be >= 0")
+    return dict(timeout=args.timeout, retry=Retry(attempts=args.retries + 1), tls=tls, token=args.token)
+
+
+def generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int | None = 64) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: server's 1.0)")
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--ignore-eos", action="store_true", default=None)
+    parser.add_argument("--priority", type=int, default=None, help="higher runs first (default 0)")
 
 
-def _params(args: argparse.Namespace) -> dict:
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-    )
+def generation_params(args: argparse.Namespace) -> dict:
+    """The generation flags that were given (unset ones are left to build_request or the line)."""
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "priority")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _print_generation(client: Client, prompt: str, params: dict, stream: bool) -> None:
@@ -54,44 +73,101 @@ def _print_generation(client: Client, prompt: str, params: dict, stream: bool) -
     )
 
 
+def _fail(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
 def generate(args: argparse.Namespace) -> int:
-    with Client(args.addr, timeout=args.timeout) as client:
-        try:
-            _print_generation(client, args.prompt, _params(args), args.stream)
-        except grpc.RpcError as error:
-            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+    try:
+        with Client(args.addr, **client_options(args)) as client:
+            _print_generation(client, args.prompt, generation_params(args), args.stream)
+    except (ShardgateError, ValueError) as error:
+        return _fail(error)
     return 0
+
+
+def embed(args: argparse.Namespace) -> int:
+    """Prints one JSON line per input: its index, token count and vector."""
+    try:
+        with Client(args.addr, **client_options(args)) as client:
+            result = client.embed(args.inputs, pooling=args.pooling, normalize=args.normalize)
+    except (ShardgateError, ValueError) as error:
+        return _fail(error)
+    for index, (vector, tokens) in enumerate(zip(result.vectors, result.tokens)):
+        print(json.dumps({"index": index, "tokens": tokens, "embedding": vector}))
+    dims = len(result.vectors[0]) if result.vectors else 0
+    print(f"[{len(result.vectors)} embedding(s) of {dims} dimensions, {result.usage.prompt_tokens} tokens]", file=sys.stderr)
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    """Prints the server's health and its ModelInfo."""
+    try:
+        with Client(args.addr, **client_options(args)) as client:
+            health = client.health()
+            model = client.model_info() if health == "SERVING" else None
+    except (ShardgateError, ValueError) as error:
+        return _fail(error)
+    print(f"{'health':<22} {health}")
+    if model is not None:
+        for name, value in vars(model).items():
+            print(f"{name:<22} {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    return 0 if health == "SERVING" else 1
+
+
+def batch(args: argparse.Namespace) -> int:
+    from shardgate.clients.async_client import AsyncClient
+    from shardgate.clients.batch import BatchConfig, run_batch
+
+    try:
+        config = BatchConfig(
+            input=args.input,
+            output=args.output,
+            concurrency=args.concurrency,
+            defaults=generation_params(args),
+            retry_failed=args.retry_failed,
+            device_cost_per_hour=args.device_cost_per_hour,
+            progress=not args.no_progress,
+        )
+        options = client_options(args)
+    except ValueError as error:
+        return _fail(error)
+
+    async def main():
+        async with AsyncClient(args.addr, **options) as client:
+            devices = len((await client.model_info()).devices)
+            return await run_batch(client, config), devices
+
+    try:
+        summary, devices = asyncio.run(main())
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was being handled
+        return 130
+    except (ShardgateError, OSError, ValueError) as error:
+        return _fail(error)
+    for line in summary.lines(devices, args.device_cost_per_hour):
+        print(line, file=sys.stderr)
+    return 130 if summary.interrupted else 0
 
 
 def demo(args: argparse.Namespace) -> int:
     """Starts a server on the built-in model, streams one generation from it, stops it."""
-    from shardgate.server.launcher import free_port
+    from shardgate.clients.local_server import LocalServer
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "shardgate.clients.cli", "serve", "--port", str(port), "--model", args.model])
     try:
-        with Client(f"127.0.0.1:{port}", timeout=60) as client:
-            deadline = time.monotonic() + 300
-            while True:  # UNAVAILABLE until the model has loaded
-                try:
-                    info = client.model_info()
-                    break
-                except grpc.RpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE or server.poll() is not None or time.monotonic() > deadline:
-                        print(f"error: the server did not start ({error.code().name})", file=sys.stderr)
-                        return 1
-                    time.sleep(0.2)
-            print(f"[serving {info.model} ({info.model_type}, {info.dtype}) on 127.0.0.1:{port}]", file=sys.stderr)
+        with LocalServer(["--model", args.model]) as server, Client(server.address, timeout=60) as client:
+            info = client.model_info()
+            print(f"[serving {info.model} ({info.model_type}, {info.dtype}) on {server.address}]", file=sys.stderr)
             print(args.prompt, end="")
-            _print_generation(client, args.prompt, _params(args), stream=True)
-    finally:
-        server.terminate()
-        server.wait(30)
+            _print_generation(client, args.prompt, generation_params(args), stream=True)
+    except (RuntimeError, ShardgateError) as error:
+        return _fail(error)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shardgate.clients import bench as bench_cli
+    from shardgate.clients import tune as tune_cli
     from shardgate.server import cli as server_cli  # flags and config only: no server dependencies
 
     parser = argparse.ArgumentParser(prog="shardgate", description="gRPC inference for model-parallel language models")
@@ -101,18 +177,42 @@ def main(argv: list[str] | None = None) -> int:
     server_cli.add_arguments(serve)
     serve.set_defaults(func=server_cli.run)
 
-    gen = commands.add_parser("generate", help="generate text from a running server")
+    gen = commands.add_parser("generate", help="generate text from a running server (streams)")
     gen.add_argument("prompt")
-    gen.add_argument("--addr", default="127.0.0.1:50051")
-    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    _generation_arguments(gen)
+    gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print tokens as they arrive (default)")
+    connection_arguments(gen)
+    generation_arguments(gen)
     gen.set_defaults(func=generate)
+
+    emb = commands.add_parser("embed", help="embed texts: one JSON line per input")
+    emb.add_argument("inputs", nargs="+")
+    emb.add_argument("--pooling", choices=("mean", "last"), default="mean")
+    emb.add_argument("--normalize", action="store_true", help="unit L2 norm")
+    connection_arguments(emb)
+    emb.set_defaults(func=embed)
+
+    inf = commands.add_parser("info", help="the server's health and model")
+    connection_arguments(inf)
+    inf.set_defaults(func=info)
+
+    bat = commands.add_parser("batch", help="run a JSONL file of requests; rerun to resume")
+    bat.add_argument("input", type=Path, help="JSONL: one request a line (id, prompt or prompt_token_ids, parameters)")
+    bat.add_argument("-o", "--output", type=Path, required=True, help="JSONL results, appended; ids already there are skipped")
+    bat.add_argument("--concurrency", type=int, default=16, help="requests in flight (default %(default)s)")
+    bat.add_argument("--retry-failed", action="store_true", help="run again the ids whose result is an error")
+    bat.add_argument("--device-cost-per-hour", type=float, default=0.0, help="price of a device-hour, for the cost line")
+    bat.add_argument("--no-progress", action="store_true")
+    connection_arguments(bat)
+    generation_arguments(bat, max_new_tokens=None)
+    bat.set_defaults(func=batch)
+
+    bench_cli.add_parser(commands)
+    tune_cli.add_parser(commands)
 
     dem = commands.add_parser("demo", help="start a server on the built-in model and stream a generation")
     dem.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     dem.add_argument("--model", default="builtin:tiny")
-    _generation_arguments(dem)
+    generation_arguments(dem)
     dem.set_defaults(func=demo)
 
     args = parser.parse_args(argv)

@@ -1,185 +1,134 @@
-"""Python client of the shardgate Inference API (needs only grpcio and protobuf).
+"""Blocking Python client of the shardgate Inference API (needs only grpcio and protobuf).
 
-Tracing: a call joins the caller's trace. With OpenTelemetry's API installed (`pip install
-shardgate[tracing]`), the current span's context goes with each generation call as W3C
-`traceparent` metadata; a `traceparent=` argument sets it explicitly.
+    with Client("127.0.0.1:50051") as client:
+        print(client.generate("Hello", max_new_tokens=16).text)
+
+Every failed call raises a `ShardgateError` subclass (see errors.py); `timeout` is the deadline
+in seconds of each call (the client's default, or per call), shared by its retries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import queue
+import time
+from collections.abc import Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shardgate.clients.connection import NO_RETRY, TLS, Deadline, Retry, call_metadata, channel_options, next_wait
+from shardgate.clients.errors import ShardgateError, from_rpc_error
+from shardgate.clients.messages import bidi_cancel, bidi_generate, build_embed_request, build_request
+from shardgate.clients.results import Completion, Delta, Embeddings, ModelInfo, RequestFailed, Usage, bidi_event
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 
-FINISH_REASONS = {
-    inference_pb2.FINISH_REASON_UNSPECIFIED: None,
-    inference_pb2.FINISH_REASON_LENGTH: "length",
-    inference_pb2.FINISH_REASON_STOP: "stop",
-    inference_pb2.FINISH_REASON_EOS: "eos",
-    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
-    inference_pb2.FINISH_REASON_ERROR: "error",
-}
+__all__ = ["Client", "BidiStream", "ShardgateError", "Completion", "Delta", "Embeddings", "ModelInfo", "RequestFailed", "Usage", "build_request"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+CLIENT_TIMEOUT = object()
+"""Default of each call's `timeout`: use the client's."""
 
 
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    queue_time_s: float
-    time_to_first_token_s: float
-    replica: int
-    device_seconds: float
-    cost: float
-
-    @classmethod
-    def from_proto(cls, message: inference_pb2.Usage) -> "Usage":
-        return cls(
-            message.prompt_tokens,
-            message.completion_tokens,
-            message.queue_time_s,
-            message.time_to_first_token_s,
-            message.replica,
-            message.device_seconds,
-            message.cost,
-        )
-
-
-@dataclass(frozen=True)
-class Completion:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: Usage
-    logprobs: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """One streamed message: new text and tokens; the last one has finish_reason and usage."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str | None
-    usage: Usage | None
-
-
-def build_request(
-    prompt: str | list[int],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int = 0,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    ignore_eos: bool = False,
-    logprobs: bool = False,
-    request_id: str = "",
-    priority: int = 0,
-    timeout_ms: int = 0,
-) -> inference_pb2.GenerateRequest:
-    """A GenerateRequest; a prompt given as a list of ints is sent as token ids."""
-    message = inference_pb2.GenerateRequest(
-        request_id=request_id,
-        max_new_tokens=max_new_tokens,
-        top_k=top_k,
-        stop=stop or [],
-        ignore_eos=ignore_eos,
-        logprobs=logprobs,
-        priority=priority,
-        timeout_ms=timeout_ms,
-    )
-    if isinstance(prompt, str):
-        message.prompt = prompt
-    else:
-        message.prompt_token_ids.ids.extend(prompt)
-    if temperature is not None:
-        message.temperature = temperature
-    if top_p is not None:
-        message.top_p = top_p
-    if seed is not None:
-        message.seed = seed
-    return message
-
-
-def _trace_injector() -> Callable[[dict], None] | None:
-    """OpenTelemetry's context injector, when its API is installed."""
-    try:
-        from opentelemetry import propagate
-    except ImportError:
-        return None
-    return propagate.inject
+def make_channel(module, address: str, tls: TLS | bool | None, max_message_bytes: int):
+    """A channel of `module` (grpc or grpc.aio): TLS when tls is a TLS or True (system roots)."""
+    tls = TLS() if tls is True else (tls or None)
+    options = channel_options(tls, max_message_bytes)
+    if tls is None:
+        return module.insecure_channel(address, options=options)
+    return module.secure_channel(address, tls.credentials(), options=options)
 
 
 class Client:
-    """Blocking client: `Client("127.0.0.1:50051").generate("Hello", max_new_tokens=16)`."""
+    """Blocking client. `retry` (off by default) re-sends calls that failed with UNAVAILABLE or
+    RESOURCE_EXHAUSTED before any token arrived; `tls` (a TLS, or True for the system's roots)
+    and `token` (sent as `authorization: Bearer ...`) authenticate to a server that asks."""
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = None,
+        *,
+        retry: Retry | None = None,
+        tls: TLS | bool | None = None,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self.retry = retry or NO_RETRY
+        self.token = token
+        self._channel = make_channel(grpc, address, tls, max_message_bytes)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
-        self._inject = _trace_injector()
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def trace_metadata(self, traceparent: str | None = None) -> tuple[tuple[str, str], ...]:
-        """gRPC metadata that puts a call in a trace: the given traceparent, else the current
-        OpenTelemetry context (none without an active span or without OpenTelemetry)."""
-        if traceparent:
-            return (("traceparent", traceparent),)
-        carrier: dict[str, str] = {}
-        if self._inject is not None:
-            self._inject(carrier)
-        return tuple(carrier.items())
+    def _deadline(self, timeout) -> Deadline:
+        return Deadline(self.timeout if timeout is CLIENT_TIMEOUT else timeout)
 
-    def generate(self, prompt: str | list[int], traceparent: str | None = None, **params) -> Completion:
-        response = self._stub.Generate(build_request(prompt, **params), timeout=self.timeout, metadata=self.trace_metadata(traceparent))
-        return Completion(
-            request_id=response.request_id,
-            text=response.text,
-            token_ids=list(response.token_ids),
-            finish_reason=FINISH_REASONS[response.finish_reason],
-            usage=Usage.from_proto(response.usage),
-            logprobs=list(response.logprobs),
-        )
+    def _unary(self, rpc, request, timeout, traceparent: str | None = None):
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            try:
+                return rpc(request, timeout=deadline.remaining(), metadata=call_metadata(self.token, traceparent))
+            except grpc.RpcError as raw:
+                error = from_rpc_error(raw)
+            wait = next_wait(self.retry, error, attempt, deadline)
+            if wait is None:
+                raise error
+            time.sleep(wait)
+            attempt += 1
 
-    def stream(self, prompt: str | list[int], traceparent: str | None = None, **params) -> Iterator[Delta]:
-        call = self._stub.GenerateStream(build_request(prompt, **params), timeout=self.timeout, metadata=self.trace_metadata(traceparent))
-        for message in call:
-            last = message.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
-            yield Delta(
-                request_id=message.request_id,
-                text=message.text,
-                token_ids=list(message.token_ids),
-                logprobs=list(message.logprobs),
-                finish_reason=FINISH_REASONS[message.finish_reason],
-                usage=Usage.from_proto(message.usage) if last else None,
-            )
+    def generate(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Completion:
+        """The whole completion; params are build_request's (max_new_tokens, temperature, ...).
+        `traceparent` puts the call in that trace instead of the current OpenTelemetry context."""
+        return Completion.from_proto(self._unary(self._stub.Generate, build_request(prompt, **params), timeout, traceparent))
 
-    def embed(self, inputs: list[str], *, pooling: str = "mean", normalize: bool = False, priority: int = 0, timeout_ms: int = 0) -> list[list[float]]:
-        """One vector per input; pooling is "mean" or "last"."""
-        request = inference_pb2.EmbedRequest(
-            inputs=inputs,
-            pooling={"mean": inference_pb2.POOLING_MEAN, "last": inference_pb2.POOLING_LAST}[pooling],
-            normalize=normalize,
-            priority=priority,
-            timeout_ms=timeout_ms,
-        )
-        return [list(e.values) for e in self._stub.Embed(request, timeout=self.timeout).embeddings]
+    def stream(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Iterator[Delta]:
+        """Token deltas as they are generated; the last carries finish_reason and usage.
+        Stopping the iteration early cancels the generation on the server."""
+        request = build_request(prompt, **params)
+        deadline = self._deadline(timeout)
+        attempt = 1
+        while True:
+            call = self._stub.GenerateStream(request, timeout=deadline.remaining(), metadata=call_metadata(self.token, traceparent))
+            received = False
+            try:
+                for message in call:
+                    received = True
+                    yield Delta.from_proto(message)
+                return
+            except grpc.RpcError as raw:
+                error = from_rpc_error(raw)
+            finally:
+                call.cancel()
+            wait = None if received else next_wait(self.retry, error, attempt, deadline)
+            if wait is None:
+                raise error
+            time.sleep(wait)
+            attempt += 1
 
-    def server_status(self) -> inference_pb2.ServerStatusResponse:
-        return self._stub.ServerStatus(inference_pb2.ServerStatusRequest(), timeout=self.timeout)
+    def embed(self, inputs: str | list[str], *, timeout=CLIENT_TIMEOUT, **params) -> Embeddings:
+        """One vector per input; params: pooling ("mean" or "last"), normalize, priority, timeout_ms."""
+        return Embeddings.from_proto(self._unary(self._stub.Embed, build_embed_request(inputs, **params), timeout))
 
-    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def bidi(self, *, timeout=CLIENT_TIMEOUT) -> "BidiStream":
+        """A multiplexed stream: start and cancel many generations on one call (never retried)."""
+        return BidiStream(self._stub, self._deadline(timeout).remaining(), call_metadata(self.token))
+
+    def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout=CLIENT_TIMEOUT) -> list[int]:
         request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-        return list(self._stub.Tokenize(request, timeout=self.timeout).token_ids)
+        return list(self._unary(self._stub.Tokenize, request, timeout).token_ids)
 
-    def model_info(self) -> inference_pb2.ModelInfoResponse:
-        return self._stub.ModelInfo(inference_pb2.ModelInfoRequest(), timeout=self.timeout)
+    def server_status(self, *, timeout=CLIENT_TIMEOUT) -> inference_pb2.ServerStatusResponse:
+        """Live state: queue, active requests, and per replica KV blocks, running, health."""
+        return self._unary(self._stub.ServerStatus, inference_pb2.ServerStatusRequest(), timeout)
+
+    def model_info(self, *, timeout=CLIENT_TIMEOUT) -> ModelInfo:
+        return ModelInfo.from_proto(self._unary(self._stub.ModelInfo, inference_pb2.ModelInfoRequest(), timeout))
+
+    def health(self, service: str = "", *, timeout=CLIENT_TIMEOUT) -> str:
+        """grpc.health.v1 status of `service` ("" = the whole server): SERVING, NOT_SERVING, ..."""
+        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def close(self) -> None:
         self._channel.close()
@@ -189,3 +138,45 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_END = None
+
+
+class BidiStream:
+    """One GenerateBidi call: `generate` and `cancel` send, iterating receives every request's
+    `Delta`s (tagged by request_id, interleaved) and a `RequestFailed` for each request that
+    failed. `done_writing` says no more requests will come; the stream then ends once they
+    all have."""
+
+    def __init__(self, stub: inference_pb2_grpc.InferenceStub, timeout: float | None, metadata) -> None:
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = stub.GenerateBidi(iter(self._outbox.get, _END), timeout=timeout, metadata=metadata)
+
+    def generate(self, request_id: str, prompt: str | list[int], **params) -> None:
+        self._outbox.put(bidi_generate(request_id, prompt, **params))
+
+    def cancel(self, request_id: str) -> None:
+        self._outbox.put(bidi_cancel(request_id))
+
+    def done_writing(self) -> None:
+        self._outbox.put(_END)
+
+    def __iter__(self) -> Iterator[Delta | RequestFailed]:
+        try:
+            for message in self._call:
+                yield bidi_event(message)
+        except grpc.RpcError as raw:
+            raise from_rpc_error(raw) from None
+
+    def close(self) -> None:
+        """Ends the call now (pending requests are cancelled on the server)."""
+        self._outbox.put(_END)
+        self._call.cancel()
+
+    def __enter__(self) -> "BidiStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

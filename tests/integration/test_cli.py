@@ -42,3 +42,10 @@ def test_serve_exits_naming_the_flag_when_the_kv_budget_does_not_fit():
 def test_serve_rejects_inconsistent_settings_without_traceback():
     result = shardgate("serve", "--embed-max-batch-size", "8", "--embed-max-inputs", "16", timeout=60)
     assert result.returncode == 2 and "max_inputs must be in [1, 8]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_info_shows_health_and_model_of_a_running_server(tiny_server):
+    result = shardgate("info", "--addr", tiny_server.address)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert fields["health"] == "SERVING" and fields["model"] == "builtin:tiny" and fields["devices"] == "cpu"

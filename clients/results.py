@@ -1,0 +1,168 @@
+"""What client calls return: plain dataclasses, converted from the API's protobuf messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from shardgate.clients.errors import ShardgateError, error_for
+from shardgate.proto import inference_pb2
+
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_UNSPECIFIED: None,
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_EOS: "eos",
+    inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    inference_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_time_s: float
+    time_to_first_token_s: float
+    replica: int
+    """Index of the replica that served the request."""
+    device_seconds: float
+    """The request's share of device time."""
+    cost: float
+    """device_seconds priced by the server's --device-cost-per-hour (0 when unpriced)."""
+
+    @classmethod
+    def from_proto(cls, message: inference_pb2.Usage) -> "Usage":
+        return cls(
+            message.prompt_tokens,
+            message.completion_tokens,
+            message.queue_time_s,
+            message.time_to_first_token_s,
+            message.replica,
+            message.device_seconds,
+            message.cost,
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, message: inference_pb2.GenerateResponse) -> "Completion":
+        return cls(
+            request_id=message.request_id,
+            text=message.text,
+            token_ids=list(message.token_ids),
+            finish_reason=FINISH_REASONS[message.finish_reason],
+            usage=Usage.from_proto(message.usage),
+            logprobs=list(message.logprobs),
+        )
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One streamed message: new text and tokens; the last one has finish_reason and usage."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+    usage: Usage | None
+
+    @classmethod
+    def from_proto(cls, message: inference_pb2.GenerateStreamResponse) -> "Delta":
+        last = message.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
+        return cls(
+            request_id=message.request_id,
+            text=message.text,
+            token_ids=list(message.token_ids),
+            logprobs=list(message.logprobs),
+            finish_reason=FINISH_REASONS[message.finish_reason],
+            usage=Usage.from_proto(message.usage) if last else None,
+        )
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """On a multiplexed (bidi) stream: one request ended with an error; the others go on."""
+
+    request_id: str
+    error: ShardgateError
+
+
+def bidi_event(message: inference_pb2.GenerateBidiResponse) -> Delta | RequestFailed:
+    if message.WhichOneof("event") == "error":
+        status = message.error
+        code = _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+        return RequestFailed(status.request_id, error_for(code, status.message))
+    return Delta.from_proto(message.message)
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per input, in input order."""
+
+    request_id: str
+    vectors: list[list[float]]
+    tokens: list[int]
+    """Tokens each input had."""
+    usage: Usage
+
+    @classmethod
+    def from_proto(cls, message: inference_pb2.EmbedResponse) -> "Embeddings":
+        return cls(
+            request_id=message.request_id,
+            vectors=[list(e.values) for e in message.embeddings],
+            tokens=[e.tokens for e in message.embeddings],
+            usage=Usage.from_proto(message.usage),
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model and its limits (see ModelInfoResponse in inference.proto)."""
+
+    model: str
+    model_type: str
+    vocab_size: int
+    max_context_tokens: int
+    max_new_tokens_limit: int
+    dtype: str
+    tp: int
+    pp: int
+    replicas: int
+    kv_capacity_tokens: list[int]
+    devices: list[str]
+    eos_token_ids: list[int]
+    hidden_size: int
+    max_embed_inputs: int
+
+    @classmethod
+    def from_proto(cls, message: inference_pb2.ModelInfoResponse) -> "ModelInfo":
+        return cls(
+            model=message.model,
+            model_type=message.model_type,
+            vocab_size=message.vocab_size,
+            max_context_tokens=message.max_context_tokens,
+            max_new_tokens_limit=message.max_new_tokens_limit,
+            dtype=message.dtype,
+            tp=message.tp,
+            pp=message.pp,
+            replicas=message.replicas,
+            kv_capacity_tokens=list(message.kv_capacity_tokens),
+            devices=list(message.devices),
+            eos_token_ids=list(message.eos_token_ids),
+            hidden_size=message.hidden_size,
+            max_embed_inputs=message.max_embed_inputs,
+        )
