@@ -9,6 +9,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from servers import start_server
 from shardgate.proto import inference_pb2, inference_pb2_grpc
@@ -52,6 +53,7 @@ def one_request(stub, rng: random.Random) -> str:
         return error.code().name
 
 
+@pytest.mark.timeout(DURATION_S + 180)
 def test_soak_leaves_nothing_behind(tmp_path):
     server = start_server(tmp_path, "--kv-cache-memory", str(32 << 20), "--max-num-seqs", "16")
     pids = [server.process.pid, *children_of(server.process.pid)]
