@@ -16,7 +16,7 @@ from shardgate.clients.bench_metrics import Summary, summarize
 from shardgate.clients.errors import ShardgateError, Unimplemented
 from shardgate.clients.workload import make_embed_texts
 
-SWEPT = frozenset({"host", "port", "max_num_seqs", "max_batch_tokens"})
+SWEPT = frozenset({"host", "port", "max_num_seqs", "max_batch_tokens", "embed_max_queue_delay_us"})
 
 
 @dataclass(frozen=True)
