@@ -45,6 +45,20 @@ class Observed:
             for sample in family.samples
         }
 
+    def settled(self, timeout: float = 30) -> dict[tuple[str, frozenset], float]:
+        """A scrape once no step has run for a while: a step still in flight for an earlier
+        test's cancelled request must not count in this test's deltas."""
+        deadline = time.monotonic() + timeout
+        previous = self.scrape()
+        while True:
+            time.sleep(0.3)
+            current = self.scrape()
+            if {k: v for k, v in current.items() if k[0].startswith("shardgate_step_")} == {
+                k: v for k, v in previous.items() if k[0].startswith("shardgate_step_")
+            } or time.monotonic() > deadline:
+                return current
+            previous = current
+
     def log_lines(self, request_id: str, timeout: float = 10) -> list[dict]:
         """The structured log lines of a request, once there is one (the last stream message
         can reach the caller just before the gateway writes the line)."""
@@ -238,7 +252,7 @@ def test_gauges_show_a_running_request_and_counters_its_cancellation(observed):
 
 
 def test_device_seconds_of_requests_add_up_to_the_replicas_busy_device_time(observed):
-    before = observed.scrape()
+    before = observed.settled()
 
     def generate(i):
         with observed.server.client() as client:
