@@ -8,7 +8,18 @@ import logging
 import os
 import sys
 
-from shardgate.server.config import TRACE_STEPS, AdmissionConfig, EmbedBatcherConfig, GatewayConfig, ReplicaConfig, SchedulerConfig, SecurityConfig, SupervisionConfig, TelemetryConfig, TracingConfig
+from shardgate.server.config import (
+    TRACE_STEPS,
+    AdmissionConfig,
+    EmbedBatcherConfig,
+    GatewayConfig,
+    ReplicaConfig,
+    SchedulerConfig,
+    SecurityConfig,
+    SupervisionConfig,
+    TelemetryConfig,
+    TracingConfig,
+)
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.server.replica import INTERNAL_MESSAGE_BYTES  # both ends of the link share the limit
 from shardgate.server.config import TracingConfig
 from shardgate.server.otel import init_tracing
 from shardgate.shards.executor import StepExecutor
@@ -37,7 +38,6 @@ from shardgate.shards.worker import ShardService
 log = logging.getLogger("shardgate.shard")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
 # Ranks other than the driver wait in a broadcast between steps, however long the server idles;
 # a lost driver is caught by the parent watch (or torchrun's agent), not by this timeout.
 COLLECTIVE_TIMEOUT_S = 30 * 24 * 3600.0
