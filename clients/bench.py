@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shardgate.clients.bench_metrics import Summary, summarize
 from shardgate.clients.errors import ShardgateError
+from shardgate.clients.in_process import IN_PROCESS
 from shardgate.clients.workload import Lengths, WorkloadConfig, make_workload, poisson_arrivals
 
 SHARDGATE = "shardgate"
@@ -57,6 +58,14 @@ class LoadConfig:
 
 
 @dataclass(frozen=True)
+class Level:
+    """One load level of a run: its workload and how it is sent."""
+
+    workload: WorkloadConfig
+    load: LoadConfig
+
+
+@dataclass(frozen=True)
 class ServerRun:
     summary: Summary
     model: str
@@ -85,19 +94,41 @@ async def bench_server(address: str, client_options: dict, workload: WorkloadCon
     return ServerRun(summary, info.model, info.dtype, info.devices[0] if info.devices else "cpu", info.vocab_size, tuple(info.eos_token_ids))
 
 
-def bench_hf(model_dir: Path, run: ServerRun, workload: WorkloadConfig, load: LoadConfig, progress: bool) -> dict[str, Summary]:
-    """The transformers baseline on the same checkpoint, dtype, device type and workload."""
+def bench_hf(model_dir: Path, run: ServerRun, levels: list[Level], progress: bool) -> dict[int, dict[str, Summary]]:
+    """The transformers baseline on the same checkpoint, dtype, device type and workloads: one
+    request at a time (once, on the workload of concurrency 1 if there is one, else the first
+    level's) and statically batched at each concurrency above 1."""
     from shardgate.clients.baseline_hf import load_model, run_static_batches
 
     device = "cuda" if run.device.startswith("cuda") else "cpu"
     model = load_model(model_dir, run.dtype, device)
-    items = make_workload(workload, run.vocab_size, frozenset(run.eos_token_ids))
-    results = {}
-    runs = [(HF_ONE, 1)] + ([(hf_static(load.batch_size), load.batch_size)] if load.batch_size > 1 else [])  # a batch of 1 is one at a time
-    for name, size in runs:
-        records = run_static_batches(model, items, size, load.ignore_eos, progress, name)
-        results[name] = summarize(records, load.device_cost_per_hour, devices=1)
+    eos = frozenset(run.eos_token_ids)
+    results: dict[int, dict[str, Summary]] = {index: {} for index in range(len(levels))}
+    sequential = next((i for i, level in enumerate(levels) if level.load.batch_size == 1), 0)
+    for index, level in enumerate(levels):
+        items = make_workload(level.workload, run.vocab_size, eos)
+        runs = [(HF_ONE, 1)] if index == sequential else []
+        if level.load.batch_size > 1:  # a batch of 1 is one at a time
+            runs.append((hf_static(level.load.batch_size), level.load.batch_size))
+        for name, size in runs:
+            records = run_static_batches(model, items, size, level.load.ignore_eos, progress, name)
+            results[index][name] = summarize(records, level.load.device_cost_per_hour, devices=1)
+    if sequential != 0 or len(levels) > 1:  # every table shows the one-at-a-time baseline
+        for index in results:
+            results[index].setdefault(HF_ONE, results[sequential][HF_ONE])
     return results
+
+
+def bench_in_process(args: argparse.Namespace, run: ServerRun, levels: list[Level], progress: bool) -> dict[int, Summary]:
+    """The same engine in one process, no gRPC (clients/in_process.py), at each closed-loop level."""
+    from shardgate.clients.in_process import build_engine, run_in_process
+
+    engine = build_engine(args)
+    eos = frozenset(run.eos_token_ids)
+    workloads = [(make_workload(level.workload, run.vocab_size, eos), level.load.concurrency) for level in levels]
+    load = levels[0].load  # ignore_eos, warmup and price are the same at every level
+    records = run_in_process(engine, workloads, load.ignore_eos, load.warmup, progress)
+    return {index: summarize(level_records, load.device_cost_per_hour, devices=1) for index, level_records in enumerate(records)}
 
 
 # --- report -------------------------------------------------------------------------------
@@ -109,10 +140,14 @@ ROWS = [
     ("requests/s", lambda s: s.requests_per_s, "{:.2f}"),
     *[(f"TTFT {p} ms", (lambda p: lambda s: s.ttft_ms[p])(p), "{:.1f}") for p in ("p50", "p90", "p99")],
     *[(f"ITL {p} ms", (lambda p: lambda s: s.itl_ms[p])(p), "{:.1f}") for p in ("p50", "p90", "p99")],
+    *[(f"TPOT {p} ms", (lambda p: lambda s: s.tpot_ms[p])(p), "{:.1f}") for p in ("p50", "p90", "p99")],
     *[(f"e2e {p} ms", (lambda p: lambda s: s.e2e_ms[p])(p), "{:.0f}") for p in ("p50", "p90", "p99")],
     ("$ per 1M output tokens", lambda s: s.cost_per_million_tokens, "{:.4f}"),
 ]
-RATIO_ROWS = ("output tokens/s", "requests/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "e2e p50 ms", "e2e p99 ms", "$ per 1M output tokens")
+RATIO_ROWS = (
+    "output tokens/s", "requests/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+    "e2e p50 ms", "e2e p99 ms", "$ per 1M output tokens",
+)  # fmt: skip
 
 
 def ratios(results: dict[str, Summary]) -> dict[str, dict[str, float]]:
@@ -169,30 +204,62 @@ def add_parser(commands) -> None:
     server_cli.add_arguments(parser.add_argument_group("server to start when there is no --addr (the `shardgate serve` flags; --host/--port are ignored)"))
     workload_arguments(parser)
     parser.add_argument("--baseline", choices=("hf",), help="also run transformers generate on --model (a local folder)")
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="also run the same engine in this process with no gRPC (one rank): what the gateway round trip and streams cost",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (- for stdout)")
     parser.add_argument("--make-model", metavar="DIR", type=Path, help="write the benchmark model (Llama, ~150M parameters) to DIR and exit")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=bench_command)
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """`N` or `N,M,...`."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,M,...: {text!r}") from None
+
+
 def workload_arguments(parser: argparse.ArgumentParser) -> None:
     """Workload and load flags (shared with `shardgate tune`)."""
     group = parser.add_argument_group("workload")
-    group.add_argument("--num-requests", type=int, default=64, help="requests measured (default %(default)s)")
+    group.add_argument("--num-requests", type=int_list, default=(64,), help="requests measured; N,M,... gives each --concurrency level its own (default 64)")
     group.add_argument("--prompt-len", type=Lengths.parse, default=Lengths(32, 32), help="prompt tokens: N or LOW:HIGH uniform (default 32)")
     group.add_argument("--output-len", type=Lengths.parse, default=Lengths(128, 128), help="new tokens: N or LOW:HIGH uniform (default 128)")
     group.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
     group.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="generate exactly the output length (default on)")
-    group.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 8)")
+    group.add_argument("--concurrency", type=int_list, default=None, help="closed loop: requests in flight; N,M,... runs each level in turn (default 8)")
     group.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
     group.add_argument("--warmup", type=int, default=2, help="short requests before measuring (default %(default)s)")
 
 
+def levels_from_args(args: argparse.Namespace) -> list[Level]:
+    """One level per --concurrency value (one open-loop level with --rate)."""
+    if args.rate is not None and args.concurrency is not None:
+        raise ValueError("give one of --concurrency and --rate")
+    concurrencies = [None] if args.rate is not None else list(args.concurrency or (8,))
+    counts = list(args.num_requests)
+    if len(counts) == 1:
+        counts *= len(concurrencies)
+    if len(counts) != len(concurrencies):
+        raise ValueError(f"--num-requests gives {len(counts)} values for {len(concurrencies)} --concurrency levels")
+    return [
+        Level(
+            WorkloadConfig(count, args.prompt_len, args.output_len, args.seed),
+            LoadConfig(concurrency, args.rate, args.ignore_eos, args.warmup, args.device_cost_per_hour),
+        )
+        for concurrency, count in zip(concurrencies, counts)
+    ]
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[WorkloadConfig, LoadConfig]:
-    workload = WorkloadConfig(args.num_requests, args.prompt_len, args.output_len, args.seed)
-    concurrency = args.concurrency if args.concurrency is not None or args.rate is not None else 8
-    load = LoadConfig(concurrency, args.rate, args.ignore_eos, args.warmup, args.device_cost_per_hour)
-    return workload, load
+    """The workload and load of a command that runs one level (tune)."""
+    levels = levels_from_args(args)
+    if len(levels) != 1:
+        raise ValueError("this command runs one --concurrency level")
+    return levels[0].workload, levels[0].load
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -205,40 +272,62 @@ def bench_command(args: argparse.Namespace) -> int:
         print(f"wrote the benchmark model to {make_bench_model(args.make_model)}")
         return 0
     try:
-        workload, load = configs_from_args(args)
+        levels = levels_from_args(args)
         options = client_options(args)
         if args.baseline and not Path(args.model).is_dir():
             raise ValueError(f"--baseline hf needs --model to be a local Hugging Face folder, not {args.model!r}")
+        if args.in_process and (args.addr is not None or args.rate is not None):
+            raise ValueError("--in-process needs --model (not --addr) and --concurrency (not --rate)")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     progress = not args.no_progress
     server = None
+    runs: list[ServerRun] = []
     try:
         if args.addr is None:
             server = LocalServer(serve_argv(args)).start()
-        run = asyncio.run(bench_server(args.addr or server.address, options, workload, load, progress))
+        for level in levels:
+            runs.append(asyncio.run(bench_server(args.addr or server.address, options, level.workload, level.load, progress)))
     except (ShardgateError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
         if server is not None:
-            server.stop()  # the baseline gets the machine to itself
-    results = {SHARDGATE: run.summary}
+            server.stop()  # the baselines get the machine to themselves
+    results = [{SHARDGATE: run.summary} for run in runs]
+    if args.in_process:
+        try:
+            for index, summary in bench_in_process(args, runs[0], levels, progress).items():
+                results[index][IN_PROCESS] = summary
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if args.baseline == "hf":
-        results |= bench_hf(Path(args.model), run, workload, load, progress)
-    title = (
-        f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, prompt {workload.prompt_len} tokens, "
-        f"output {workload.output_len} tokens, {load.describe()}"
-    )
-    print(format_table(results, title), file=sys.stderr if args.json == "-" else sys.stdout)  # stdout: the JSON alone
+        for index, summaries in bench_hf(Path(args.model), runs[0], levels, progress).items():
+            results[index] |= summaries
+    out = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
+    run = runs[0]
+    for level, level_results in zip(levels, results):
+        workload, load = level.workload, level.load
+        title = (
+            f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, prompt {workload.prompt_len} tokens, "
+            f"output {workload.output_len} tokens, {load.describe()}"
+        )
+        print(format_table(level_results, title), file=out)
+        print(file=out)
     if args.json:
         document = {
             "model": run.model, "dtype": run.dtype, "device": run.device,
-            "workload": {**asdict(workload), "prompt_len": str(workload.prompt_len), "output_len": str(workload.output_len)},
-            "load": asdict(load),
-            "results": {name: summary.as_dict() for name, summary in results.items()},
-            "ratios": ratios(results),
+            "levels": [
+                {
+                    "workload": {**asdict(level.workload), "prompt_len": str(level.workload.prompt_len), "output_len": str(level.workload.output_len)},
+                    "load": asdict(level.load),
+                    "results": {name: summary.as_dict() for name, summary in level_results.items()},
+                    "ratios": ratios(level_results),
+                }
+                for level, level_results in zip(levels, results)
+            ],
         }  # fmt: skip
         text = json.dumps(document, indent=2)
         if args.json == "-":

@@ -27,6 +27,14 @@ class RequestRecord:
     def inter_token_latencies(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean time between its tokens after the first (None with fewer than two): unlike the
+        gaps themselves, it does not depend on how tokens were grouped into messages."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; nan for no values."""
@@ -51,6 +59,8 @@ class Summary:
     requests_per_s: float
     ttft_ms: dict[str, float]
     itl_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    """Time per output token of each request, after its first."""
     e2e_ms: dict[str, float]
     cost_per_million_tokens: float | None
     """Price of the device-time per million output tokens (None without a price)."""
@@ -81,6 +91,7 @@ def summarize(records: list[RequestRecord], device_cost_per_hour: float = 0.0, d
         requests_per_s=len(ok) / duration if duration > 0 else math.nan,
         ttft_ms=_percentiles_ms([r.ttft for r in ok if r.ttft is not None]),
         itl_ms=_percentiles_ms([gap for r in ok for gap in r.inter_token_latencies()]),
+        tpot_ms=_percentiles_ms([r.time_per_output_token for r in ok if r.time_per_output_token is not None]),
         e2e_ms=_percentiles_ms([r.end - r.start for r in ok]),
         cost_per_million_tokens=cost,
     )

@@ -83,18 +83,20 @@ class SeqChunk(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "free_seq_ids", "chunks", "traceparent", "report_timings")
+    __slots__ = ("step_id", "free_seq_ids", "chunks", "traceparent", "report_timings", "num_steps")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FREE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     REPORT_TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     free_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     chunks: _containers.RepeatedCompositeFieldContainer[SeqChunk]
     traceparent: str
     report_timings: bool
-    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., traceparent: _Optional[str] = ..., report_timings: _Optional[bool] = ...) -> None: ...
+    num_steps: int
+    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., traceparent: _Optional[str] = ..., report_timings: _Optional[bool] = ..., num_steps: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("seq_id", "token_id", "logprob")

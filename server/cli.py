@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="driver address of a replica started with torchrun (repeatable)")  # fmt: skip
     parser.add_argument("--max-batch-tokens", type=int, default=scheduler.max_batch_tokens, help="token budget of one step (default %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=scheduler.max_num_seqs, help="most sequences in one step (default %(default)s)")
+    parser.add_argument(
+        "--decode-steps", type=int, default=scheduler.decode_steps,
+        help="decode steps per replica round trip while only decodes run and none wait (default %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--block-size", type=int, default=replica.block_size, help="tokens per KV block (default %(default)s)")
     parser.add_argument("--kv-cache-memory", type=float, default=replica.kv_cache_memory,
                         help="KV cache bytes (> 1), or fraction (0-1] of the memory left after the model and its largest step; default: 1 GiB on CPU, 0.9 on GPU")  # fmt: skip
@@ -99,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         remote_replicas=tuple(args.remote_replica),
         max_message_bytes=args.max_message_bytes,
         scheduler=SchedulerConfig(
-            max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, priority_aging_s=args.priority_aging_s
+            max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, priority_aging_s=args.priority_aging_s,
+            decode_steps=args.decode_steps,
         ),
         admission=AdmissionConfig(
             max_queue_requests=args.max_queue_requests,

@@ -25,10 +25,14 @@ class SchedulerConfig:
     """Most sequences in one step (running decodes + prefills)."""
     priority_aging_s: float = 1.0
     """A waiting request of priority p queues as if it had arrived p × this many seconds earlier."""
+    decode_steps: int = 4
+    """Most decode steps the replica runs per round trip when a step holds only decodes and
+    nothing waits to be admitted (1 = a round trip per token)."""
 
     def __post_init__(self) -> None:
         _require(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _require(self.decode_steps >= 1, "decode_steps must be >= 1")
         _require(self.priority_aging_s > 0 and math.isfinite(self.priority_aging_s), "priority_aging_s must be > 0")
 
 

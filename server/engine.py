@@ -214,15 +214,19 @@ class Engine:
         self.num_forward_passes += 1
         step = self.telemetry.step_started(plan)
         try:
-            response = await self.replica.step(plan, self.step_timeout_s, metadata=step.metadata, report_timings=step.report_timings)
+            timeout = None if self.step_timeout_s is None else self.step_timeout_s * plan.num_steps
+            response = await self.replica.step(plan, timeout, metadata=step.metadata, report_timings=step.report_timings)
         except grpc.aio.AioRpcError as error:
             self.telemetry.step_failed(step, error.details() or error.code().name)
             self.fail(f"step {plan.step_id}: {error.code().name} {error.details()}")
             return
         self.telemetry.step_finished(step, response)
-        sampled = {token.seq_id: (token.token_id, token.logprob) for token in response.tokens}
-        for request in self.scheduler.update(plan, sampled):
-            self._on_token(self._handles[request.seq_id])
+        per_step = len(response.tokens) // plan.num_steps  # step-major: each step samples the same chunks
+        for index in range(plan.num_steps):
+            tokens = response.tokens[index * per_step : (index + 1) * per_step]
+            sampled = {token.seq_id: (token.token_id, token.logprob) for token in tokens}
+            for request in self.scheduler.update(plan, sampled):
+                self._on_token(self._handles[request.seq_id])
 
     async def _embed_step(self) -> None:
         """Runs one forward over the next inputs of the taken calls, in KV blocks lent from the

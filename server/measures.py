@@ -53,9 +53,10 @@ class StepShape:
     def of(cls, plan: StepPlan) -> "StepShape":
         # A decode computes the one token sampled last; anything else (a prompt chunk, or a
         # preempted request's recomputation) is prefill work.
-        decode = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start_pos >= len(c.request.prompt_ids))
+        decode_chunks = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start_pos >= len(c.request.prompt_ids))
+        decode = decode_chunks * plan.num_steps
         tokens = plan.num_tokens
-        if decode == len(plan.chunks):
+        if decode_chunks == len(plan.chunks):
             phase = "decode"
         elif decode == 0:
             phase = "prefill"

@@ -100,7 +100,7 @@ def plan_to_proto(plan: StepPlan) -> shard_pb2.StepRequest:
                 )
             )
         chunks.append(message)
-    return shard_pb2.StepRequest(step_id=plan.step_id, free_seq_ids=plan.free_seq_ids, chunks=chunks)
+    return shard_pb2.StepRequest(step_id=plan.step_id, free_seq_ids=plan.free_seq_ids, chunks=chunks, num_steps=plan.num_steps)
 
 
 class ReplicaClient:

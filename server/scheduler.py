@@ -42,10 +42,13 @@ class StepPlan:
     """Sequences the replica should forget before the step (finished, aborted, preempted)."""
     preempted: list[Request] = field(default_factory=list)
     """Requests sent back to the queue by this plan to make room in the KV cache."""
+    num_steps: int = 1
+    """Decode steps the replica runs back to back (more than one only for a plan of decodes)."""
 
     @property
     def num_tokens(self) -> int:
-        return sum(chunk.num_tokens for chunk in self.chunks)
+        """Tokens whose KV the plan computes (in all its steps)."""
+        return sum(chunk.num_tokens for chunk in self.chunks) * self.num_steps
 
 
 class Scheduler:
@@ -125,13 +128,35 @@ class Scheduler:
             budget -= num_tokens
         # Taken last, so that sequences preempted by this plan are forgotten before it runs.
         plan.free_seq_ids, self._pending_free = self._pending_free, []
+        self._extend_decode_run(plan)
         return plan
 
-    def update(self, plan: StepPlan, sampled: dict[int, tuple[int, float]]) -> list[Request]:
-        """Applies a finished step; returns the requests that got a new token, in plan order.
+    def _extend_decode_run(self, plan: StepPlan) -> None:
+        """Lets a plan of decodes run several steps in one round trip (config.decode_steps):
+        only when no request waits (a new arrival waits at most one run), never past any
+        request's max_new_tokens, and only if every sequence gets the blocks for those steps.
+        A request that ends early (EOS, stop string) wastes at most the rest of the run."""
+        if self.config.decode_steps == 1 or self.waiting or not plan.chunks:
+            return
+        if not all(chunk.num_tokens == 1 and chunk.sample for chunk in plan.chunks):
+            return
+        steps = min(self.config.decode_steps, *(c.request.params.max_new_tokens - len(c.request.output_ids) for c in plan.chunks))
+        if steps <= 1:
+            return
+        for chunk in plan.chunks:
+            request = chunk.request
+            new_blocks = self.blocks.grow(request.block_ids, request.num_computed_tokens + steps)
+            if new_blocks is None:
+                return  # one step; blocks grown for earlier chunks stay theirs (the plan sends them)
+            chunk.new_block_ids.extend(new_blocks)
+        plan.num_steps = steps
 
-        `sampled` maps seq_id to (token id, logprob). Requests finished or aborted while the
-        step ran are skipped.
+    def update(self, plan: StepPlan, sampled: dict[int, tuple[int, float]]) -> list[Request]:
+        """Applies one finished step of a plan (called once per step of a multi-step plan, in
+        order); returns the requests that got a new token, in plan order.
+
+        `sampled` maps seq_id to (token id, logprob). Requests finished or aborted meanwhile
+        (while the step ran, or at an earlier step of the same plan) are skipped.
         """
         updated = []
         now = time.monotonic()

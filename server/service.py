@@ -49,18 +49,22 @@ def _usage(handle: RequestHandle, telemetry: Telemetry) -> inference_pb2.Usage:
     )
 
 
-def _stream_message(handle: RequestHandle, event: TokenEvent | FinishEvent, telemetry: Telemetry) -> inference_pb2.GenerateStreamResponse:
-    request_id = handle.request.request_id
-    if isinstance(event, TokenEvent):
-        return inference_pb2.GenerateStreamResponse(
-            request_id=request_id,
-            text=event.text,
-            token_ids=[event.token_id],
-            logprobs=[] if event.logprob is None else [event.logprob],
-        )
-    return inference_pb2.GenerateStreamResponse(
-        request_id=request_id, text=event.text, finish_reason=_FINISH_REASONS[event.reason], usage=_usage(handle, telemetry)
+def _stream_message(
+    handle: RequestHandle, events: list[TokenEvent | FinishEvent], telemetry: Telemetry
+) -> inference_pb2.GenerateStreamResponse:
+    """One stream message for the events ready together: their tokens and text, and the finish
+    reason and usage when the last of them ends the request."""
+    tokens = [event for event in events if isinstance(event, TokenEvent)]
+    message = inference_pb2.GenerateStreamResponse(
+        request_id=handle.request.request_id,
+        text="".join(event.text for event in events),
+        token_ids=[event.token_id for event in tokens],
+        logprobs=[event.logprob for event in tokens if event.logprob is not None],
     )
+    if isinstance(events[-1], FinishEvent):
+        message.finish_reason = _FINISH_REASONS[events[-1].reason]
+        message.usage.CopyFrom(_usage(handle, telemetry))
+    return message
 
 
 def _deadline(timeout_s: float | None, context: grpc.aio.ServicerContext) -> float | None:
@@ -162,21 +166,27 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except RequestError as error:
             await context.abort(error.code, str(error))
 
-    async def _events(self, generation: _Generation) -> AsyncIterator[Event]:
-        """Yields a request's events up to its last (a FinishEvent or an ErrorEvent); cancels
-        the request if the consumer stops first. Consumers iterate it under aclosing(), so the
-        request is cancelled and counted out before their call ends, however it ends."""
+    async def _events(self, generation: _Generation) -> AsyncIterator[list[Event]]:
+        """Yields a request's events in batches (those ready at once: a replica that ran several
+        decode steps in one round trip hands over several tokens together, and they go out as
+        one message), up to its last (a FinishEvent or an ErrorEvent, always last in its batch);
+        cancels the request if the consumer stops first. Consumers iterate it under aclosing(),
+        so the request is cancelled and counted out before their call ends, however it ends."""
         call_span = trace.get_current_span()
         code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the caller went away
+        queue = generation.handle.events
         try:
             while True:
-                event = await generation.handle.events.get()
-                if isinstance(event, ErrorEvent):
-                    code = event.code
-                elif isinstance(event, FinishEvent):
+                batch = [await queue.get()]
+                while isinstance(batch[-1], TokenEvent) and not queue.empty():
+                    batch.append(queue.get_nowait())
+                last = batch[-1]
+                if isinstance(last, ErrorEvent):
+                    code = last.code
+                elif isinstance(last, FinishEvent):
                     code = grpc.StatusCode.OK
-                yield event
-                if isinstance(event, (FinishEvent, ErrorEvent)):
+                yield batch
+                if isinstance(last, (FinishEvent, ErrorEvent)):
                     return
         finally:
             self.router.cancel(generation.handle)
@@ -186,17 +196,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         generation = await self._start_or_abort(request, context)
         text, token_ids, logprobs = [], [], []
-        async with aclosing(self._events(generation)) as events:
-            async for event in events:
-                if isinstance(event, ErrorEvent):
-                    await context.abort(event.code, event.message)
-                text.append(event.text)
-                if isinstance(event, TokenEvent):
-                    token_ids.append(event.token_id)
-                    if event.logprob is not None:
-                        logprobs.append(event.logprob)
-                else:
-                    reason = event.reason
+        async with aclosing(self._events(generation)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    if isinstance(event, ErrorEvent):
+                        await context.abort(event.code, event.message)
+                    text.append(event.text)
+                    if isinstance(event, TokenEvent):
+                        token_ids.append(event.token_id)
+                        if event.logprob is not None:
+                            logprobs.append(event.logprob)
+                    else:
+                        reason = event.reason
         handle = generation.handle
         return inference_pb2.GenerateResponse(
             request_id=handle.request.request_id,
@@ -209,11 +220,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         generation = await self._start_or_abort(request, context)
-        async with aclosing(self._events(generation)) as events:
-            async for event in events:
-                if isinstance(event, ErrorEvent):
-                    await context.abort(event.code, event.message)
-                yield _stream_message(generation.handle, event, self.telemetry)
+        async with aclosing(self._events(generation)) as batches:
+            async for batch in batches:
+                error = batch.pop() if isinstance(batch[-1], ErrorEvent) else None
+                if batch:
+                    yield _stream_message(generation.handle, batch, self.telemetry)
+                if error is not None:
+                    await context.abort(error.code, error.message)
 
     async def GenerateBidi(self, request_iterator, context) -> AsyncIterator[inference_pb2.GenerateBidiResponse]:
         """Requests start as their messages arrive; each one's messages go out as they are made.
@@ -230,12 +243,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
         async def relay(request_id: str, generation: _Generation) -> None:
             try:
-                async with aclosing(self._events(generation)) as events:
-                    async for event in events:
-                        if isinstance(event, ErrorEvent):
-                            fail(request_id, event.code, event.message)
-                        else:
-                            out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, event, self.telemetry)))
+                async with aclosing(self._events(generation)) as batches:
+                    async for batch in batches:
+                        error = batch.pop() if isinstance(batch[-1], ErrorEvent) else None
+                        if batch:
+                            out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, batch, self.telemetry)))
+                        if error is not None:
+                            fail(request_id, error.code, error.message)
             finally:
                 del live[request_id]
                 out.put_nowait(_WAKE)

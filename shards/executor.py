@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -78,9 +78,8 @@ class StepExecutor:
         with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
             if self._distributed:
                 self._broadcast(shard_pb2.RankCommand(step=request).SerializeToString())
-            results, time_spent = self._execute(request)
-            if self._distributed and self.parallel.sampler_rank != 0:
-                results = self._receive_samples(request)
+            results, last, time_spent = self._execute(request)
+            results += self._receive_samples(request) if self._distributed and self.parallel.sampler_rank != 0 else last
             timings = self._gather_timings(time_spent) if _gathers(request) else []
         return shard_pb2.StepResponse(
             tokens=[shard_pb2.SampledToken(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob or 0.0) for r in results],
@@ -114,12 +113,12 @@ class StepExecutor:
                     if reports:
                         dist.send(vectors, dst=0, group=self.parallel.control)
                     continue
-                results, time_spent = self._execute(command.step)
+                _, last, time_spent = self._execute(command.step)
             except ValueError as error:
                 log.error("rank %d rejected a %s: %s", self.parallel.rank, command.WhichOneof("command"), error)
                 continue
             if reports:
-                self._send_samples(results)
+                self._send_samples(last)
             if _gathers(command.step):
                 self._gather_timings(time_spent)
 
@@ -128,19 +127,48 @@ class StepExecutor:
         if self._distributed:
             self._broadcast(b"", stop=True)
 
-    def _execute(self, request: shard_pb2.StepRequest) -> tuple[list[SampleResult], RankTime]:
+    def _execute(self, request: shard_pb2.StepRequest) -> tuple[list[SampleResult], list[SampleResult], RankTime]:
+        """Runs the plan's steps. Returns the samples of the steps before the last (every rank
+        receives those: they feed the next step), the last step's samples (on the last pipeline
+        stage; the sampler rank's are the ones reported) and this rank's time."""
         self.faults.on_step()
         traced = bool(request.traceparent) and self.tracer is not None
         timer = CommTimer(self.runner.device) if _gathers(request) else None
         chunks = self.sequences.apply(request)
+        num_steps = max(request.num_steps, 1)
+        if num_steps > 1 and not all(len(chunk.token_ids) == 1 and chunk.sample for chunk in chunks):
+            raise ValueError(f"step {request.step_id}: a plan of {num_steps} steps must hold single-token decodes only")
         start_ns, started = time.time_ns(), time.perf_counter()
-        results = self.runner.step(chunks, timer)
+        earlier: list[SampleResult] = []
+        for _ in range(num_steps - 1):
+            shared = self._share_samples(self.runner.step(chunks, timer), chunks)
+            earlier.extend(shared)
+            chunks = [
+                replace(chunk, token_ids=[result.token_id], start_pos=chunk.start_pos + 1, output_index=chunk.output_index + 1)
+                for chunk, result in zip(chunks, shared)
+            ]
+        last = self.runner.step(chunks, timer)
         if timer is not None:
             timer.finish()
         forward = RankTime(time.perf_counter() - started, timer)
         if traced:
             self._record_forward(request, chunks, start_ns, forward)
-        return results, forward
+        return earlier, last, forward
+
+    def _share_samples(self, results: list[SampleResult], chunks: list[SeqChunk]) -> list[SampleResult]:
+        """Every rank gets the sampler rank's tokens (and logprobs) of a step: the next step's inputs."""
+        if not self._distributed:
+            return results
+        values = torch.empty(2, len(chunks), dtype=torch.float64)  # token ids (exact below 2**53), logprobs
+        if self.parallel.rank == self.parallel.sampler_rank:
+            values[0] = torch.tensor([r.token_id for r in results], dtype=torch.float64)
+            values[1] = torch.tensor([r.logprob or 0.0 for r in results], dtype=torch.float64)
+        dist.broadcast(values, src=self.parallel.sampler_rank, group=self.parallel.control)
+        tokens, logprobs = values.tolist()
+        return [
+            SampleResult(chunk.seq_id, int(token), logprob if chunk.sampling.logprobs else None)
+            for chunk, token, logprob in zip(chunks, tokens, logprobs)
+        ]
 
     def _embed(self, request: shard_pb2.EmbedStepRequest) -> torch.Tensor | None:
         """Pooled vectors (N, hidden) float32 on CPU on the last stage; None elsewhere."""

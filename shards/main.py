@@ -32,7 +32,7 @@ from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
 from shardgate.shards.parallel import ParallelConfig, ParallelState, init_parallel
 from shardgate.shards.runner import ModelRunner
-from shardgate.shards.weights import load_model
+from shardgate.shards.weights import LoadedModel, load_model
 from shardgate.shards.worker import ShardService
 
 log = logging.getLogger("shardgate.shard")
@@ -194,6 +194,31 @@ def agree_on_blocks(num_blocks: int, parallel: ParallelState) -> int:
     return int(count.item())
 
 
+@dataclass(frozen=True)
+class RankModel:
+    """This rank's part of the model, ready to run steps."""
+
+    loaded: LoadedModel
+    runner: ModelRunner
+    num_blocks: int
+    """KV cache blocks, agreed by every rank of the replica."""
+
+
+def build_rank_model(config: ShardConfig, device: torch.device, parallel: ParallelState) -> RankModel:
+    """Loads this rank's part of the model, profiles the largest step and allocates the KV cache
+    in what memory is left. Raises CapacityError when the cache gets less than one block."""
+    dtype = DTYPES[config.dtype]
+    loaded = load_model(config.model, dtype, device, parallel)
+    profile = profile_step(loaded.model, loaded.config, config.max_batch_tokens, config.max_num_seqs, config.block_size, dtype, device)
+    budget = kv_cache_bytes(config.kv_cache_memory, profile, device.type, config.max_batch_tokens)
+    log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
+    num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(config.block_size, dtype), parallel)
+    if num_blocks < 1:
+        raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than one KV block; raise it")
+    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, config.block_size, dtype, device)
+    return RankModel(loaded, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -218,23 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         ParallelConfig(config.tp, config.pp), config.rank, config.world_size,
         backend="nccl" if device.type == "cuda" else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S,
     )  # fmt: skip
-    dtype = DTYPES[config.dtype]
-    loaded = load_model(config.model, dtype, device, parallel)
     try:
-        profile = profile_step(loaded.model, loaded.config, config.max_batch_tokens, config.max_num_seqs, config.block_size, dtype, device)
-        budget = kv_cache_bytes(config.kv_cache_memory, profile, device.type, config.max_batch_tokens)
+        rank_model = build_rank_model(config, device, parallel)
     except CapacityError as error:
         print(f"shard: {error}", file=sys.stderr)
         return 2
-    log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
-    num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(config.block_size, dtype), parallel)
-    if num_blocks < 1:
-        print(f"shard: --kv-cache-memory gives {budget} bytes, less than one KV block; raise it", file=sys.stderr)
-        return 2
-    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, config.block_size, dtype, device)
+    loaded, num_blocks = rank_model.loaded, rank_model.num_blocks
     provider = init_tracing(config.tracing, "shardgate-shard")
     tracer = provider.get_tracer("shardgate.shards") if provider is not None else None
-    executor = StepExecutor(ModelRunner(loaded.model, loaded.config, kv_cache, device), parallel, tracer, faults)
+    executor = StepExecutor(rank_model.runner, parallel, tracer, faults)
     devices = gather_device_names(device, parallel)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", config.rank, parallel.tp_rank, parallel.pp_stage)

@@ -37,12 +37,12 @@ def test_bench_with_the_hf_baseline_prints_both_sides_and_ratios(bench_model, tm
     throughput = next(line for line in lines if line.startswith("output tokens/s")).split()
     assert len(throughput) == 2 + 3 + 2 and throughput[-1].endswith("x") and throughput[-2].endswith("x")
     report = json.loads((tmp_path / "b.json").read_text())
-    assert set(report["results"]) == {"shardgate", "hf one-at-a-time", "hf static batch 3"}
-    for summary in report["results"].values():  # the same workload on both sides
+    assert set(report["levels"][0]["results"]) == {"shardgate", "hf one-at-a-time", "hf static batch 3"}
+    for summary in report["levels"][0]["results"].values():  # the same workload on both sides
         assert (summary["requests"], summary["errors"], summary["output_tokens"]) == (6, 0, 72)
         assert summary["cost_per_million_tokens"] > 0 and summary["ttft_ms"]["p99"] > 0
-    ours, theirs = report["results"]["shardgate"], report["results"]["hf one-at-a-time"]
-    assert report["ratios"]["hf one-at-a-time"]["output tokens/s"] == pytest.approx(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
+    ours, theirs = report["levels"][0]["results"]["shardgate"], report["levels"][0]["results"]["hf one-at-a-time"]
+    assert report["levels"][0]["ratios"]["hf one-at-a-time"]["output tokens/s"] == pytest.approx(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
 
 
 def test_bench_open_loop_against_a_running_server(tiny_server):
@@ -50,11 +50,11 @@ def test_bench_open_loop_against_a_running_server(tiny_server):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert "open loop, Poisson 25 req/s" in result.stderr.splitlines()[0]
-    assert report["load"]["rate"] == 25 and report["workload"]["prompt_len"] == "4:12"
+    assert report["levels"][0]["load"]["rate"] == 25 and report["levels"][0]["workload"]["prompt_len"] == "4:12"
     with tiny_server.client() as client:
         info = client.model_info()
     items = make_workload(WorkloadConfig(10, Lengths(4, 12), Lengths(3, 9), 5), info.vocab_size, frozenset(info.eos_token_ids))
-    summary = report["results"]["shardgate"]
+    summary = report["levels"][0]["results"]["shardgate"]
     assert summary["errors"] == 0 and summary["output_tokens"] == sum(item.max_new_tokens for item in items)
     assert summary["cost_per_million_tokens"] is None  # no price given
 

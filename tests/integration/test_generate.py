@@ -14,10 +14,12 @@ def test_greedy_unary_and_stream_agree(client):
     unary = client.generate("Hello there", max_new_tokens=24, temperature=0, ignore_eos=True)
     assert len(unary.token_ids) == 24 and unary.finish_reason == "length"
     deltas = list(client.stream("Hello there", max_new_tokens=24, temperature=0, ignore_eos=True))
-    assert [d.token_ids for d in deltas[:-1]] == [[t] for t in unary.token_ids]  # one message per token
+    assert [t for d in deltas for t in d.token_ids] == unary.token_ids
+    # A message per replica round trip: the prefill's token, then runs of up to --decode-steps (4) tokens.
+    assert [len(d.token_ids) for d in deltas] == [1, 4, 4, 4, 4, 4, 3]
     assert "".join(d.text for d in deltas) == unary.text
     last = deltas[-1]
-    assert last.finish_reason == "length" and last.token_ids == [] and last.usage.completion_tokens == 24
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 24
     assert all(d.finish_reason is None and d.usage is None for d in deltas[:-1])
     prompt_tokens = len(client.tokenize("Hello there", add_special_tokens=True))
     assert last.usage.prompt_tokens == prompt_tokens

@@ -41,7 +41,7 @@ def test_tune_plots_and_recommends_serve_flags_that_meet_the_slo(tmp_path):
     finally:
         server.stop()
     assert follow_up.returncode == 0, follow_up.stderr
-    summary = json.loads(follow_up.stdout)["results"]["shardgate"]
+    summary = json.loads(follow_up.stdout)["levels"][0]["results"]["shardgate"]
     assert summary["errors"] == 0 and summary["ttft_ms"]["p99"] <= 5000 and summary["itl_ms"]["p99"] <= 2000
 
 

@@ -82,8 +82,8 @@ def test_metadata_pads_decodes_and_prefills_separately():
     decodes, prefills = metadata.groups
     assert (decodes.num_seqs, decodes.max_query_len) == (2, 1)
     assert decodes.token_index.tolist() == [0, 6]
-    assert decodes.mask.shape == (2, 1, 1, 10)  # contexts of 10 and 3 tokens
-    assert decodes.mask[1, 0, 0].tolist() == [True] * 3 + [False] * 7
+    assert decodes.mask.shape == (2, 1, 1, 12)  # contexts of 10 and 3 tokens, in whole blocks of 4
+    assert decodes.mask[1, 0, 0].tolist() == [True] * 3 + [False] * 9
     assert (prefills.num_seqs, prefills.max_query_len) == (2, 5)
     assert prefills.token_index.tolist() == [1, 2, 3, 4, 5, 7, 8, 9]
     assert prefills.padded_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]

@@ -39,10 +39,12 @@ class ScriptedReplica:
         if plan.step_id == self.fail_at_step:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, details="shard died")
         tokens = []
-        for chunk in plan.chunks:
-            if chunk.sample:
-                script = self.scripts[chunk.request.prompt_ids[0]]
-                tokens.append(shard_pb2.SampledToken(seq_id=chunk.request.seq_id, token_id=script[len(chunk.request.output_ids) % len(script)]))
+        for step in range(plan.num_steps):  # step-major, as the shard answers a multi-step plan
+            for chunk in plan.chunks:
+                if chunk.sample:
+                    script = self.scripts[chunk.request.prompt_ids[0]]
+                    index = len(chunk.request.output_ids) + step
+                    tokens.append(shard_pb2.SampledToken(seq_id=chunk.request.seq_id, token_id=script[index % len(script)]))
         return shard_pb2.StepResponse(tokens=tokens)
 
 
@@ -163,7 +165,7 @@ def test_deadline_mid_decode_keeps_the_tokens_and_frees_the_blocks():
     tokens = [e for e in events if isinstance(e, TokenEvent)]
     assert isinstance(events[-1], ErrorEvent) and events[-1].code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert events[-1].message == f"deadline exceeded after {len(tokens)} generated tokens"
-    assert len(tokens) <= at_deadline + 1  # at most the step in flight when it expired
+    assert len(tokens) <= sum(p.num_steps for p in replica.plans[: at_deadline + 1])  # at most the plan in flight when it expired
     assert all(c.request is not handle.request for p in replica.plans[at_deadline + 1 :] for c in p.chunks)
     assert blocks.num_free == blocks.num_blocks
 
@@ -201,7 +203,7 @@ def test_cancel_in_any_state_frees_everything_within_one_step(state, when):
     async def scenario():
         replica = CancellingReplica({10: [72], 11: [73]}, when)
         blocks = BlockManager(64, 4)
-        engine = Engine(0, Scheduler(SchedulerConfig(max_batch_tokens=8, max_num_seqs=1 if state == "queued" else 4), blocks), replica, TOKENIZER, (EOS,))
+        engine = Engine(0, Scheduler(SchedulerConfig(max_batch_tokens=8, max_num_seqs=1 if state == "queued" else 4, decode_steps=1), blocks), replica, TOKENIZER, (EOS,))
         replica.engine = engine
         loop = asyncio.create_task(engine.run())
         other = engine.submit(valid(11, max_new_tokens=12))
@@ -249,7 +251,7 @@ def embed_job(*inputs, deadline=None):
 def make_embed_engine(replica, num_blocks=64, max_batch_tokens=64, delay_us=0, max_batch_size=32):
     blocks = BlockManager(num_blocks, 4)
     batcher = DynamicBatcher(EmbedBatcherConfig(max_batch_size=max_batch_size, max_queue_delay_us=delay_us, max_inputs=4), aging_s=1.0)
-    engine = Engine(0, Scheduler(SchedulerConfig(max_batch_tokens=max_batch_tokens), blocks), replica, TOKENIZER, (EOS,), batcher)
+    engine = Engine(0, Scheduler(SchedulerConfig(max_batch_tokens=max_batch_tokens, decode_steps=1), blocks), replica, TOKENIZER, (EOS,), batcher)
     return engine, batcher, blocks
 
 
@@ -368,7 +370,7 @@ def test_steps_are_traced_for_sampled_requests_and_charged_to_them():
 
     async def scenario():
         replica = ScriptedReplica({10: [72], 11: [73]})
-        engine = Engine(0, Scheduler(SchedulerConfig(), BlockManager(64, 4)), replica, TOKENIZER, (EOS,), telemetry=telemetry.replica(0, 2))
+        engine = Engine(0, Scheduler(SchedulerConfig(decode_steps=1), BlockManager(64, 4)), replica, TOKENIZER, (EOS,), telemetry=telemetry.replica(0, 2))
         loop = asyncio.create_task(engine.run())
         traced = engine.submit(valid(10, max_new_tokens=3))
         traced.request.span_context = SpanContext(5, 6, False, TraceFlags(TraceFlags.SAMPLED))

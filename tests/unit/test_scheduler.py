@@ -17,7 +17,7 @@ def run_step(scheduler: Scheduler, token: int = 7):
 
 
 def test_prefill_then_decode_with_block_growth():
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4), BlockManager(10, 4))
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4, decode_steps=1), BlockManager(10, 4))
     request = make(1, 6)
     scheduler.add(request)
     plan, updated = run_step(scheduler)
