@@ -182,6 +182,8 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-len", type=Lengths.parse, default=Lengths(32, 32), help="prompt tokens: N or LOW:HIGH uniform (default 32)")
     group.add_argument("--output-len", type=Lengths.parse, default=Lengths(128, 128), help="new tokens: N or LOW:HIGH uniform (default 128)")
     group.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
+    group.add_argument("--shared-prefix-len", type=int, default=0,
+                       help="tokens every prompt starts with, the same for all, before its own --prompt-len (default %(default)s)")  # fmt: skip
     group.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="generate exactly the output length (default on)")
     group.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (default 8)")
     group.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
@@ -189,7 +191,7 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[WorkloadConfig, LoadConfig]:
-    workload = WorkloadConfig(args.num_requests, args.prompt_len, args.output_len, args.seed)
+    workload = WorkloadConfig(args.num_requests, args.prompt_len, args.output_len, args.seed, args.shared_prefix_len)
     concurrency = args.concurrency if args.concurrency is not None or args.rate is not None else 8
     load = LoadConfig(concurrency, args.rate, args.ignore_eos, args.warmup, args.device_cost_per_hour)
     return workload, load
@@ -228,7 +230,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.baseline == "hf":
         results |= bench_hf(Path(args.model), run, workload, load, progress)
     title = (
-        f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, prompt {workload.prompt_len} tokens, "
+        f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, "
+        f"prompt {f'{workload.shared_prefix_len} shared + ' if workload.shared_prefix_len else ''}{workload.prompt_len} tokens, "
         f"output {workload.output_len} tokens, {load.describe()}"
     )
     print(format_table(results, title), file=sys.stderr if args.json == "-" else sys.stdout)  # stdout: the JSON alone

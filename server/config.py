@@ -25,6 +25,8 @@ class SchedulerConfig:
     """Most sequences in one step (running decodes + prefills)."""
     priority_aging_s: float = 1.0
     """A waiting request of priority p queues as if it had arrived p × this many seconds earlier."""
+    prefix_caching: bool = True
+    """Requests whose tokens start like an earlier one's share its cached full KV blocks instead of computing them."""
 
     def __post_init__(self) -> None:
         _require(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")

@@ -24,9 +24,9 @@ SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 def scheduled(num_requests: int, sampled: bool = True) -> tuple[Scheduler, list[Request], object]:
-    """A scheduler with requests of 5, 6, ... prompt tokens, and its first plan."""
+    """A scheduler with requests of 5, 6, ... prompt tokens (sharing no prefix), and its first plan."""
     scheduler = Scheduler(SchedulerConfig(), BlockManager(64, 4))
-    requests = [Request(i + 1, f"r{i + 1}", [1] * (5 + i), PARAMS) for i in range(num_requests)]
+    requests = [Request(i + 1, f"r{i + 1}", [i + 1] * (5 + i), PARAMS) for i in range(num_requests)]
     for request in requests:
         request.span_context = SpanContext(request.seq_id, request.seq_id, False, SAMPLED if sampled else TraceFlags(0))
         scheduler.add(request)
