@@ -158,3 +158,10 @@ def test_replica_state_is_read_when_scraped():
     assert sample(metrics, "shardgate_kv_cache_usage_ratio", replica=1) == 0
     scheduler.num_preemptions = 3
     assert sample(metrics, "shardgate_preemptions_total", replica=0) == 3
+    assert sample(metrics, "shardgate_prefix_cache_queries_total", replica=0) == 5 + 6  # both prompts looked up
+    assert sample(metrics, "shardgate_prefix_cache_hits_total", replica=0) == 0
+    again = Request(3, "r3", [1] * 5, PARAMS)  # the first request's prompt: its full block is cached
+    scheduler.add(again)
+    scheduler.schedule()
+    assert sample(metrics, "shardgate_prefix_cache_queries_total", replica=0) == 5 + 6 + 5
+    assert sample(metrics, "shardgate_prefix_cache_hits_total", replica=0) == 4
