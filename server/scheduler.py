@@ -141,7 +141,7 @@ class Scheduler:
                 self.num_prefix_hit_tokens += cached
             if request.first_scheduled is None:
                 request.first_scheduled = time.monotonic()
-                request.num_cached_tokens = min(cached, len(request.prompt_ids))
+                request.num_cached_tokens = cached  # all prompt tokens: nothing is generated yet
                 self.num_started += 1
             self.running.append(request)
             plan.chunks.append(self._chunk(request, num_tokens, new_blocks))
@@ -210,24 +210,26 @@ class Scheduler:
         if not self.config.prefix_caching:
             return 0
         limit = (request.num_tokens - 1) // self.blocks.block_size
-        count = self.blocks.take_cached(request.block_ids, self._block_hashes(request, limit))
+        count = self.blocks.take_cached(request.block_ids, self._block_hashes(request, limit)[:limit])
         request.num_computed_tokens = count * self.blocks.block_size
         return request.num_computed_tokens
 
     def _register_filled_blocks(self, request: Request, start: int, end: int) -> None:
         """Registers the blocks that a chunk computing positions [start, end) fills."""
         size = self.blocks.block_size
-        hashes = self._block_hashes(request, end // size)
-        for index in range(start // size, end // size):
-            self.blocks.register(request.block_ids[index], hashes[index])
+        first, stop = start // size, end // size
+        if first < stop:  # most decodes fill none
+            hashes = self._block_hashes(request, stop)
+            for index in range(first, stop):
+                self.blocks.register(request.block_ids[index], hashes[index])
 
     def _block_hashes(self, request: Request, count: int) -> list[bytes]:
-        """The chained hashes of the request's first `count` full blocks."""
+        """The request's block hashes, extended to at least its first `count` full blocks."""
         hashes, size = request.block_hashes, self.blocks.block_size
         while len(hashes) < count:
             index = len(hashes)
             hashes.append(block_hash(hashes[-1] if hashes else b"", request.token_at(index * size, (index + 1) * size)))
-        return hashes[:count]
+        return hashes
 
     def make_room(self, num_blocks: int) -> bool:
         """Preempts the newest running requests until num_blocks blocks are free (for work
