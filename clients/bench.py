@@ -229,6 +229,8 @@ def workload_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-len", type=Lengths.parse, default=Lengths(32, 32), help="prompt tokens: N or LOW:HIGH uniform (default 32)")
     group.add_argument("--output-len", type=Lengths.parse, default=Lengths(128, 128), help="new tokens: N or LOW:HIGH uniform (default 128)")
     group.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
+    group.add_argument("--shared-prefix-len", type=int, default=0,
+                       help="tokens every prompt starts with, the same for all, before its own --prompt-len (default %(default)s)")  # fmt: skip
     group.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="generate exactly the output length (default on)")
     group.add_argument("--concurrency", type=int_list, default=None, help="closed loop: requests in flight; N,M,... runs each level in turn (default 8)")
     group.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
@@ -247,7 +249,7 @@ def levels_from_args(args: argparse.Namespace) -> list[Level]:
         raise ValueError(f"--num-requests gives {len(counts)} values for {len(concurrencies)} --concurrency levels")
     return [
         Level(
-            WorkloadConfig(count, args.prompt_len, args.output_len, args.seed),
+            WorkloadConfig(count, args.prompt_len, args.output_len, args.seed, args.shared_prefix_len),
             LoadConfig(concurrency, args.rate, args.ignore_eos, args.warmup, args.device_cost_per_hour),
         )
         for concurrency, count in zip(concurrencies, counts)
@@ -311,7 +313,8 @@ def bench_command(args: argparse.Namespace) -> int:
     for level, level_results in zip(levels, results):
         workload, load = level.workload, level.load
         title = (
-            f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, prompt {workload.prompt_len} tokens, "
+            f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, "
+            f"prompt {f'{workload.shared_prefix_len} shared + ' if workload.shared_prefix_len else ''}{workload.prompt_len} tokens, "
             f"output {workload.output_len} tokens, {load.describe()}"
         )
         print(format_table(level_results, title), file=out)

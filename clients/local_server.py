@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import socket
 import subprocess
@@ -73,8 +74,6 @@ class LocalServer:
 
 def serve_actions() -> list:
     """The `shardgate serve` flags (from the server's own CLI module: flags only, no server code)."""
-    import argparse
-
     from shardgate.server import cli as server_cli
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -95,6 +94,8 @@ def serve_argv(args, skip: frozenset[str] = frozenset({"host", "port"})) -> list
         if action.nargs == 0:  # a switch
             if value:
                 argv.append(action.option_strings[0])
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(action.option_strings[1])  # its --no- form
         else:
             text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
             argv += [action.option_strings[0], text]

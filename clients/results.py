@@ -31,6 +31,8 @@ class Usage:
     """The request's share of device time."""
     cost: float
     """device_seconds priced by the server's --device-cost-per-hour (0 when unpriced)."""
+    cached_tokens: int
+    """Prompt tokens served from the server's prefix cache instead of computed."""
 
     @classmethod
     def from_proto(cls, message: inference_pb2.Usage) -> "Usage":
@@ -42,6 +44,7 @@ class Usage:
             message.replica,
             message.device_seconds,
             message.cost,
+            message.cached_tokens,
         )
 
 

@@ -46,10 +46,14 @@ class WorkloadConfig:
     """max_new_tokens of each request."""
     seed: int = 0
     """Seed of lengths, prompt tokens and arrival times: the same seed, the same workload."""
+    shared_prefix_len: int = 0
+    """Tokens every prompt starts with (the same ones), before its own prompt_len tokens."""
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
             raise ValueError("--num-requests must be >= 1")
+        if self.shared_prefix_len < 0:
+            raise ValueError("--shared-prefix-len must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,16 @@ class WorkItem:
 
 def make_workload(config: WorkloadConfig, vocab_size: int, avoid_ids: frozenset[int] = frozenset()) -> list[WorkItem]:
     """The requests: prompt token ids drawn uniformly from the vocabulary except avoid_ids
-    (end-of-sequence and other special tokens)."""
+    (end-of-sequence and other special tokens), each after the shared prefix."""
     rng = random.Random(config.seed)
     choices = [t for t in range(vocab_size) if t not in avoid_ids]
+    # Its own stream: adding a prefix leaves the rest of the workload unchanged.
+    prefix_rng = random.Random(config.seed + 2)
+    prefix = [prefix_rng.choice(choices) for _ in range(config.shared_prefix_len)]
     items = []
     for _ in range(config.num_requests):
         prompt_len, output_len = config.prompt_len.draw(rng), config.output_len.draw(rng)
-        items.append(WorkItem([rng.choice(choices) for _ in range(prompt_len)], output_len))
+        items.append(WorkItem(prefix + [rng.choice(choices) for _ in range(prompt_len)], output_len))
     return items
 
 

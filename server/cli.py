@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most requests in progress; more get RESOURCE_EXHAUSTED (default %(default)s)")  # fmt: skip
     parser.add_argument("--priority-aging-s", type=float, default=scheduler.priority_aging_s,
                         help="a waiting request gains one priority level per this many seconds (default %(default)s)")  # fmt: skip
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=scheduler.prefix_caching,
+                        help="share the KV blocks of prompt prefixes already computed (default on)")  # fmt: skip
     parser.add_argument("--embed-max-batch-size", type=int, default=embed.max_batch_size, help="most inputs in one embedding batch (default %(default)s)")
     parser.add_argument("--embed-max-queue-delay-us", type=int, default=embed.max_queue_delay_us,
                         help="a partial embedding batch runs once its oldest call waited this long (default %(default)s)")  # fmt: skip
@@ -103,8 +105,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         remote_replicas=tuple(args.remote_replica),
         max_message_bytes=args.max_message_bytes,
         scheduler=SchedulerConfig(
-            max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, priority_aging_s=args.priority_aging_s,
+            max_batch_tokens=args.max_batch_tokens,
+            max_num_seqs=args.max_num_seqs,
+            priority_aging_s=args.priority_aging_s,
             decode_steps=args.decode_steps,
+            prefix_caching=args.prefix_caching,
         ),
         admission=AdmissionConfig(
             max_queue_requests=args.max_queue_requests,

@@ -28,6 +28,8 @@ class SchedulerConfig:
     decode_steps: int = 4
     """Most decode steps the replica runs per round trip when a step holds only decodes and
     nothing waits to be admitted (1 = a round trip per token)."""
+    prefix_caching: bool = True
+    """Requests whose tokens start like an earlier one's share its cached full KV blocks instead of computing them."""
 
     def __post_init__(self) -> None:
         _require(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")

@@ -133,7 +133,7 @@ class Metrics:
 
 
 class _ReplicaState:
-    """Requests running and waiting, KV-cache use and preemptions of each replica, read from
+    """Requests running and waiting, KV-cache use, preemptions and prefix-cache lookups of each replica, read from
     the schedulers at scrape time (plain reads of sizes and counters; the engine is not
     stopped)."""
 
@@ -145,10 +145,18 @@ class _ReplicaState:
         waiting = GaugeMetricFamily("shardgate_requests_waiting", "Requests queued (new or preempted).", labels=["replica"])
         kv_usage = GaugeMetricFamily("shardgate_kv_cache_usage_ratio", "Fraction of the KV-cache blocks in use (0-1).", labels=["replica"])
         preemptions = CounterMetricFamily("shardgate_preemptions", "Running requests preempted to free KV blocks.", labels=["replica"])
+        prefix_queries = CounterMetricFamily(
+            "shardgate_prefix_cache_queries", "Tokens of started requests looked up in the prefix cache.", labels=["replica"]
+        )
+        prefix_hits = CounterMetricFamily(
+            "shardgate_prefix_cache_hits", "Tokens of started requests whose KV came from the prefix cache.", labels=["replica"]
+        )
         for index, scheduler in enumerate(self.schedulers()):
             label = [str(index)]
             running.add_metric(label, len(scheduler.running))
             waiting.add_metric(label, len(scheduler.waiting))
             kv_usage.add_metric(label, scheduler.blocks.usage)
             preemptions.add_metric(label, scheduler.num_preemptions)
-        yield from (running, waiting, kv_usage, preemptions)
+            prefix_queries.add_metric(label, scheduler.num_prefix_query_tokens)
+            prefix_hits.add_metric(label, scheduler.num_prefix_hit_tokens)
+        yield from (running, waiting, kv_usage, preemptions, prefix_queries, prefix_hits)

@@ -64,6 +64,11 @@ class Request:
     """Tokens whose KV is in the cache."""
     block_ids: list[int] = field(default_factory=list)
     """KV blocks held, in position order."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Chained content hashes of the first full blocks of prompt + output (server/block_manager.py),
+    computed as the scheduler needs them; the tokens never change, so neither do they."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache when the request first ran."""
     status: Status = Status.WAITING
     known_to_replica: bool = False
     """The replica holds this sequence's block table and sampling settings."""

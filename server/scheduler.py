@@ -11,7 +11,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from shardgate.server.block_manager import BlockManager
+from shardgate.server.block_manager import BlockManager, block_hash
 from shardgate.server.config import SchedulerConfig
 from shardgate.server.priority import virtual_arrival
 from shardgate.server.request import FinishReason, Request, Status
@@ -27,7 +27,8 @@ class ScheduledChunk:
     num_tokens: int
     """Tokens whose KV the step computes: part of a prompt, or the last sampled token."""
     new_block_ids: list[int]
-    """Blocks allocated for this step; for a sequence new to the replica, its whole table."""
+    """Blocks allocated for this step; for a sequence new to the replica, its whole table
+    (blocks shared from the prefix cache first)."""
     sample: bool
     """The chunk reaches the end of the sequence, so the step samples its next token."""
     is_new: bool
@@ -59,6 +60,16 @@ class Scheduler:
     preempted: its blocks are freed and it goes back to the queue (at its old place: its
     arrival and priority are unchanged), to be recomputed later (its tokens so far are kept,
     so greedy output is unchanged).
+
+    Prefix caching (server/block_manager.py): a request admitted with nothing computed (new, or
+    recomputed after a preemption) first takes the longest run of cached full blocks that
+    matches its tokens, short of its last token (the step must compute at least one token to
+    sample), and starts computing after them. A chunk registers each block it fills as it is
+    planned: its tokens are known then, and the shard writes every new token's keys and values
+    of a layer before any attention of that layer reads the cache (shards/attention.py), so a
+    request admitted later in the same step already shares what an earlier chunk of that step
+    computes. This relies on every planned chunk running: a request cancelled after its step
+    was planned still has that chunk computed, only its token is dropped.
     """
 
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
@@ -72,6 +83,11 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_started = 0
         """Requests scheduled at least once (sent to the replica)."""
+        self.num_prefix_query_tokens = 0
+        """Tokens of admitted requests looked up in the prefix cache (prompt, and any output
+        when recomputed after a preemption)."""
+        self.num_prefix_hit_tokens = 0
+        """Of those, tokens whose KV came from the cache."""
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -114,14 +130,21 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not plan.preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            cached = self._take_cached_prefix(request)
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             new_blocks = self.blocks.grow(request.block_ids, request.num_computed_tokens + num_tokens)
             if new_blocks is None:
+                self.blocks.free(request.block_ids)  # the cached prefix goes back too
+                request.num_computed_tokens = 0
                 break
             self.waiting.pop(0)
             request.status = Status.RUNNING
+            if self.config.prefix_caching:
+                self.num_prefix_query_tokens += request.num_tokens
+                self.num_prefix_hit_tokens += cached
             if request.first_scheduled is None:
                 request.first_scheduled = time.monotonic()
+                request.num_cached_tokens = cached  # all prompt tokens: nothing is generated yet
                 self.num_started += 1
             self.running.append(request)
             plan.chunks.append(self._chunk(request, num_tokens, new_blocks))
@@ -190,18 +213,48 @@ class Scheduler:
 
     def _chunk(self, request: Request, num_tokens: int, new_blocks: list[int]) -> ScheduledChunk:
         start = request.num_computed_tokens
+        is_new = not request.known_to_replica
         chunk = ScheduledChunk(
             request=request,
             start_pos=start,
             num_tokens=num_tokens,
-            new_block_ids=new_blocks,
+            new_block_ids=list(request.block_ids) if is_new else new_blocks,
             sample=start + num_tokens == request.num_tokens,
-            is_new=not request.known_to_replica,
+            is_new=is_new,
         )
         # Set now, not when the step returns: if the request is aborted while the step runs,
         # the replica must still be told to forget it.
         request.known_to_replica = True
+        if self.config.prefix_caching:
+            self._register_filled_blocks(request, start, start + num_tokens)
         return chunk
+
+    def _take_cached_prefix(self, request: Request) -> int:
+        """Gives a request with nothing computed the cached blocks matching the start of its
+        tokens (all but its last token at most); returns the tokens they hold."""
+        if not self.config.prefix_caching:
+            return 0
+        limit = (request.num_tokens - 1) // self.blocks.block_size
+        count = self.blocks.take_cached(request.block_ids, self._block_hashes(request, limit)[:limit])
+        request.num_computed_tokens = count * self.blocks.block_size
+        return request.num_computed_tokens
+
+    def _register_filled_blocks(self, request: Request, start: int, end: int) -> None:
+        """Registers the blocks that a chunk computing positions [start, end) fills."""
+        size = self.blocks.block_size
+        first, stop = start // size, end // size
+        if first < stop:  # most decodes fill none
+            hashes = self._block_hashes(request, stop)
+            for index in range(first, stop):
+                self.blocks.register(request.block_ids[index], hashes[index])
+
+    def _block_hashes(self, request: Request, count: int) -> list[bytes]:
+        """The request's block hashes, extended to at least its first `count` full blocks."""
+        hashes, size = request.block_hashes, self.blocks.block_size
+        while len(hashes) < count:
+            index = len(hashes)
+            hashes.append(block_hash(hashes[-1] if hashes else b"", request.token_at(index * size, (index + 1) * size)))
+        return hashes
 
     def make_room(self, num_blocks: int) -> bool:
         """Preempts the newest running requests until num_blocks blocks are free (for work

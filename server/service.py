@@ -41,6 +41,7 @@ def _usage(handle: RequestHandle, telemetry: Telemetry) -> inference_pb2.Usage:
     return inference_pb2.Usage(
         prompt_tokens=len(request.prompt_ids),
         completion_tokens=len(request.output_ids),
+        cached_tokens=request.num_cached_tokens,
         queue_time_s=queue,
         time_to_first_token_s=ttft,
         replica=handle.replica,

@@ -16,6 +16,10 @@ PROMPTS = [
     "1, 2, 3, 4,",
 ]
 NEW_TOKENS = 32
+SHARED = "You are a careful assistant. Answer briefly and do not repeat the question. Question: "
+SHARED_PREFIX_PROMPTS = [SHARED + tail for tail in ("what is two plus two?", "name a colour.", "what is two plus three?", "")]
+"""Prompts sharing a prefix of several KV blocks (the last is the prefix alone: it may share all
+but its last block)."""
 
 
 def hf_greedy(model_dir, prompts: list[str]) -> list[list[int]]:
@@ -33,8 +37,9 @@ def hf_greedy(model_dir, prompts: list[str]) -> list[list[int]]:
     return outputs
 
 
-def serve_greedy(model_dir, tmp_path, *flags: str) -> list[list[int]]:
-    """The PROMPTS served concurrently through the gRPC API; greedy tokens of each."""
+def serve_greedy(model_dir, tmp_path, *flags: str, prompts: list[str] = PROMPTS, first_alone: bool = False) -> list[list[int]]:
+    """The prompts served concurrently through the gRPC API (the first one before the others
+    with first_alone); greedy tokens of each."""
     # A small token budget forces chunked prefill while other requests decode.
     server = start_server(tmp_path, "--model", str(model_dir), "--dtype", "float32", "--max-batch-tokens", "16",
                           "--kv-cache-memory", str(32 << 20), *flags)  # fmt: skip
@@ -42,10 +47,17 @@ def serve_greedy(model_dir, tmp_path, *flags: str) -> list[list[int]]:
 
         def generate(prompt):
             with server.client() as client:
-                return client.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids
+                completion = client.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+                cached.append(completion.usage.cached_tokens)
+                return completion.token_ids
 
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            return list(pool.map(generate, PROMPTS))
+        cached: list[int] = []
+        done = [generate(prompts[0])] if first_alone else []
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            done += list(pool.map(generate, prompts[len(done) :]))
+        if first_alone and "--no-prefix-caching" not in flags:
+            assert sum(cached) > 0  # the shared prefix did come from the cache
+        return done
     finally:
         server.stop()
 
@@ -63,3 +75,17 @@ def test_parallel_layouts_equal_one_process_and_transformers(kind, tp, pp, check
     model_dir = checkpoint(kind)
     served = serve_greedy(model_dir, tmp_path, "--tp", str(tp), "--pp", str(pp))
     assert served == hf_greedy(model_dir, PROMPTS)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_prefix_cached_greedy_tokens_equal_transformers(kind, checkpoint, tmp_path):
+    # The first request fills the cache; the others share its blocks, some while it still decodes.
+    model_dir = checkpoint(kind)
+    served = serve_greedy(model_dir, tmp_path, "--block-size", "8", prompts=SHARED_PREFIX_PROMPTS, first_alone=True)
+    assert served == hf_greedy(model_dir, SHARED_PREFIX_PROMPTS)
+
+
+def test_prefix_cached_tokens_equal_transformers_with_pipeline_and_tensor_parallelism(checkpoint, tmp_path):
+    model_dir = checkpoint("llama")
+    served = serve_greedy(model_dir, tmp_path, "--tp", "2", "--pp", "2", "--block-size", "8", prompts=SHARED_PREFIX_PROMPTS, first_alone=True)
+    assert served == hf_greedy(model_dir, SHARED_PREFIX_PROMPTS)

@@ -30,6 +30,16 @@ def test_workload_is_seeded_and_respects_lengths_and_avoided_ids():
     assert all(2 <= t < 20 for i in items for t in i.prompt_ids)
 
 
+def test_a_shared_prefix_starts_every_prompt_and_leaves_the_rest_unchanged():
+    plain = make_workload(WorkloadConfig(20, Lengths(3, 9), Lengths(5, 5), seed=3), vocab_size=50, avoid_ids=frozenset({0}))
+    shared = make_workload(WorkloadConfig(20, Lengths(3, 9), Lengths(5, 5), seed=3, shared_prefix_len=16), 50, frozenset({0}))
+    prefix = shared[0].prompt_ids[:16]
+    assert all(item.prompt_ids[:16] == prefix and item.prompt_ids[16:] == own.prompt_ids for item, own in zip(shared, plain))
+    assert 0 not in prefix and len(set(prefix)) > 1
+    with pytest.raises(ValueError, match="shared-prefix-len"):
+        WorkloadConfig(shared_prefix_len=-1)
+
+
 def test_poisson_arrivals_have_the_rate():
     times = poisson_arrivals(4000, rate=20.0, seed=1)
     assert times == sorted(times) and times == poisson_arrivals(4000, 20.0, 1)
@@ -88,6 +98,9 @@ def test_serve_argv_forwards_only_changed_serve_flags():
     assert serve_argv(args) == ["--model", "/m", "--max-num-seqs", "8"]
     assert serve_argv(args, skip=frozenset({"port", "max_num_seqs"})) == ["--model", "/m"]
     assert serve_argv(parser.parse_args(["--dtype", "bfloat16"])) == ["--model", "builtin:tiny", "--dtype", "bfloat16"]
+    assert serve_argv(parser.parse_args(["--no-prefix-caching"])) == ["--model", "builtin:tiny", "--no-prefix-caching"]
+    assert server_cli.config_from_args(parser.parse_args(["--no-prefix-caching"])).scheduler.prefix_caching is False
+    assert server_cli.config_from_args(parser.parse_args([])).scheduler.prefix_caching is True
 
 
 def _trial(seqs, tokens_per_s, ttft_p99, itl_p99, errors=0, cost=None):

@@ -140,6 +140,26 @@ def test_results_only_for_sampled_chunks_with_logprobs():
     assert continued == [SampleResult(7, fresh[0].token_id, None)]
 
 
+@pytest.mark.parametrize("suffix", [[33], [33, 90, 12]])
+def test_a_chunk_reads_the_blocks_another_chunk_of_its_step_writes(suffix):
+    # Prefix caching shares blocks within a step: the second sequence's first chunk starts after
+    # a two-block prefix that the first sequence's chunk of the same step computes (placed
+    # after it in the batch, and in another attention group when it is a single token).
+    prefix = [256, 72, 105, 33, 40, 41, 42, 43]
+    logprobs = SamplingParams(seed=0, temperature=0.0, logprobs=True)
+    runner = make_runner("builtin:tiny")
+    shared = runner.step(
+        [
+            SeqChunk(2, suffix, len(prefix), [0, 1, 3], sample=True, sampling=logprobs, output_index=0),
+            SeqChunk(1, prefix + [50, 51], 0, [0, 1, 2], sample=True, sampling=logprobs, output_index=0),
+        ]
+    )
+    alone = make_runner("builtin:tiny").step(
+        [SeqChunk(2, prefix + suffix, 0, [5, 6, 7], sample=True, sampling=logprobs, output_index=0)]
+    )
+    assert shared[0].token_id == alone[0].token_id and shared[0].logprob == pytest.approx(alone[0].logprob, abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "chunk, message",
     [

@@ -1,3 +1,5 @@
+import pytest
+
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import SchedulerConfig
 from shardgate.server.request import FinishReason, Request, SamplingParams, Status
@@ -7,7 +9,8 @@ PARAMS = SamplingParams(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, s
 
 
 def make(seq_id: int, prompt_len: int) -> Request:
-    return Request(seq_id, f"r{seq_id}", list(range(1, prompt_len + 1)), PARAMS)
+    """A request whose prompt shares no block with another seq_id's."""
+    return Request(seq_id, f"r{seq_id}", [seq_id * 1000 + i for i in range(prompt_len)], PARAMS)
 
 
 def run_step(scheduler: Scheduler, token: int = 7):
@@ -106,21 +109,28 @@ def test_preempts_newest_when_blocks_run_out():
     assert scheduler.num_preemptions == 1 and new.output_ids == [7] and list(scheduler.waiting) == [new]
 
 
-def test_preempted_request_resumes_with_full_recompute():
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempted_request_resumes_with_recompute(prefix_caching):
     blocks = BlockManager(5, 2)
-    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4), blocks)
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4, prefix_caching=prefix_caching, decode_steps=1), blocks)
     old, new = make(1, 4), make(2, 3)
     scheduler.add(old)
     scheduler.add(new)
     run_step(scheduler)
     run_step(scheduler)  # old takes the last free block
+    held = list(new.block_ids)
     plan, _ = run_step(scheduler)  # new needs a block for position 4: it is the newest, so it yields
     assert plan.preempted == [new] and plan.free_seq_ids == [2] and [c.request for c in plan.chunks] == [old]
     scheduler.finish(old, FinishReason.LENGTH)
     plan, updated = run_step(scheduler)
     [chunk] = plan.chunks
-    assert chunk.request is new and chunk.is_new and chunk.start_pos == 0 and plan.free_seq_ids == [1]
-    assert chunk.num_tokens == 5 and chunk.sample and updated == [new] and new.output_ids == [7, 7, 7]
+    assert chunk.request is new and chunk.is_new and plan.free_seq_ids == [1]
+    if prefix_caching:  # its two full blocks (prompt + first output) are still cached: only position 4 is computed
+        assert (chunk.start_pos, chunk.num_tokens) == (4, 1) and chunk.new_block_ids[:2] == held and len(chunk.new_block_ids) == 3
+        assert new.num_cached_tokens == 0  # counted at the first run only
+    else:
+        assert (chunk.start_pos, chunk.num_tokens) == (0, 5) and len(chunk.new_block_ids) == 3
+    assert chunk.sample and updated == [new] and new.output_ids == [7, 7, 7]
 
 
 def test_block_manager_refuses_without_side_effects():

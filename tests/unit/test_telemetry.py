@@ -24,9 +24,9 @@ SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 def scheduled(num_requests: int, sampled: bool = True) -> tuple[Scheduler, list[Request], object]:
-    """A scheduler with requests of 5, 6, ... prompt tokens, and its first plan."""
+    """A scheduler with requests of 5, 6, ... prompt tokens (sharing no prefix), and its first plan."""
     scheduler = Scheduler(SchedulerConfig(), BlockManager(64, 4))
-    requests = [Request(i + 1, f"r{i + 1}", [1] * (5 + i), PARAMS) for i in range(num_requests)]
+    requests = [Request(i + 1, f"r{i + 1}", [i + 1] * (5 + i), PARAMS) for i in range(num_requests)]
     for request in requests:
         request.span_context = SpanContext(request.seq_id, request.seq_id, False, SAMPLED if sampled else TraceFlags(0))
         scheduler.add(request)
@@ -158,3 +158,10 @@ def test_replica_state_is_read_when_scraped():
     assert sample(metrics, "shardgate_kv_cache_usage_ratio", replica=1) == 0
     scheduler.num_preemptions = 3
     assert sample(metrics, "shardgate_preemptions_total", replica=0) == 3
+    assert sample(metrics, "shardgate_prefix_cache_queries_total", replica=0) == 5 + 6  # both prompts looked up
+    assert sample(metrics, "shardgate_prefix_cache_hits_total", replica=0) == 0
+    again = Request(3, "r3", [1] * 5, PARAMS)  # the first request's prompt: its full block is cached
+    scheduler.add(again)
+    scheduler.schedule()
+    assert sample(metrics, "shardgate_prefix_cache_queries_total", replica=0) == 5 + 6 + 5
+    assert sample(metrics, "shardgate_prefix_cache_hits_total", replica=0) == 4
