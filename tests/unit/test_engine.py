@@ -388,3 +388,18 @@ def test_steps_are_traced_for_sampled_requests_and_charged_to_them():
     assert traced.request.device_seconds > 0 and untraced.request.device_seconds > 0
     busy = telemetry.metrics.registry.get_sample_value("shardgate_device_seconds_total", {"replica": "0"})
     assert charged == pytest.approx(busy)
+
+
+def test_a_request_that_ends_inside_a_decode_run_drops_the_rest_of_the_run():
+    async def scenario():
+        replica = ScriptedReplica({10: [72, 72, 72, EOS, 72, 72, 72, 72]})
+        engine, blocks = make_engine(replica)  # decode runs of up to 4 steps (the default)
+        loop = asyncio.create_task(engine.run())
+        events = await drain(engine.submit(valid(10, max_new_tokens=20)))
+        loop.cancel()
+        return replica, events, blocks
+
+    replica, events, blocks = asyncio.run(scenario())
+    assert [plan.num_steps for plan in replica.plans] == [1, 4]  # the prefill, then one run of four
+    assert [e.token_id for e in events if isinstance(e, TokenEvent)] == [72, 72, 72, EOS]  # not the run's last token
+    assert events[-1] == FinishEvent(FinishReason.EOS, events[-1].text) and blocks.num_free == blocks.num_blocks

@@ -69,3 +69,49 @@ def test_a_rejected_plan_ends_the_driver_span_with_an_error(runner):
         executor.run(bad, parent=context_from_traceparent(CALLER))
     [driver] = exporter.get_finished_spans()
     assert driver.status.status_code is StatusCode.ERROR
+
+
+def _decode_plan(step_id: int, seq_ids: list[int], tokens: list[int], start_pos: int, blocks: dict[int, list[int]], num_steps: int = 1):
+    chunks = [
+        shard_pb2.SeqChunk(seq_id=s, token_ids=[t], start_pos=start_pos, new_block_ids=blocks.pop(s, []), sample=True, output_index=start_pos - 2)
+        for s, t in zip(seq_ids, tokens)
+    ]
+    return shard_pb2.StepRequest(step_id=step_id, chunks=chunks, num_steps=num_steps)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_multi_step_plan_gives_the_tokens_of_as_many_single_steps(runner, temperature):
+    """Each step of a run feeds every sequence the token it sampled before: the tokens (and
+    seeded draws, and logprobs) are those of the same decodes sent one step at a time."""
+    sampling = shard_pb2.Sampling(temperature=temperature, top_p=1, seed=11, logprobs=True)
+
+    def prefill(executor, first_block):
+        chunks = [
+            shard_pb2.SeqChunk(seq_id=s, token_ids=[5 + s, 6, 7], start_pos=0, new_block_ids=[first_block + 2 * s], sample=True, sampling=sampling)
+            for s in (0, 1)
+        ]
+        response = executor.run(shard_pb2.StepRequest(step_id=1, chunks=chunks))
+        return [t.token_id for t in response.tokens]
+
+    single = StepExecutor(runner, runner.parallel)
+    tokens = prefill(single, 0)
+    singles = []
+    for step in range(5):
+        blocks = {0: [1], 1: [3]} if step == 0 else {}
+        response = single.run(_decode_plan(2 + step, [0, 1], tokens, 3 + step, blocks))
+        tokens = [t.token_id for t in response.tokens]
+        singles.extend((t.seq_id, t.token_id, t.logprob) for t in response.tokens)
+
+    multi = StepExecutor(runner, runner.parallel)
+    tokens = prefill(multi, 4)
+    response = multi.run(_decode_plan(2, [0, 1], tokens, 3, {0: [5], 1: [7]}, num_steps=5))
+    assert [(t.seq_id, t.token_id) for t in response.tokens] == [(s, t) for s, t, _ in singles]  # step-major
+    assert [t.logprob for t in response.tokens] == pytest.approx([lp for _, _, lp in singles], abs=1e-5)
+
+
+def test_a_multi_step_plan_of_anything_but_decodes_is_rejected(runner):
+    executor = StepExecutor(runner, runner.parallel)
+    request = plan()
+    request.num_steps = 2
+    with pytest.raises(ValueError, match="single-token decodes only"):
+        executor.run(request)

@@ -186,3 +186,31 @@ def test_make_room_preempts_the_newest_running_requests():
     assert scheduler.schedule().free_seq_ids == [2]
     assert not scheduler.make_room(7)  # more than the cache holds: everything preempted, still short
     assert scheduler.running == [] and blocks.num_free == 6
+
+
+def test_decodes_run_several_steps_only_when_nothing_waits():
+    blocks = BlockManager(32, 4)
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4, decode_steps=4), blocks)
+    first = make(1, 3)
+    scheduler.add(first)
+    plan, _ = run_step(scheduler)
+    assert plan.num_steps == 1  # a prefill
+    plan = scheduler.schedule()
+    assert plan.num_steps == 4 and len(first.block_ids) == 2  # positions 3..6: a second block for the run
+    assert plan.chunks[0].new_block_ids == [first.block_ids[1]] and plan.num_tokens == 4
+    for _ in range(4):
+        scheduler.update(plan, {1: (7, 0.0)})
+    assert first.num_computed_tokens == 7 and first.output_ids == [7] * 5
+    scheduler.add(make(2, 3))
+    plan, _ = run_step(scheduler)
+    assert plan.num_steps == 1 and len(plan.chunks) == 2  # a request was waiting: it joins at once
+
+
+@pytest.mark.parametrize("num_blocks, steps, blocks_held", [(3, 7, 3), (2, 1, 1)])
+def test_a_decode_run_stops_at_max_new_tokens_and_needs_its_blocks(num_blocks, steps, blocks_held):
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4, decode_steps=8), BlockManager(num_blocks, 4))
+    request = make(1, 3)  # max_new_tokens 8: the prefill samples one, 7 to go, at positions 3..9
+    scheduler.add(request)
+    run_step(scheduler)
+    plan = scheduler.schedule()
+    assert plan.num_steps == steps and len(request.block_ids) == blocks_held  # 7 steps need all 3 blocks
