@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shardgate.clients.bandwidth import DTYPE_BYTES, HardwareReport, read_bandwidth
 from shardgate.clients.bench_metrics import Summary, summarize
 from shardgate.clients.errors import ShardgateError
 from shardgate.clients.in_process import IN_PROCESS
@@ -74,6 +75,9 @@ class ServerRun:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     """The workload drew its prompt ids from the vocabulary without these: the baseline draws the same."""
+    weight_bytes_per_step: int
+    kv_bytes_per_token: int
+    kv_theory_bytes_per_token: int
 
 
 async def bench_server(address: str, client_options: dict, workload: WorkloadConfig, load: LoadConfig, progress: bool) -> ServerRun:
@@ -91,7 +95,19 @@ async def bench_server(address: str, client_options: dict, workload: WorkloadCon
             ignore_eos=load.ignore_eos, progress=progress, label=SHARDGATE,
         )  # fmt: skip
     summary = summarize(records, load.device_cost_per_hour, devices=len(info.devices))
-    return ServerRun(summary, info.model, info.dtype, info.devices[0] if info.devices else "cpu", info.vocab_size, tuple(info.eos_token_ids))
+    return ServerRun(
+        summary, info.model, info.dtype, info.devices[0] if info.devices else "cpu", info.vocab_size, tuple(info.eos_token_ids),
+        info.weight_bytes_per_step, info.kv_bytes_per_token,
+        2 * info.num_hidden_layers * info.num_key_value_heads * info.head_dim * DTYPE_BYTES[info.dtype],
+    )  # fmt: skip
+
+
+def hardware_report(run: ServerRun, levels: list[Level], results: list[dict[str, Summary]]) -> HardwareReport:
+    """The bandwidth bound of a batch-1 decode step (measured here, on the server's device type,
+    after the server has stopped) beside shardgate's time per output token at concurrency 1."""
+    single = next((index for index, level in enumerate(levels) if level.load.concurrency == 1), None)
+    step = None if single is None else results[single][SHARDGATE].tpot_ms["p50"] / 1e3
+    return HardwareReport(run.weight_bytes_per_step, read_bandwidth(run.device), step, run.kv_bytes_per_token, run.kv_theory_bytes_per_token)
 
 
 def bench_hf(model_dir: Path, run: ServerRun, levels: list[Level], progress: bool) -> dict[int, dict[str, Summary]]:
@@ -319,9 +335,13 @@ def bench_command(args: argparse.Namespace) -> int:
         )
         print(format_table(level_results, title), file=out)
         print(file=out)
+    hardware = hardware_report(run, levels, results) if args.addr is None else None  # a remote server's device is not here
+    if hardware is not None:
+        print("\n".join(hardware.lines()), file=out)
     if args.json:
         document = {
             "model": run.model, "dtype": run.dtype, "device": run.device,
+            "hardware": None if hardware is None else hardware.as_dict(),
             "levels": [
                 {
                     "workload": {**asdict(level.workload), "prompt_len": str(level.workload.prompt_len), "output_len": str(level.workload.output_len)},

@@ -44,7 +44,7 @@ def sample(
     logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
 ) -> tuple[list[int], list[float | None]]:
     """Next token per row of logits (N, vocab) float32, and its logprob under the raw logits where asked."""
-    tokens = logits.argmax(dim=-1)  # (N,) greedy for every row; sampled rows overwrite theirs
+    tokens = argmax(logits)  # (N,) greedy for every row; sampled rows overwrite theirs
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
@@ -61,6 +61,24 @@ def sample(
         for row, value in zip(logprob_rows, chosen.tolist()):
             logprobs[row] = value
     return tokens.tolist(), logprobs
+
+
+ARGMAX_CHUNK = 128
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) of (N, vocab) logits (the first index of each row's maximum), in two
+    levels: the maxima of chunks of ARGMAX_CHUNK columns, then an argmax within the first chunk
+    holding the row's maximum. On CPU, torch's argmax over a row of 32k logits is a scalar loop
+    (≈4 ms for 32 rows on the bench machine) while amax is vectorized (≈0.1 ms)."""
+    rows, vocab = logits.shape
+    padding = -vocab % ARGMAX_CHUNK
+    if padding:
+        logits = torch.nn.functional.pad(logits, (0, padding), value=float("-inf"))
+    chunks = logits.view(rows, -1, ARGMAX_CHUNK)  # (N, chunks, chunk)
+    best_chunk = chunks.amax(dim=-1).argmax(dim=-1)  # (N,) the first chunk holding the maximum
+    within = chunks[torch.arange(rows, device=logits.device), best_chunk].argmax(dim=-1)  # (N,)
+    return best_chunk * ARGMAX_CHUNK + within
 
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:

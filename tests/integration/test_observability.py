@@ -91,6 +91,7 @@ def observed(tmp_path_factory):
             server = start_server(
                 tmp_path_factory.mktemp("logs"), "--tp", "2", "--kv-cache-memory", str(16 << 20),
                 "--metrics-port", str(metrics_port), "--device-cost-per-hour", str(PRICE_PER_DEVICE_HOUR),
+                "--decode-steps", "1",  # a replica call per step, so the tests can count steps exactly
             )  # fmt: skip
         try:
             yield Observed(server, spans, f"http://127.0.0.1:{metrics_port}/metrics")

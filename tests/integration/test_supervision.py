@@ -97,7 +97,7 @@ def test_failed_replica_ends_its_streams_others_serve_and_it_comes_back(fault, t
     # the injected fault fires at step 40, some time after the streams started: count from when the
     # gateway noticed it instead
     broke_at = noticed_at if fault == "raise" else broke_at
-    assert max(t for t, *_ in failed) - broke_at < 5
+    assert max(t for t, *_ in failed) - broke_at < 2 * 4 + 3  # a run of 4 decode steps (the default) may take 4 step timeouts
     assert all(len(r.token_ids) == 4 for r in during) and during[0].usage.replica == 1
     assert back_at - broke_at < 60 and all(len(r.token_ids) == 4 for r in after)
     assert "replica 0 is serving again" in server.log()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from shardgate.shards.sampler import SamplingParams, sample
+from shardgate.shards.sampler import SamplingParams, argmax, sample
 
 GREEDY = SamplingParams(seed=0, temperature=0.0)
 
@@ -100,3 +100,12 @@ def test_logprob_is_of_the_raw_logits():
 def test_invalid_params_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**{"seed": 0, **kwargs})
+
+
+@pytest.mark.parametrize("vocab", [1, 127, 128, 300, 32000])
+def test_argmax_is_torchs_including_ties(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 4, (9, vocab), generator=generator).float()  # many ties: the first index wins
+    logits[0] = float("-inf")
+    logits[1, -1] = 100.0  # the maximum in the padded last chunk
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
