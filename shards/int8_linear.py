@@ -97,7 +97,8 @@ class Int8Weight(nn.Module):
         """x (..., in) @ weightᵀ (+ bias): (..., out), in x's dtype."""
         rows = x.numel() // x.shape[-1]
         if x.device.type == "cpu" and rows <= INT8PACK_MAX_ROWS:
-            y = torch._weight_int8pack_mm(x.reshape(rows, -1), self.qweight, self.scale).view(*x.shape[:-1], -1)
+            rows_of_x = x.reshape(rows, -1).contiguous()  # the kernel needs contiguous rows
+            y = torch._weight_int8pack_mm(rows_of_x, self.qweight, self.scale).view(*x.shape[:-1], -1)
         else:
             y = self._converted_linear(x)
         return y if bias is None else y + bias

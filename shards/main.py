@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
     log.info("driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)", loaded.name, config.listen, config.tp, config.pp, num_blocks, config.block_size)
+    log.info("quantization %s: %d weight bytes read per step, %d KV bytes per token (whole replica)", config.quantize, weight_bytes, kv_bytes_per_token)
     server.wait_for_termination()
     executor.stop()
     return 0

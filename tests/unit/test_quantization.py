@@ -63,6 +63,8 @@ def test_int8_weight_matches_its_dequantized_weight_on_both_paths():
         close_to_dense = (int8.linear(x) - F.linear(x, weight)).abs().max() / F.linear(x, weight).abs().max()
         assert close_to_dense < 0.02
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))  # a dense weight is plain F.linear
+    strided = torch.randn(24, 3).T  # (3, 24), not contiguous
+    torch.testing.assert_close(int8.linear(strided), F.linear(strided, int8.dequantize()), rtol=1e-5, atol=1e-5)
 
 
 def test_a_weight_larger_than_the_scratch_is_done_in_chunks():
