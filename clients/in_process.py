@@ -43,7 +43,7 @@ def _shard_config(args: Namespace):
 
     return ShardConfig(
         model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-        max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, listen="in-process", tp=1, pp=1, parent_pid=0,
+        max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs, quantize=args.quantize, listen="in-process", tp=1, pp=1, parent_pid=0,
         tls_cert=None, tls_key=None, tls_client_ca=None, rank=0, world_size=1, local_rank=0, tracing=TracingConfig(),
     )  # fmt: skip
 

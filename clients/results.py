@@ -150,6 +150,14 @@ class ModelInfo:
     eos_token_ids: list[int]
     hidden_size: int
     max_embed_inputs: int
+    quantization: str
+    weight_bytes_per_step: int
+    """Bytes of weights one decode step reads on a replica (all its ranks; not the embedding table)."""
+    kv_bytes_per_token: int
+    """Bytes of KV cache one token takes on a replica (all its ranks), measured from the allocation."""
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
 
     @classmethod
     def from_proto(cls, message: inference_pb2.ModelInfoResponse) -> "ModelInfo":
@@ -168,4 +176,10 @@ class ModelInfo:
             eos_token_ids=list(message.eos_token_ids),
             hidden_size=message.hidden_size,
             max_embed_inputs=message.max_embed_inputs,
+            quantization=message.quantization,
+            weight_bytes_per_step=message.weight_bytes_per_step,
+            kv_bytes_per_token=message.kv_bytes_per_token,
+            num_hidden_layers=message.num_hidden_layers,
+            num_key_value_heads=message.num_key_value_heads,
+            head_dim=message.head_dim,
         )

@@ -19,7 +19,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "model_type", "vocab_size", "max_position_embeddings", "eos_token_ids", "bos_token_id", "tokenizer_json", "dtype", "num_kv_blocks", "block_size", "devices", "tp", "pp", "hidden_size")
+    __slots__ = ("model", "model_type", "vocab_size", "max_position_embeddings", "eos_token_ids", "bos_token_id", "tokenizer_json", "dtype", "num_kv_blocks", "block_size", "devices", "tp", "pp", "hidden_size", "quantization", "weight_bytes_per_step", "kv_bytes_per_token", "num_hidden_layers", "num_key_value_heads", "head_dim")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,12 @@ class DescribeResponse(_message.Message):
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEY_VALUE_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_type: str
     vocab_size: int
@@ -48,7 +54,13 @@ class DescribeResponse(_message.Message):
     tp: int
     pp: int
     hidden_size: int
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., dtype: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., hidden_size: _Optional[int] = ...) -> None: ...
+    quantization: str
+    weight_bytes_per_step: int
+    kv_bytes_per_token: int
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., dtype: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., hidden_size: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes_per_step: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "logprobs")

@@ -86,6 +86,8 @@ class ReplicaConfig:
     """A local Hugging Face folder (config.json, *.safetensors, tokenizer.json) or builtin:tiny."""
     dtype: str = "float32"
     """Weight and activation dtype: float32, bfloat16 or float16."""
+    quantize: str = "none"
+    """Weight quantization after loading: none, or int8 (weight-only, one scale per output channel)."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available)."""
     block_size: int = 16
@@ -102,6 +104,7 @@ class ReplicaConfig:
     def __post_init__(self) -> None:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
         _require(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        _require(self.quantize in ("none", "int8"), f"quantize must be none or int8, not {self.quantize!r}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda, not {self.device!r}")
         _require(self.block_size >= 1, "block_size must be >= 1")
         _require(self.kv_cache_memory >= 0 and math.isfinite(self.kv_cache_memory), "kv_cache_memory must be >= 0")

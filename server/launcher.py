@@ -50,6 +50,7 @@ class LocalReplica:
             sys.executable, "-m", "shardgate.shards.main",
             "--model", self.config.model,
             "--dtype", self.config.dtype,
+            "--quantize", self.config.quantize,
             "--device", self.config.device,
             "--block-size", str(self.config.block_size),
             "--kv-cache-memory", repr(self.config.kv_cache_memory),

@@ -38,6 +38,12 @@ class ReplicaInfo:
     tp: int
     pp: int
     hidden_size: int
+    quantization: str
+    weight_bytes_per_step: int
+    kv_bytes_per_token: int
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -59,6 +65,12 @@ class ReplicaInfo:
             tp=message.tp,
             pp=message.pp,
             hidden_size=message.hidden_size,
+            quantization=message.quantization,
+            weight_bytes_per_step=message.weight_bytes_per_step,
+            kv_bytes_per_token=message.kv_bytes_per_token,
+            num_hidden_layers=message.num_hidden_layers,
+            num_key_value_heads=message.num_key_value_heads,
+            head_dim=message.head_dim,
         )
 
 

@@ -370,4 +370,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             eos_token_ids=list(info.eos_token_ids),
             hidden_size=info.hidden_size,
             max_embed_inputs=self.config.embed.max_inputs,
+            quantization=info.quantization,
+            weight_bytes_per_step=info.weight_bytes_per_step,
+            kv_bytes_per_token=info.kv_bytes_per_token,
+            num_hidden_layers=info.num_hidden_layers,
+            num_key_value_heads=info.num_key_value_heads,
+            head_dim=info.head_dim,
         )

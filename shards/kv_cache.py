@@ -48,5 +48,7 @@ class KVCache:
             dtype=dtype,
             device=device,
         )
+        self.nbytes = storage.nbytes
+        """Bytes of the allocation behind every layer's keys and values."""
         self.keys: list[torch.Tensor] = list(storage[0].unbind(0))  # each (num_blocks, block_size, kv_heads, head_dim)
         self.values: list[torch.Tensor] = list(storage[1].unbind(0))

@@ -4,6 +4,9 @@ Each layer with a sharded weight owns how a checkpoint tensor is sliced for its 
 (``weight_loader(param, source)``) and the collective that joins the ranks' partial results.
 A ``source`` is anything with ``shape`` and ``narrow(dim, start, length)``: a tensor, or a lazy
 safetensors slice, so a rank reads only its own part of the file.
+
+After loading, ``--quantize int8`` replaces the ``weight`` of the linears and the LM head with
+an ``Int8Weight`` (shards/quantization.py); their forwards call ``linear``, which takes either.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardgate.shards.int8_linear import linear
 from shardgate.shards.parallel import SINGLE, TensorParallel
 
 
@@ -101,7 +105,7 @@ class ColumnParallelLinear(nn.Module):
         _copy_shard(param, source, 0, self.shard_index, self.num_shards)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -121,7 +125,7 @@ class RowParallelLinear(nn.Module):
         _copy_shard(param, source, 1, self.tp.rank, self.tp.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(linear(x, self.weight))
 
 
 class _VocabShard(nn.Module):
@@ -176,7 +180,7 @@ class ParallelLMHead(_VocabShard):
         super().__init__(vocab_size, hidden_size, tp)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(F.linear(hidden, self.weight))[..., : self.vocab_size]
+        return self.tp.all_gather(linear(hidden, self.weight))[..., : self.vocab_size]
 
 
 class SwiGLUMLP(nn.Module):

@@ -31,6 +31,7 @@ from shardgate.shards.faults import FaultInjector
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
 from shardgate.shards.parallel import ParallelConfig, ParallelState, init_parallel
+from shardgate.shards.quantization import QUANTIZATIONS, quantize_model, weight_bytes_per_step
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import LoadedModel, load_model
 from shardgate.shards.worker import ShardService
@@ -52,6 +53,8 @@ class ShardConfig:
     """Local Hugging Face folder or builtin:tiny."""
     dtype: str
     """float32, bfloat16 or float16."""
+    quantize: str
+    """Weight quantization after loading: none, or int8 (weight-only, per output channel; any dtype)."""
     device: str
     """cpu, cuda, cuda:N or auto."""
     block_size: int
@@ -85,6 +88,8 @@ class ShardConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}")
         if self.block_size < 1:
             raise ValueError("--block-size must be >= 1")
         if self.kv_cache_memory < 0:
@@ -124,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     parser = argparse.ArgumentParser(prog="python -m shardgate.shards.main", description=__doc__)
     parser.add_argument("--model", default="builtin:tiny")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="weight quantization (int8: weight-only, per output channel)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=0.0)
@@ -141,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     return ShardConfig(
         model=args.model,
         dtype=args.dtype,
+        quantize=args.quantize,
         device=args.device,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
@@ -184,6 +191,15 @@ def gather_device_names(device: torch.device, parallel: ParallelState) -> list[s
     return [bytes(n.tolist()).rstrip(b"\0").decode() for n in names]
 
 
+def replica_sum(value: int, parallel: ParallelState) -> int:
+    """value summed over the replica's ranks (on the control group)."""
+    if parallel.config.world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total, group=parallel.control)
+    return int(total.item())
+
+
 def agree_on_blocks(num_blocks: int, parallel: ParallelState) -> int:
     """The replica's block count: the smallest any rank can hold (the gateway hands out one set
     of block ids for all of them)."""
@@ -209,6 +225,7 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     in what memory is left. Raises CapacityError when the cache gets less than one block."""
     dtype = DTYPES[config.dtype]
     loaded = load_model(config.model, dtype, device, parallel)
+    quantize_model(loaded.model, config.quantize)
     profile = profile_step(loaded.model, loaded.config, config.max_batch_tokens, config.max_num_seqs, config.block_size, dtype, device)
     budget = kv_cache_bytes(config.kv_cache_memory, profile, device.type, config.max_batch_tokens)
     log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
@@ -249,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard: {error}", file=sys.stderr)
         return 2
     loaded, num_blocks = rank_model.loaded, rank_model.num_blocks
+    weight_bytes = replica_sum(weight_bytes_per_step(loaded.model), parallel)
+    kv_bytes_per_token = replica_sum(rank_model.runner.kv_cache.nbytes // (num_blocks * config.block_size), parallel)
     provider = init_tracing(config.tracing, "shardgate-shard")
     tracer = provider.get_tracer("shardgate.shards") if provider is not None else None
     executor = StepExecutor(rank_model.runner, parallel, tracer, faults)
@@ -273,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         tp=config.tp,
         pp=config.pp,
         hidden_size=loaded.config.hidden_size,
+        quantization=config.quantize,
+        weight_bytes_per_step=weight_bytes,
+        kv_bytes_per_token=kv_bytes_per_token,
+        num_hidden_layers=loaded.config.num_hidden_layers,
+        num_key_value_heads=loaded.config.num_key_value_heads,
+        head_dim=loaded.config.head_dim,
     )
     options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
     # One worker: steps are sequential by design; the gateway never sends two at once.
@@ -288,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
     log.info("driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)", loaded.name, config.listen, config.tp, config.pp, num_blocks, config.block_size)
+    log.info("quantization %s: %d weight bytes read per step, %d KV bytes per token (whole replica)", config.quantize, weight_bytes, kv_bytes_per_token)
     server.wait_for_termination()
     executor.stop()
     return 0

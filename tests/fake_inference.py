@@ -119,6 +119,7 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.ModelInfoResponse(
             model="fake", model_type="llama", vocab_size=300, max_context_tokens=128, max_new_tokens_limit=64, dtype="float32",
             tp=1, pp=1, replicas=1, kv_capacity_tokens=[1024], devices=["cpu"], eos_token_ids=[2], hidden_size=4, max_embed_inputs=8,
+            quantization="int8", weight_bytes_per_step=1234, kv_bytes_per_token=64, num_hidden_layers=2, num_key_value_heads=2, head_dim=4,
         )  # fmt: skip
 
 

@@ -101,6 +101,8 @@ def test_tokenize_model_info_and_health(client):
     assert client.tokenize("ab") == [97, 98] and client.tokenize("ab", add_special_tokens=True) == [1, 97, 98]
     info = client.model_info()
     assert isinstance(info, ModelInfo) and info.model == "fake" and info.kv_capacity_tokens == [1024] and info.max_embed_inputs == 8
+    assert (info.quantization, info.weight_bytes_per_step, info.kv_bytes_per_token) == ("int8", 1234, 64)
+    assert (info.num_hidden_layers, info.num_key_value_heads, info.head_dim) == (2, 2, 4)
     assert client.health() == "SERVING"
 
 
