@@ -30,11 +30,10 @@ class _DirectReplica:
     async def step(self, plan, timeout=None, metadata=(), report_timings=False):
         from shardgate.server.replica import plan_to_proto
 
+        await asyncio.sleep(0)  # the readers take the tokens of the last step before this one blocks the loop
         message = plan_to_proto(plan)
         message.report_timings = report_timings
-        response = self.executor.run(message)
-        await asyncio.sleep(0)  # the readers take their tokens between steps, as they would from a server
-        return response
+        return self.executor.run(message)
 
 
 def _shard_config(args: Namespace):
