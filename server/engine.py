@@ -227,6 +227,9 @@ class Engine:
             sampled = {token.seq_id: (token.token_id, token.logprob) for token in tokens}
             for request in self.scheduler.update(plan, sampled):
                 self._on_token(self._handles[request.seq_id])
+        # Let the streams send these tokens before the next step starts: on a host whose cores
+        # the replica's threads fill, sending them during the step slows the step more.
+        await asyncio.sleep(0)
 
     async def _embed_step(self) -> None:
         """Runs one forward over the next inputs of the taken calls, in KV blocks lent from the

@@ -34,7 +34,7 @@ from shardgate.shards.parallel import ParallelConfig, ParallelState, init_parall
 from shardgate.shards.quantization import QUANTIZATIONS, quantize_model, weight_bytes_per_step
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import LoadedModel, load_model
-from shardgate.shards.worker import ShardService
+from shardgate.shards.worker import MainThread, ShardService
 
 log = logging.getLogger("shardgate.shard")
 
@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
     # One worker: steps are sequential by design; the gateway never sends two at once.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
-    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description), server)
+    main_thread = MainThread()
+    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description, main_thread), server)
     try:
         bound = _listen(server, config)
     except RuntimeError:
@@ -311,9 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard: cannot listen on {config.listen}", file=sys.stderr)
         return 2
     server.start()
-    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+
+    def terminate(*_) -> None:
+        server.stop(0)
+        main_thread.stop()
+
+    signal.signal(signal.SIGTERM, terminate)
     log.info("driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)", loaded.name, config.listen, config.tp, config.pp, num_blocks, config.block_size)
     log.info("quantization %s: %d weight bytes read per step, %d KV bytes per token (whole replica)", config.quantize, weight_bytes, kv_bytes_per_token)
+    main_thread.serve()
     server.wait_for_termination()
     executor.stop()
     return 0

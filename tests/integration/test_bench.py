@@ -23,26 +23,41 @@ def bench_model(tmp_path_factory):
     return make_bench_model(tmp_path_factory.mktemp("bench-model"), SMALL)
 
 
-def test_bench_with_the_hf_baseline_prints_both_sides_and_ratios(bench_model, tmp_path):
+def test_bench_with_the_hf_baseline_and_the_in_process_engine_at_two_levels(bench_model, tmp_path):
     result = shardgate(
-        "bench", "--model", str(bench_model), "--kv-cache-memory", str(64 << 20), "--num-requests", "6", "--prompt-len", "8",
-        "--output-len", "12", "--concurrency", "3", "--baseline", "hf", "--device-cost-per-hour", "2", "--json", str(tmp_path / "b.json"),
+        "bench", "--model", str(bench_model), "--kv-cache-memory", str(64 << 20), "--num-requests", "2,6", "--prompt-len", "8",
+        "--output-len", "12", "--concurrency", "1,3", "--baseline", "hf", "--in-process", "--device-cost-per-hour", "2",
+        "--json", str(tmp_path / "b.json"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("bench-model") and "6 requests, prompt 8 tokens, output 12 tokens, closed loop, concurrency 3" in lines[0]
-    assert lines[1].split()[:1] == ["metric"]
-    for column in ("shardgate", "hf one-at-a-time", "hf static batch 3", "shardgate ÷ one-at-a-time", "shardgate ÷ static batch 3"):
-        assert column in lines[1]
-    throughput = next(line for line in lines if line.startswith("output tokens/s")).split()
-    assert len(throughput) == 2 + 3 + 2 and throughput[-1].endswith("x") and throughput[-2].endswith("x")
+    titles = [i for i, line in enumerate(lines) if line.startswith("bench-model")]
+    assert len(titles) == 2 and "2 requests, prompt 8 tokens, output 12 tokens, closed loop, concurrency 1" in lines[titles[0]]
+    assert "6 requests, prompt 8 tokens, output 12 tokens, closed loop, concurrency 3" in lines[titles[1]]
+    header = lines[titles[1] + 1]
+    for column in ("shardgate", "in-process engine", "hf one-at-a-time", "hf static batch 3", "shardgate ÷ in-process engine", "shardgate ÷ static batch 3"):
+        assert column in header
+    throughput = next(line for line in lines[titles[1] :] if line.startswith("output tokens/s")).split()
+    assert len(throughput) == 2 + 4 + 3 and all(cell.endswith("x") for cell in throughput[-3:])
+    assert lines[-2].startswith("bandwidth bound: ") and "× the bound" in lines[-2]
+    assert lines[-1].startswith("KV cache: ") and "(1.000×)" in lines[-1]  # allocated = 2 × layers × kv heads × head dim × 4 bytes
+
     report = json.loads((tmp_path / "b.json").read_text())
-    assert set(report["levels"][0]["results"]) == {"shardgate", "hf one-at-a-time", "hf static batch 3"}
-    for summary in report["levels"][0]["results"].values():  # the same workload on both sides
+    single, batched = report["levels"]
+    assert set(single["results"]) == {"shardgate", "in-process engine", "hf one-at-a-time"}
+    assert set(batched["results"]) == {"shardgate", "in-process engine", "hf static batch 3", "hf one-at-a-time"}
+    for name in ("shardgate", "in-process engine"):  # the same workload on every side
+        assert (single["results"][name]["requests"], single["results"][name]["output_tokens"]) == (2, 24)
+    for name in ("shardgate", "in-process engine", "hf static batch 3"):
+        summary = batched["results"][name]
         assert (summary["requests"], summary["errors"], summary["output_tokens"]) == (6, 0, 72)
-        assert summary["cost_per_million_tokens"] > 0 and summary["ttft_ms"]["p99"] > 0
-    ours, theirs = report["levels"][0]["results"]["shardgate"], report["levels"][0]["results"]["hf one-at-a-time"]
-    assert report["levels"][0]["ratios"]["hf one-at-a-time"]["output tokens/s"] == pytest.approx(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
+        assert summary["cost_per_million_tokens"] > 0 and summary["ttft_ms"]["p99"] > 0 and summary["tpot_ms"]["p50"] > 0
+    assert batched["results"]["hf one-at-a-time"] == single["results"]["hf one-at-a-time"]  # run once, on the concurrency-1 workload
+    ours, theirs = batched["results"]["shardgate"], batched["results"]["hf static batch 3"]
+    assert batched["ratios"]["hf static batch 3"]["output tokens/s"] == pytest.approx(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
+    hardware = report["hardware"]
+    assert hardware["decode_step_ms"] == pytest.approx(single["results"]["shardgate"]["tpot_ms"]["p50"])
+    assert hardware["weight_bytes_per_step"] > 0 and hardware["bandwidth_bytes_per_s"] > 1e8 and hardware["kv_over_theory"] == 1.0
 
 
 def test_bench_open_loop_against_a_running_server(tiny_server):

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from shardgate.clients.bench import SHARDGATE, LoadConfig, format_table, ratios
+from shardgate.clients.bandwidth import HardwareReport
+from shardgate.clients.bench import SHARDGATE, LoadConfig, configs_from_args, format_table, levels_from_args, ratios, workload_arguments
 from shardgate.clients.bench_metrics import RequestRecord, percentile, summarize
 from shardgate.clients.local_server import serve_argv
 from shardgate.clients.tune import SLO, Trial, generation_settings, plot, recommend
@@ -66,6 +67,44 @@ def test_summarize_throughput_latencies_and_cost():
     assert s.e2e_ms["p99"] == pytest.approx(1.5 * 1000 - 0.5 * 0.01 * 1000)
     assert s.cost_per_million_tokens == pytest.approx(3.6 * 2 * 2.0 / 3600 / 5 * 1e6)
     assert summarize(records).cost_per_million_tokens is None
+    assert s.tpot_ms["p50"] == pytest.approx(650)  # (1.5 - 0.5) / 2 and (2.0 - 1.2) / 1
+
+
+def test_time_per_output_token_ignores_how_tokens_were_grouped():
+    bursts = RequestRecord(start=0.0, prompt_tokens=1, token_times=[0.1, 0.5, 0.5, 0.5, 0.5, 0.9], end=0.9)
+    assert bursts.time_per_output_token == pytest.approx(0.16) and min(bursts.inter_token_latencies()) == 0
+    assert RequestRecord(start=0.0, prompt_tokens=1, token_times=[0.1]).time_per_output_token is None
+
+
+def bench_args(*argv):
+    parser = argparse.ArgumentParser()
+    workload_arguments(parser)
+    parser.add_argument("--device-cost-per-hour", type=float, default=0.0)
+    return parser.parse_args(argv)
+
+
+def test_concurrency_levels_with_their_request_counts():
+    levels = levels_from_args(bench_args("--concurrency", "1,32", "--num-requests", "8,64", "--shared-prefix-len", "4"))
+    assert [(level.load.concurrency, level.workload.num_requests, level.workload.shared_prefix_len) for level in levels] == [(1, 8, 4), (32, 64, 4)]
+    assert [level.load.concurrency for level in levels_from_args(bench_args("--num-requests", "5"))] == [8]
+    assert [level.workload.num_requests for level in levels_from_args(bench_args("--concurrency", "2,4", "--num-requests", "5"))] == [5, 5]
+    with pytest.raises(ValueError, match="2 values for 3"):
+        levels_from_args(bench_args("--concurrency", "1,2,3", "--num-requests", "1,2"))
+    with pytest.raises(ValueError, match="one --concurrency level"):
+        configs_from_args(bench_args("--concurrency", "1,2"))
+    with pytest.raises(SystemExit):
+        bench_args("--concurrency", "1,x")
+
+
+def test_the_hardware_report_compares_the_batch_1_step_with_the_bandwidth_bound():
+    report = HardwareReport(weight_bytes_per_step=200_000_000, bandwidth_bytes_per_s=20e9, step_s=0.025, kv_bytes_per_token=8192, kv_theory_bytes_per_token=8192)
+    assert report.bound_s == pytest.approx(0.01)
+    figures = report.as_dict()
+    assert figures["step_over_bound"] == pytest.approx(2.5) and figures["kv_over_theory"] == 1.0
+    bandwidth, kv = report.lines()
+    assert "200.0 MB" in bandwidth and "20.0 GB/s" in bandwidth and "= 10.0 ms" in bandwidth and "2.50× the bound" in bandwidth
+    assert "8192 bytes per token" in kv and "(1.000×)" in kv
+    assert "no concurrency-1 level" in HardwareReport(1, 1.0, None, 1, 1).lines()[0]
 
 
 def test_report_prints_both_sides_and_ratios():
