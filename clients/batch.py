@@ -210,14 +210,18 @@ async def run_batch(client: AsyncClient, config: BatchConfig) -> BatchSummary:
                 bar.update(1)
                 bar.set_postfix(failed=summary.failed, tokens_per_s=f"{summary.completion_tokens / max(time.monotonic() - start, 1e-9):.0f}", refresh=False)
 
+        # Ctrl-C and SIGTERM stop cleanly, to resume later. Handled here rather than left to
+        # asyncio.run, which does nothing when SIGINT was ignored at start (a shell's background job).
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)  # as SIGINT: stop cleanly, resume later
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, asyncio.current_task().cancel)
         try:
             await asyncio.gather(*(worker() for _ in range(config.concurrency)))
         except asyncio.CancelledError:
             summary.interrupted = True
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
             summary.elapsed_s = time.monotonic() - start
             bar.close()
     return summary

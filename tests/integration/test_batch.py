@@ -22,7 +22,9 @@ def test_interrupted_job_resumes_without_loss_or_duplicates(tiny_server, tmp_pat
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
-    job = subprocess.Popen(batch_command(tiny_server.address, source, target), stderr=subprocess.PIPE, text=True)
+    # Started with SIGINT ignored, as a shell starts a background job: Ctrl-C must still stop it cleanly.
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    job = subprocess.Popen(batch_command(tiny_server.address, source, target), stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)
     deadline = time.monotonic() + 120
     while not (target.exists() and target.read_text().count("\n") >= 30):  # part way through
         assert job.poll() is None, job.stderr.read()
