@@ -16,7 +16,7 @@ from shardgate.clients.bandwidth import DTYPE_BYTES, HardwareReport, read_bandwi
 from shardgate.clients.bench_metrics import Summary, summarize
 from shardgate.clients.errors import ShardgateError
 from shardgate.clients.in_process import IN_PROCESS
-from shardgate.clients.workload import Lengths, WorkloadConfig, make_workload, poisson_arrivals
+from shardgate.clients.workload import Lengths, WorkItem, WorkloadConfig, make_workload, poisson_arrivals
 
 SHARDGATE = "shardgate"
 HF_ONE = "hf one-at-a-time"
@@ -79,6 +79,10 @@ class ServerRun:
     kv_bytes_per_token: int
     kv_theory_bytes_per_token: int
 
+    def items(self, workload: WorkloadConfig) -> list[WorkItem]:
+        """The workload's requests, drawn as they were for this server (the baselines send the same)."""
+        return make_workload(workload, self.vocab_size, frozenset(self.eos_token_ids))
+
 
 async def bench_server(address: str, client_options: dict, workload: WorkloadConfig, load: LoadConfig, progress: bool) -> ServerRun:
     """Runs the workload against the server at address and summarizes it."""
@@ -118,20 +122,18 @@ def bench_hf(model_dir: Path, run: ServerRun, levels: list[Level], progress: boo
 
     device = "cuda" if run.device.startswith("cuda") else "cpu"
     model = load_model(model_dir, run.dtype, device)
-    eos = frozenset(run.eos_token_ids)
     results: dict[int, dict[str, Summary]] = {index: {} for index in range(len(levels))}
     sequential = next((i for i, level in enumerate(levels) if level.load.batch_size == 1), 0)
     for index, level in enumerate(levels):
-        items = make_workload(level.workload, run.vocab_size, eos)
+        items = run.items(level.workload)
         runs = [(HF_ONE, 1)] if index == sequential else []
         if level.load.batch_size > 1:  # a batch of 1 is one at a time
             runs.append((hf_static(level.load.batch_size), level.load.batch_size))
         for name, size in runs:
             records = run_static_batches(model, items, size, level.load.ignore_eos, progress, name)
             results[index][name] = summarize(records, level.load.device_cost_per_hour, devices=1)
-    if sequential != 0 or len(levels) > 1:  # every table shows the one-at-a-time baseline
-        for index in results:
-            results[index].setdefault(HF_ONE, results[sequential][HF_ONE])
+    for level_results in results.values():  # every table shows the one-at-a-time baseline
+        level_results.setdefault(HF_ONE, results[sequential][HF_ONE])
     return results
 
 
@@ -140,8 +142,7 @@ def bench_in_process(args: argparse.Namespace, run: ServerRun, levels: list[Leve
     from shardgate.clients.in_process import build_engine, run_in_process
 
     engine = build_engine(args)
-    eos = frozenset(run.eos_token_ids)
-    workloads = [(make_workload(level.workload, run.vocab_size, eos), level.load.concurrency) for level in levels]
+    workloads = [(run.items(level.workload), level.load.concurrency) for level in levels]
     load = levels[0].load  # ignore_eos, warmup and price are the same at every level
     records = run_in_process(engine, workloads, load.ignore_eos, load.warmup, progress)
     return {index: summarize(level_records, load.device_cost_per_hour, devices=1) for index, level_records in enumerate(records)}

@@ -25,13 +25,14 @@ class _DirectReplica:
     completion in the engine's loop, as a one-process server would."""
 
     def __init__(self, executor) -> None:
-        self.executor = executor
-
-    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
         from shardgate.server.replica import plan_to_proto
 
+        self.executor = executor
+        self._plan_to_proto = plan_to_proto
+
+    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
         await asyncio.sleep(0)  # the readers take the tokens of the last step before this one blocks the loop
-        message = plan_to_proto(plan)
+        message = self._plan_to_proto(plan)
         message.report_timings = report_timings
         return self.executor.run(message)
 

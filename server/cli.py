@@ -9,6 +9,7 @@ import os
 import sys
 
 from shardgate.server.config import (
+    QUANTIZATIONS,
     TRACE_STEPS,
     AdmissionConfig,
     EmbedBatcherConfig,
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=gateway.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=gateway.port, help="public gRPC port (default %(default)s; 0 = any free)")
     parser.add_argument("--dtype", default=replica.dtype, choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--quantize", default=replica.quantize, choices=("none", "int8"),
+    parser.add_argument("--quantize", default=replica.quantize, choices=QUANTIZATIONS,
                         help="weight quantization: none (default), or int8 (weight-only, per output channel)")  # fmt: skip
     parser.add_argument("--device", default=replica.device, help="auto (default: cuda with NCCL when available, else cpu with gloo), cpu, cuda")
     parser.add_argument("--tp", type=int, default=replica.tp, help="tensor-parallel size of each replica (default %(default)s)")

@@ -15,6 +15,10 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+QUANTIZATIONS = ("none", "int8")
+"""Weight quantizations a replica can load with (`--quantize`)."""
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How the continuous batcher fills each step."""
@@ -104,7 +108,7 @@ class ReplicaConfig:
     def __post_init__(self) -> None:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
         _require(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
-        _require(self.quantize in ("none", "int8"), f"quantize must be none or int8, not {self.quantize!r}")
+        _require(self.quantize in QUANTIZATIONS, f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda, not {self.device!r}")
         _require(self.block_size >= 1, "block_size must be >= 1")
         _require(self.kv_cache_memory >= 0 and math.isfinite(self.kv_cache_memory), "kv_cache_memory must be >= 0")

@@ -191,23 +191,24 @@ def gather_device_names(device: torch.device, parallel: ParallelState) -> list[s
     return [bytes(n.tolist()).rstrip(b"\0").decode() for n in names]
 
 
-def replica_sum(value: int, parallel: ParallelState) -> int:
-    """value summed over the replica's ranks (on the control group)."""
+def _replica_reduce(value: int, parallel: ParallelState, op: dist.ReduceOp.RedOpType) -> int:
+    """value reduced over the replica's ranks (on the control group)."""
     if parallel.config.world_size == 1:
         return value
-    total = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(total, group=parallel.control)
-    return int(total.item())
+    reduced = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(reduced, op=op, group=parallel.control)
+    return int(reduced.item())
+
+
+def replica_sum(value: int, parallel: ParallelState) -> int:
+    """value summed over the replica's ranks."""
+    return _replica_reduce(value, parallel, dist.ReduceOp.SUM)
 
 
 def agree_on_blocks(num_blocks: int, parallel: ParallelState) -> int:
     """The replica's block count: the smallest any rank can hold (the gateway hands out one set
     of block ids for all of them)."""
-    if parallel.config.world_size == 1:
-        return num_blocks
-    count = torch.tensor([num_blocks], dtype=torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=parallel.control)
-    return int(count.item())
+    return _replica_reduce(num_blocks, parallel, dist.ReduceOp.MIN)
 
 
 @dataclass(frozen=True)
