@@ -20,8 +20,28 @@ from shardgate.clients.messages import build_embed_request, build_request
 from shardgate.clients.results import Completion, Delta, Embeddings, ModelInfo, RequestFailed, Usage
 
 __all__ = [
-    "AsyncBidiStream", "AsyncClient", "BidiStream", "Cancelled", "Client", "Completion", "DeadlineExceeded", "Delta",
-    "Embeddings", "InvalidRequest", "ModelInfo", "Overloaded", "PermissionDenied", "RequestFailed", "Retry",
-    "ServerError", "ShardgateError", "TLS", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
-    "build_embed_request", "build_request",
-]  # fmt: skip
+    "AsyncBidiStream",
+    "AsyncClient",
+    "BidiStream",
+    "Cancelled",
+    "Client",
+    "Completion",
+    "DeadlineExceeded",
+    "Delta",
+    "Embeddings",
+    "InvalidRequest",
+    "ModelInfo",
+    "Overloaded",
+    "PermissionDenied",
+    "RequestFailed",
+    "Retry",
+    "ServerError",
+    "ShardgateError",
+    "TLS",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Usage",
+    "build_embed_request",
+    "build_request",
+]

@@ -1,8 +1,8 @@
 """asyncio Python client of the shardgate Inference API (grpc.aio); the same calls as Client.
 
-    async with AsyncClient("127.0.0.1:50051") as client:
-        async for delta in client.stream("Hello", max_new_tokens=16):
-            print(delta.text, end="")
+async with AsyncClient("127.0.0.1:50051") as client:
+    async for delta in client.stream("Hello", max_new_tokens=16):
+        print(delta.text, end="")
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class AsyncClient:
     async def embed(self, inputs: str | list[str], *, timeout=CLIENT_TIMEOUT, **params) -> Embeddings:
         return Embeddings.from_proto(await self._unary(self._stub.Embed, build_embed_request(inputs, **params), timeout))
 
-    def bidi(self, *, timeout=CLIENT_TIMEOUT) -> "AsyncBidiStream":
+    def bidi(self, *, timeout=CLIENT_TIMEOUT) -> AsyncBidiStream:
         """A multiplexed stream: start and cancel many generations on one call (never retried)."""
         return AsyncBidiStream(self._stub.GenerateBidi(timeout=self._deadline(timeout).remaining(), metadata=call_metadata(self.token)))
 
@@ -111,7 +111,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -150,7 +150,7 @@ class AsyncBidiStream:
     async def close(self) -> None:
         self._call.cancel()
 
-    async def __aenter__(self) -> "AsyncBidiStream":
+    async def __aenter__(self) -> AsyncBidiStream:
         return self
 
     async def __aexit__(self, *exc) -> None:

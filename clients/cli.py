@@ -19,7 +19,9 @@ def connection_arguments(parser: argparse.ArgumentParser, *, addr_default: str |
     group = parser.add_argument_group("connection")
     group.add_argument("--addr", default=addr_default, help="server address host:port (default %(default)s)")
     group.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
-    group.add_argument("--retries", type=int, default=0, help="extra attempts for UNAVAILABLE/RESOURCE_EXHAUSTED before any token (default 0)")
+    group.add_argument(
+        "--retries", type=int, default=0, help="extra attempts for UNAVAILABLE/RESOURCE_EXHAUSTED before any token (default 0)"
+    )
     group.add_argument("--tls", action="store_true", help="connect with TLS (the system's roots unless --ca-cert)")
     group.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (implies --tls)")
     group.add_argument("--client-cert", help="PEM client certificate for mutual TLS (implies --tls)")
@@ -32,7 +34,9 @@ def client_options(args: argparse.Namespace) -> dict:
     """Client/AsyncClient keyword arguments from the connection flags."""
     tls = None
     if args.tls or args.ca_cert or args.client_cert or args.client_key or args.server_name:
-        tls = TLS(root_certificates=args.ca_cert, certificate_chain=args.client_cert, private_key=args.client_key, server_name=args.server_name)
+        tls = TLS(
+            root_certificates=args.ca_cert, certificate_chain=args.client_cert, private_key=args.client_key, server_name=args.server_name
+        )
     if args.retries < 0:
         raise ValueError("--retries must be >= 0")
     return dict(timeout=args.timeout, retry=Retry(attempts=args.retries + 1), tls=tls, token=args.token)
@@ -118,7 +122,7 @@ def info(args: argparse.Namespace) -> int:
 
 def batch(args: argparse.Namespace) -> int:
     from shardgate.clients.async_client import AsyncClient
-    from shardgate.clients.batch import BatchConfig, run_batch
+    from shardgate.clients.tools.batch import BatchConfig, run_batch
 
     try:
         config = BatchConfig(
@@ -152,7 +156,7 @@ def batch(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """Starts a server on the built-in model, streams one generation from it, stops it."""
-    from shardgate.clients.local_server import LocalServer
+    from shardgate.clients.tools.local_server import LocalServer
 
     try:
         with LocalServer(["--model", args.model]) as server, Client(server.address, timeout=60) as client:
@@ -166,8 +170,8 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shardgate.clients import bench as bench_cli
-    from shardgate.clients import tune as tune_cli
+    from shardgate.clients.tools import bench as bench_cli
+    from shardgate.clients.tools import tune as tune_cli
     from shardgate.server import cli as server_cli  # flags and config only: no server dependencies
 
     parser = argparse.ArgumentParser(prog="shardgate", description="gRPC inference for model-parallel language models")

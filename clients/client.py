@@ -22,7 +22,18 @@ from shardgate.clients.messages import bidi_cancel, bidi_generate, build_embed_r
 from shardgate.clients.results import Completion, Delta, Embeddings, ModelInfo, RequestFailed, Usage, bidi_event
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 
-__all__ = ["Client", "BidiStream", "ShardgateError", "Completion", "Delta", "Embeddings", "ModelInfo", "RequestFailed", "Usage", "build_request"]
+__all__ = [
+    "Client",
+    "BidiStream",
+    "ShardgateError",
+    "Completion",
+    "Delta",
+    "Embeddings",
+    "ModelInfo",
+    "RequestFailed",
+    "Usage",
+    "build_request",
+]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 CLIENT_TIMEOUT = object()
@@ -110,7 +121,7 @@ class Client:
         """One vector per input; params: pooling ("mean" or "last"), normalize, priority, timeout_ms."""
         return Embeddings.from_proto(self._unary(self._stub.Embed, build_embed_request(inputs, **params), timeout))
 
-    def bidi(self, *, timeout=CLIENT_TIMEOUT) -> "BidiStream":
+    def bidi(self, *, timeout=CLIENT_TIMEOUT) -> BidiStream:
         """A multiplexed stream: start and cancel many generations on one call (never retried)."""
         return BidiStream(self._stub, self._deadline(timeout).remaining(), call_metadata(self.token))
 
@@ -133,7 +144,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -174,9 +185,8 @@ class BidiStream:
         self._outbox.put(_END)
         self._call.cancel()
 
-    def __enter__(self) -> "BidiStream":
+    def __enter__(self) -> BidiStream:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-

@@ -35,7 +35,7 @@ class Usage:
     """Prompt tokens served from the server's prefix cache instead of computed."""
 
     @classmethod
-    def from_proto(cls, message: inference_pb2.Usage) -> "Usage":
+    def from_proto(cls, message: inference_pb2.Usage) -> Usage:
         return cls(
             message.prompt_tokens,
             message.completion_tokens,
@@ -58,7 +58,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
 
     @classmethod
-    def from_proto(cls, message: inference_pb2.GenerateResponse) -> "Completion":
+    def from_proto(cls, message: inference_pb2.GenerateResponse) -> Completion:
         return cls(
             request_id=message.request_id,
             text=message.text,
@@ -81,7 +81,7 @@ class Delta:
     usage: Usage | None
 
     @classmethod
-    def from_proto(cls, message: inference_pb2.GenerateStreamResponse) -> "Delta":
+    def from_proto(cls, message: inference_pb2.GenerateStreamResponse) -> Delta:
         last = message.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
         return cls(
             request_id=message.request_id,
@@ -123,7 +123,7 @@ class Embeddings:
     usage: Usage
 
     @classmethod
-    def from_proto(cls, message: inference_pb2.EmbedResponse) -> "Embeddings":
+    def from_proto(cls, message: inference_pb2.EmbedResponse) -> Embeddings:
         return cls(
             request_id=message.request_id,
             vectors=[list(e.values) for e in message.embeddings],
@@ -160,7 +160,7 @@ class ModelInfo:
     head_dim: int
 
     @classmethod
-    def from_proto(cls, message: inference_pb2.ModelInfoResponse) -> "ModelInfo":
+    def from_proto(cls, message: inference_pb2.ModelInfoResponse) -> ModelInfo:
         return cls(
             model=message.model,
             model_type=message.model_type,

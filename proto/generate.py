@@ -10,8 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpc_tools import protoc
 import grpc_tools
+from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).resolve().parent
 PROTOS = ("inference.proto", "shard.proto")

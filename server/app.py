@@ -26,12 +26,12 @@ from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher
 from shardgate.server.engine import Engine
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
-from shardgate.server.launcher import LocalReplica
-from shardgate.server.replica import ReplicaClient, ReplicaInfo
-from shardgate.server.router import Router
+from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
+from shardgate.server.replicas.launcher import LocalReplica
+from shardgate.server.replicas.router import Router
+from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
-from shardgate.server.supervisor import ReplicaSupervisor
 from shardgate.server.telemetry import Telemetry
 
 log = logging.getLogger("shardgate.server")
@@ -103,15 +103,23 @@ async def serve(config: GatewayConfig) -> None:
     try:
         for replica in local:
             replica.start()
-        infos = await asyncio.gather(*(_ready(client, replica, config) for client, replica in zip(clients, local + [None] * len(config.remote_replicas))))
+        infos = await asyncio.gather(
+            *(_ready(client, replica, config) for client, replica in zip(clients, local + [None] * len(config.remote_replicas)))
+        )
         _check_same_model(infos, clients)
         tokenizer = Tokenizer.from_str(infos[0].tokenizer_json)
         batcher = DynamicBatcher(config.embed, config.scheduler.priority_aging_s)
         engines = [
             Engine(
-                index, Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)), client, tokenizer,
-                infos[0].eos_token_ids, batcher, config.supervision.step_timeout_s, telemetry.replica(index, len(info.devices)),
-            )  # fmt: skip
+                index,
+                Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)),
+                client,
+                tokenizer,
+                infos[0].eos_token_ids,
+                batcher,
+                config.supervision.step_timeout_s,
+                telemetry.replica(index, len(info.devices)),
+            )
             for index, (client, info) in enumerate(zip(clients, infos))
         ]
         router = Router(engines)
@@ -122,7 +130,9 @@ async def serve(config: GatewayConfig) -> None:
                 await _set_health(health_servicer, serving=router.serving)
 
         supervisors = [
-            ReplicaSupervisor(engine, config, health_follows_replicas, local[engine.index] if engine.index < len(local) else None, remote_credentials)
+            ReplicaSupervisor(
+                engine, config, health_follows_replicas, local[engine.index] if engine.index < len(local) else None, remote_credentials
+            )
             for engine in engines
         ]
         tasks = [asyncio.create_task(engine.run(), name=f"engine {engine.index}") for engine in engines]
@@ -131,8 +141,13 @@ async def serve(config: GatewayConfig) -> None:
         await _set_health(health_servicer, serving=True)
         log.info(
             "serving %s on %s:%d: %d replica(s) of tp %d × pp %d",
-            infos[0].model, config.host, port, len(engines), infos[0].tp, infos[0].pp,
-        )  # fmt: skip
+            infos[0].model,
+            config.host,
+            port,
+            len(engines),
+            infos[0].tp,
+            infos[0].pp,
+        )
         await _until_signal(tasks[: len(engines)])
         await _drain(service, health_servicer, engines, config.drain_timeout_s)
     finally:

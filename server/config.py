@@ -79,7 +79,9 @@ class EmbedBatcherConfig:
             all(1 <= size <= self.max_batch_size for size in self.preferred_batch_sizes),
             f"embed preferred batch sizes must be in [1, {self.max_batch_size}] (the max batch size)",
         )
-        _require(1 <= self.max_inputs <= self.max_batch_size, f"embed max_inputs must be in [1, {self.max_batch_size}] (the max batch size)")
+        _require(
+            1 <= self.max_inputs <= self.max_batch_size, f"embed max_inputs must be in [1, {self.max_batch_size}] (the max batch size)"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class ReplicaConfig:
     block_size: int = 16
     """Tokens per KV-cache block."""
     kv_cache_memory: float = 0.0
-    """KV cache size: bytes when > 1, a fraction in (0, 1] of the memory free after the model and its largest step; 0 = 1 GiB on CPU, 0.9 on GPU."""
+    """KV cache size: bytes when > 1, a fraction in (0, 1] of the memory free after the model and its
+    largest step; 0 = 1 GiB on CPU, 0.9 on GPU."""
     start_timeout_s: float = 300.0
     """How long the gateway waits for a replica to load its model and answer."""
     tp: int = 1
@@ -109,7 +112,10 @@ class ReplicaConfig:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
         _require(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
         _require(self.quantize in QUANTIZATIONS, f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"device must be auto, cpu or cuda, not {self.device!r}")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device must be auto, cpu or cuda, not {self.device!r}",
+        )
         _require(self.block_size >= 1, "block_size must be >= 1")
         _require(self.kv_cache_memory >= 0 and math.isfinite(self.kv_cache_memory), "kv_cache_memory must be >= 0")
         _require(self.start_timeout_s > 0, "start_timeout_s must be > 0")
@@ -184,7 +190,7 @@ class TracingConfig:
         return bool(self.endpoint) and not self.disabled
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> "TracingConfig":
+    def from_environ(cls, environ: Mapping[str, str]) -> TracingConfig:
         return cls(
             endpoint=environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             disabled=environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
@@ -211,7 +217,9 @@ class TelemetryConfig:
     def __post_init__(self) -> None:
         _require(self.trace_steps in TRACE_STEPS, f"trace_steps must be one of {', '.join(TRACE_STEPS)}, not {self.trace_steps!r}")
         _require(0 <= self.metrics_port <= 65535, "metrics_port must be in [0, 65535]")
-        _require(self.device_cost_per_hour >= 0 and math.isfinite(self.device_cost_per_hour), "device_cost_per_hour must be a finite number >= 0")
+        _require(
+            self.device_cost_per_hour >= 0 and math.isfinite(self.device_cost_per_hour), "device_cost_per_hour must be a finite number >= 0"
+        )
 
 
 @dataclass(frozen=True)

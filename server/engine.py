@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from shardgate.server.config import TelemetryConfig
 from shardgate.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
-from shardgate.server.replica import EmbedItem, ReplicaClient
+from shardgate.server.replicas.client import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.telemetry import ReplicaTelemetry, Telemetry
@@ -132,7 +132,9 @@ class Engine:
     def adopt(self, handle: RequestHandle) -> None:
         """Takes over a request that had sent nothing yet from a failed replica."""
         old = handle.request
-        handle.request = Request(next(self._seq_ids), old.request_id, old.prompt_ids, old.params, old.priority, old.deadline, arrival=old.arrival)
+        handle.request = Request(
+            next(self._seq_ids), old.request_id, old.prompt_ids, old.params, old.priority, old.deadline, arrival=old.arrival
+        )
         handle.replica = self.index
         self._handles[handle.request.seq_id] = handle
         self.scheduler.add(handle.request)

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 log = logging.getLogger("shardgate.server")
 
+
 def _handler_kind(handler: grpc.RpcMethodHandler) -> str:
     return ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
 

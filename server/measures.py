@@ -25,7 +25,7 @@ class RequestTimes:
     """Mean time per output token after the first (needs two tokens)."""
 
     @classmethod
-    def of(cls, request: Request, now: float) -> "RequestTimes":
+    def of(cls, request: Request, now: float) -> RequestTimes:
         end = request.finished_at if request.finished_at is not None else now
         first_token, n = request.first_token, len(request.output_ids)
         return cls(
@@ -50,7 +50,7 @@ class StepShape:
     decode_tokens: int
 
     @classmethod
-    def of(cls, plan: StepPlan) -> "StepShape":
+    def of(cls, plan: StepPlan) -> StepShape:
         # A decode computes the one token sampled last; anything else (a prompt chunk, or a
         # preempted request's recomputation) is prefill work.
         decode_chunks = sum(1 for c in plan.chunks if c.num_tokens == 1 and c.start_pos >= len(c.request.prompt_ids))

@@ -37,34 +37,50 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.request_duration = Histogram(
-            "gen_ai_server_request_duration_seconds", "Generation requests from arrival to their last token (or end).",
-            GENAI_LABELS, buckets=REQUEST_DURATION_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "gen_ai_server_request_duration_seconds",
+            "Generation requests from arrival to their last token (or end).",
+            GENAI_LABELS,
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=registry,
+        )
         self.time_to_first_token = Histogram(
-            "gen_ai_server_time_to_first_token_seconds", "Arrival until the first generated token.",
-            GENAI_LABELS, buckets=TTFT_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "gen_ai_server_time_to_first_token_seconds",
+            "Arrival until the first generated token.",
+            GENAI_LABELS,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
         self.time_per_output_token = Histogram(
-            "gen_ai_server_time_per_output_token_seconds", "Mean time per generated token after the first, per request.",
-            GENAI_LABELS, buckets=TPOT_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "gen_ai_server_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per request.",
+            GENAI_LABELS,
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        )
         self.queue_time = Histogram(
-            "shardgate_request_queue_time_seconds", "Arrival until a request's first step.",
-            buckets=REQUEST_DURATION_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "shardgate_request_queue_time_seconds",
+            "Arrival until a request's first step.",
+            buckets=REQUEST_DURATION_BUCKETS,
+            registry=registry,
+        )
         self.prompt_tokens = Counter("shardgate_prompt_tokens", "Prompt tokens of ended requests.", registry=registry)
         self.generation_tokens = Counter("shardgate_generation_tokens", "Tokens generated for ended requests.", registry=registry)
         self.finished = Counter(
             "shardgate_requests_finished", "Generation requests that reached a replica, by finish reason.", ["reason"], registry=registry
         )
         self.responses = Counter(
-            "shardgate_responses", "Generate and GenerateStream calls by final gRPC status (validation failures included).",
-            ["code"], registry=registry,
-        )  # fmt: skip
+            "shardgate_responses",
+            "Generate and GenerateStream calls by final gRPC status (validation failures included).",
+            ["code"],
+            registry=registry,
+        )
         self.step_duration = Histogram(
-            "shardgate_step_duration_seconds", "Wall time of batch steps, seen from the gateway.",
-            ["replica", "phase"], buckets=STEP_SECONDS_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "shardgate_step_duration_seconds",
+            "Wall time of batch steps, seen from the gateway.",
+            ["replica", "phase"],
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=registry,
+        )
         self.step_batch_size = Histogram(
             "shardgate_step_batch_size", "Sequences in a batch step.", ["replica"], buckets=BATCH_SIZE_BUCKETS, registry=registry
         )
@@ -72,13 +88,19 @@ class Metrics:
             "shardgate_step_tokens", "Tokens computed in a batch step.", ["replica"], buckets=STEP_TOKENS_BUCKETS, registry=registry
         )
         self.rank_forward = Histogram(
-            "shardgate_rank_forward_seconds", "A shard rank's part of a step (its layers, transfers, sampling).",
-            ["replica", "rank"], buckets=STEP_SECONDS_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "shardgate_rank_forward_seconds",
+            "A shard rank's part of a step (its layers, transfers, sampling).",
+            ["replica", "rank"],
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=registry,
+        )
         self.rank_communication = Histogram(
-            "shardgate_rank_communication_seconds", "A shard rank's time in one kind of communication during a step.",
-            ["replica", "rank", "op"], buckets=STEP_SECONDS_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "shardgate_rank_communication_seconds",
+            "A shard rank's time in one kind of communication during a step.",
+            ["replica", "rank", "op"],
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=registry,
+        )
         self.device_seconds = Counter(
             "shardgate_device_seconds", "Device time of batch steps: wall time × the replica's devices.", ["replica"], registry=registry
         )

@@ -19,10 +19,10 @@ from shardgate.server.admission import Admission, QueueLoad, Ticket
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import ErrorEvent, Event, FinishEvent, RequestHandle, TokenEvent, usage_times
-from shardgate.server.replica import ReplicaInfo
+from shardgate.server.replicas.client import ReplicaInfo
+from shardgate.server.replicas.router import Router
+from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
-from shardgate.server.router import Router
-from shardgate.server.supervisor import ReplicaSupervisor
 from shardgate.server.telemetry import Telemetry
 from shardgate.server.validation import ModelLimits, RequestError, invalid, validate, validate_embed
 
@@ -248,7 +248,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     async for batch in batches:
                         error = batch.pop() if isinstance(batch[-1], ErrorEvent) else None
                         if batch:
-                            out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, batch, self.telemetry)))
+                            out.put_nowait(
+                                inference_pb2.GenerateBidiResponse(message=_stream_message(generation.handle, batch, self.telemetry))
+                            )
                         if error is not None:
                             fail(request_id, error.code, error.message)
             finally:

@@ -69,7 +69,7 @@ class Telemetry:
         self._metrics_server: WSGIServer | None = None
 
     @classmethod
-    def start(cls, config: TelemetryConfig, host: str) -> "Telemetry":
+    def start(cls, config: TelemetryConfig, host: str) -> Telemetry:
         """This process's tracing and metrics endpoint (once, in the gateway)."""
         telemetry = cls(config, init_tracing(config.tracing, "shardgate-gateway", StepSampler))
         if config.metrics_port:
@@ -94,7 +94,7 @@ class Telemetry:
         self.model = model
         self.metrics.watch(schedulers)
 
-    def replica(self, index: int, num_devices: int) -> "ReplicaTelemetry":
+    def replica(self, index: int, num_devices: int) -> ReplicaTelemetry:
         return ReplicaTelemetry(self, index, num_devices)
 
     def cost(self, device_seconds: float) -> float:

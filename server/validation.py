@@ -84,9 +84,7 @@ def _timeout_s(message) -> float | None:
     return message.timeout_ms / 1000 if message.timeout_ms else None
 
 
-def validate_embed(
-    message: inference_pb2.EmbedRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig
-) -> ValidEmbed:
+def validate_embed(message: inference_pb2.EmbedRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig) -> ValidEmbed:
     request_id = _request_id(message)
     if not message.inputs:
         raise invalid("inputs", "must not be empty")
@@ -105,9 +103,7 @@ def validate_embed(
     return ValidEmbed(request_id, inputs, _POOLINGS[message.pooling], message.normalize, priority, _timeout_s(message))
 
 
-def validate(
-    message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig
-) -> ValidRequest:
+def validate(message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig) -> ValidRequest:
     request_id = _request_id(message)
 
     kind = message.WhichOneof("input")

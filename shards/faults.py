@@ -29,7 +29,7 @@ class Fault:
     kind: str
 
     @classmethod
-    def parse(cls, spec: str) -> "Fault":
+    def parse(cls, spec: str) -> Fault:
         try:
             fields = dict(part.split("=", 1) for part in spec.split(","))
             fault = cls(int(fields["replica"]), int(fields["rank"]), int(fields["step"]), fields["kind"])
@@ -47,7 +47,7 @@ class FaultInjector:
         self._steps = 0
 
     @classmethod
-    def from_environment(cls, rank: int) -> "FaultInjector":
+    def from_environment(cls, rank: int) -> FaultInjector:
         spec = os.environ.get(ENV_VAR)
         replica, _, start = os.environ.get(REPLICA_ENV_VAR, "-1:0").partition(":")
         return cls(Fault.parse(spec) if spec else None, int(replica), int(start or 0), rank)

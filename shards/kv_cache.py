@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,7 @@ class KVCache:
     would still poison the output (0 · NaN = NaN).
     """
 
-    def __init__(
-        self, layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
-from shardgate.server.replica import INTERNAL_MESSAGE_BYTES  # both ends of the link share the limit
 from shardgate.server.config import TracingConfig
 from shardgate.server.otel import init_tracing
+from shardgate.server.replicas.client import INTERNAL_MESSAGE_BYTES  # both ends of the link share the limit
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.kv_cache import KVCache
@@ -129,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     parser = argparse.ArgumentParser(prog="python -m shardgate.shards.main", description=__doc__)
     parser.add_argument("--model", default="builtin:tiny")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS, help="weight quantization (int8: weight-only, per output channel)")
+    parser.add_argument(
+        "--quantize", default="none", choices=QUANTIZATIONS, help="weight quantization (int8: weight-only, per output channel)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=0.0)
@@ -258,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     parallel = init_parallel(
-        ParallelConfig(config.tp, config.pp), config.rank, config.world_size,
-        backend="nccl" if device.type == "cuda" else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S,
-    )  # fmt: skip
+        ParallelConfig(config.tp, config.pp),
+        config.rank,
+        config.world_size,
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout_s=COLLECTIVE_TIMEOUT_S,
+    )
     try:
         rank_model = build_rank_model(config, device, parallel)
     except CapacityError as error:
@@ -319,8 +324,21 @@ def main(argv: list[str] | None = None) -> int:
         main_thread.stop()
 
     signal.signal(signal.SIGTERM, terminate)
-    log.info("driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)", loaded.name, config.listen, config.tp, config.pp, num_blocks, config.block_size)
-    log.info("quantization %s: %d weight bytes read per step, %d KV bytes per token (whole replica)", config.quantize, weight_bytes, kv_bytes_per_token)
+    log.info(
+        "driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)",
+        loaded.name,
+        config.listen,
+        config.tp,
+        config.pp,
+        num_blocks,
+        config.block_size,
+    )
+    log.info(
+        "quantization %s: %d weight bytes read per step, %d KV bytes per token (whole replica)",
+        config.quantize,
+        weight_bytes,
+        kv_bytes_per_token,
+    )
     main_thread.serve()
     server.wait_for_termination()
     executor.stop()

@@ -58,7 +58,13 @@ def free_memory(device: torch.device) -> int:
 
 
 def profile_step(
-    model: LlamaForCausalLM, config: ModelConfig, max_batch_tokens: int, max_num_seqs: int, block_size: int, dtype: torch.dtype, device: torch.device
+    model: LlamaForCausalLM,
+    config: ModelConfig,
+    max_batch_tokens: int,
+    max_num_seqs: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> MemoryProfile:
     """Runs the largest step once (warming the model up) and measures its peak memory.
 
@@ -87,7 +93,9 @@ def profile_step(
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and "memory" not in str(error):
             raise
-        raise CapacityError(f"a step of --max-batch-tokens {max_batch_tokens} tokens does not fit in memory ({error}); lower --max-batch-tokens") from None
+        raise CapacityError(
+            f"a step of --max-batch-tokens {max_batch_tokens} tokens does not fit in memory ({error}); lower --max-batch-tokens"
+        ) from None
     del runner, cache
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -54,9 +54,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -72,8 +70,7 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
-                f"num_attention_heads ({self.num_attention_heads})"
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
@@ -107,9 +104,7 @@ class ModelConfig:
         """
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         missing = [
             key
             for key in (
@@ -143,10 +138,7 @@ class ModelConfig:
         head_dim = config.get("head_dim")
         if head_dim is None:
             if hidden_size % num_heads:
-                raise ValueError(
-                    f"num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size}) "
-                    "when head_dim is not given"
-                )
+                raise ValueError(f"num_attention_heads ({num_heads}) must divide hidden_size ({hidden_size}) when head_dim is not given")
             head_dim = hidden_size // num_heads
 
         rope_theta, rope_scaling = _read_rope(config)

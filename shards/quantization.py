@@ -55,4 +55,3 @@ def weight_bytes_per_step(model: nn.Module) -> int:
                 seen.add(id(tensor))
                 total += tensor.nbytes
     return total
-

@@ -53,9 +53,7 @@ def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn_frequencies(
-    inv_freq: torch.Tensor, dim: int, base: float, max_positions: int, scaling: dict
-) -> tuple[torch.Tensor, float]:
+def _yarn_frequencies(inv_freq: torch.Tensor, dim: int, base: float, max_positions: int, scaling: dict) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate slow dimensions, extrapolate fast ones, ramp between; scale attention by mscale."""
     original = scaling["original_max_position_embeddings"]
     factor = scaling.get("factor") or max_positions / original

@@ -89,13 +89,8 @@ class ModelRunner:
             if hidden is None or not sampled:
                 return []
             logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)
-            token_ids, logprobs = sample(
-                logits, [chunk.sampling for chunk in sampled], [chunk.output_index for chunk in sampled]
-            )
-        return [
-            SampleResult(chunk.seq_id, token_id, logprob)
-            for chunk, token_id, logprob in zip(sampled, token_ids, logprobs)
-        ]
+            token_ids, logprobs = sample(logits, [chunk.sampling for chunk in sampled], [chunk.output_index for chunk in sampled])
+        return [SampleResult(chunk.seq_id, token_id, logprob) for chunk, token_id, logprob in zip(sampled, token_ids, logprobs)]
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata, timer: CommTimer | None = None
@@ -130,10 +125,7 @@ class ModelRunner:
         blocks_needed = -(-end // self.kv_cache.block_size)
         table = chunk.block_table[:blocks_needed]
         if len(table) < blocks_needed or not all(0 <= b < self.kv_cache.num_blocks for b in table):
-            raise ValueError(
-                f"sequence {chunk.seq_id}: block table must hold {blocks_needed} block ids "
-                f"below {self.kv_cache.num_blocks}"
-            )
+            raise ValueError(f"sequence {chunk.seq_id}: block table must hold {blocks_needed} block ids below {self.kv_cache.num_blocks}")
 
 
 def _timed(timer: CommTimer | None, kind: str) -> contextlib.AbstractContextManager:

@@ -40,17 +40,13 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample(
-    logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
-) -> tuple[list[int], list[float | None]]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> tuple[list[int], list[float | None]]:
     """Next token per row of logits (N, vocab) float32, and its logprob under the raw logits where asked."""
     tokens = argmax(logits)  # (N,) greedy for every row; sampled rows overwrite theirs
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        drawn = _draw(
-            logits[rows], [params[r] for r in sampled_rows], [output_index[r] for r in sampled_rows]
-        )
+        drawn = _draw(logits[rows], [params[r] for r in sampled_rows], [output_index[r] for r in sampled_rows])
         tokens[rows] = drawn
 
     logprob_rows = [row for row, p in enumerate(params) if p.logprobs]

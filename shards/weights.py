@@ -51,9 +51,7 @@ class _SafetensorsSlice:
         return self._slice[(slice(None),) * dim + (slice(start, start + length),)]
 
 
-def load_model(
-    source: str, dtype: torch.dtype, device: torch.device | str, parallel: ParallelState | None = None
-) -> LoadedModel:
+def load_model(source: str, dtype: torch.dtype, device: torch.device | str, parallel: ParallelState | None = None) -> LoadedModel:
     """Load ``builtin:tiny`` or a local Hugging Face model folder: this rank's part of it."""
     device = torch.device(device)
     parallel = parallel or ParallelState(ParallelConfig())
@@ -135,9 +133,7 @@ def _short_list(names: list[str], limit: int = 8) -> str:
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
-def _load_parameter(
-    model: nn.Module, name: str, tensor: TensorSource, dtype: torch.dtype, device: torch.device
-) -> None:
+def _load_parameter(model: nn.Module, name: str, tensor: TensorSource, dtype: torch.dtype, device: torch.device) -> None:
     """Replace the meta parameter ``name`` with a real one on device, filled by its layer's weight_loader."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -157,9 +153,7 @@ def _shard_files(folder: Path) -> list[Path]:
         return [folder / file for file in sorted(set(weight_map.values()))]
     if (folder / _SINGLE_FILE).is_file():
         return [folder / _SINGLE_FILE]
-    raise FileNotFoundError(
-        f"{folder} has neither {_SINGLE_FILE} nor {_INDEX_FILE} (only safetensors checkpoints are loaded)"
-    )
+    raise FileNotFoundError(f"{folder} has neither {_SINGLE_FILE} nor {_INDEX_FILE} (only safetensors checkpoints are loaded)")
 
 
 def _read_json(path: Path) -> dict:

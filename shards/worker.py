@@ -13,7 +13,6 @@ from shardgate.proto import shard_pb2, shard_pb2_grpc
 from shardgate.server.otel import context_from_metadata
 from shardgate.shards.executor import StepExecutor
 
-
 T = TypeVar("T")
 
 

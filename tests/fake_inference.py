@@ -98,7 +98,9 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
             request = message.generate
             if request.max_new_tokens == 0:
                 yield inference_pb2.GenerateBidiResponse(
-                    error=inference_pb2.RequestStatus(request_id=request.request_id, code=3, message="max_new_tokens: must be in [1, 4096], got 0")
+                    error=inference_pb2.RequestStatus(
+                        request_id=request.request_id, code=3, message="max_new_tokens: must be in [1, 4096], got 0"
+                    )
                 )
                 continue
             for n in range(request.max_new_tokens):
@@ -117,10 +119,27 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
     def ModelInfo(self, request, context):
         self._enter("ModelInfo", request, context)
         return inference_pb2.ModelInfoResponse(
-            model="fake", model_type="llama", vocab_size=300, max_context_tokens=128, max_new_tokens_limit=64, dtype="float32",
-            tp=1, pp=1, replicas=1, kv_capacity_tokens=[1024], devices=["cpu"], eos_token_ids=[2], hidden_size=4, max_embed_inputs=8,
-            quantization="int8", weight_bytes_per_step=1234, kv_bytes_per_token=64, num_hidden_layers=2, num_key_value_heads=2, head_dim=4,
-        )  # fmt: skip
+            model="fake",
+            model_type="llama",
+            vocab_size=300,
+            max_context_tokens=128,
+            max_new_tokens_limit=64,
+            dtype="float32",
+            tp=1,
+            pp=1,
+            replicas=1,
+            kv_capacity_tokens=[1024],
+            devices=["cpu"],
+            eos_token_ids=[2],
+            hidden_size=4,
+            max_embed_inputs=8,
+            quantization="int8",
+            weight_bytes_per_step=1234,
+            kv_bytes_per_token=64,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            head_dim=4,
+        )
 
 
 def _bidi(request_id: str, **fields) -> inference_pb2.GenerateBidiResponse:
@@ -175,7 +194,9 @@ def self_signed_certificate(common_name: str) -> tuple[bytes, bytes]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

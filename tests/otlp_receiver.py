@@ -41,7 +41,7 @@ class ReceivedSpan:
     links: list[tuple[str, str]]
     """(trace id, span id) of each linked span."""
 
-    def within(self, other: "ReceivedSpan") -> bool:
+    def within(self, other: ReceivedSpan) -> bool:
         return other.start_ns <= self.start_ns <= self.end_ns <= other.end_ns
 
 

@@ -39,8 +39,9 @@ _TRAINING_TEXT = [
     "the the the and and of of to to in in is is",
 ] * 4
 
-_COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               initializer_range=0.2, rms_norm_eps=1e-6)
+_COMMON = dict(
+    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, rms_norm_eps=1e-6
+)
 
 
 def make_checkpoint(kind: str, directory: Path) -> Path:
@@ -126,7 +127,5 @@ def _byte_level_bpe(specials: list[str], vocab_size: int, bos: str | None) -> To
     )
     tokenizer.train_from_iterator(_TRAINING_TEXT, trainer)
     if bos is not None:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))]
-        )
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokenizer.token_to_id(bos))])
     return tokenizer

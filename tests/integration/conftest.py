@@ -1,5 +1,4 @@
 import pytest
-
 from servers import start_server
 
 

@@ -5,8 +5,8 @@ import time
 
 import grpc
 import pytest
-
 from servers import start_server, wait_until
+
 from shardgate.clients.client import build_request
 from shardgate.proto import inference_pb2
 

@@ -16,7 +16,9 @@ def batch_command(address, source, target):
 
 
 def test_interrupted_job_resumes_without_loss_or_duplicates(tiny_server, tmp_path):
-    lines = [{"id": f"r{i}", "prompt": f"prompt number {i}", "max_new_tokens": 40, "temperature": 0, "ignore_eos": True} for i in range(200)]
+    lines = [
+        {"id": f"r{i}", "prompt": f"prompt number {i}", "max_new_tokens": 40, "temperature": 0, "ignore_eos": True} for i in range(200)
+    ]
     lines[17] = {"id": "r17", "prompt": "bad", "max_new_tokens": 4, "top_k": -3}  # the server refuses it
     lines[42] = {"id": "r42", "prompt": "bad", "max_new_tokens": 4, "nucleus": 0.9}  # not a parameter
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

@@ -7,10 +7,18 @@ import sys
 
 import pytest
 
-from shardgate.clients.bench_model import BenchModelShape, make_bench_model
-from shardgate.clients.workload import Lengths, WorkloadConfig, make_workload
+from shardgate.clients.tools.bench_model import BenchModelShape, make_bench_model
+from shardgate.clients.tools.workload import Lengths, WorkloadConfig, make_workload
 
-SMALL = BenchModelShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+SMALL = BenchModelShape(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=256,
+)
 
 
 def shardgate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -25,17 +33,41 @@ def bench_model(tmp_path_factory):
 
 def test_bench_with_the_hf_baseline_and_the_in_process_engine_at_two_levels(bench_model, tmp_path):
     result = shardgate(
-        "bench", "--model", str(bench_model), "--kv-cache-memory", str(64 << 20), "--num-requests", "2,6", "--prompt-len", "8",
-        "--output-len", "12", "--concurrency", "1,3", "--baseline", "hf", "--in-process", "--device-cost-per-hour", "2",
-        "--json", str(tmp_path / "b.json"),
-    )  # fmt: skip
+        "bench",
+        "--model",
+        str(bench_model),
+        "--kv-cache-memory",
+        str(64 << 20),
+        "--num-requests",
+        "2,6",
+        "--prompt-len",
+        "8",
+        "--output-len",
+        "12",
+        "--concurrency",
+        "1,3",
+        "--baseline",
+        "hf",
+        "--in-process",
+        "--device-cost-per-hour",
+        "2",
+        "--json",
+        str(tmp_path / "b.json"),
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     titles = [i for i, line in enumerate(lines) if line.startswith("bench-model")]
     assert len(titles) == 2 and "2 requests, prompt 8 tokens, output 12 tokens, closed loop, concurrency 1" in lines[titles[0]]
     assert "6 requests, prompt 8 tokens, output 12 tokens, closed loop, concurrency 3" in lines[titles[1]]
     header = lines[titles[1] + 1]
-    for column in ("shardgate", "in-process engine", "hf one-at-a-time", "hf static batch 3", "shardgate ÷ in-process engine", "shardgate ÷ static batch 3"):
+    for column in (
+        "shardgate",
+        "in-process engine",
+        "hf one-at-a-time",
+        "hf static batch 3",
+        "shardgate ÷ in-process engine",
+        "shardgate ÷ static batch 3",
+    ):
         assert column in header
     throughput = next(line for line in lines[titles[1] :] if line.startswith("output tokens/s")).split()
     assert len(throughput) == 2 + 4 + 3 and all(cell.endswith("x") for cell in throughput[-3:])
@@ -54,14 +86,32 @@ def test_bench_with_the_hf_baseline_and_the_in_process_engine_at_two_levels(benc
         assert summary["cost_per_million_tokens"] > 0 and summary["ttft_ms"]["p99"] > 0 and summary["tpot_ms"]["p50"] > 0
     assert batched["results"]["hf one-at-a-time"] == single["results"]["hf one-at-a-time"]  # run once, on the concurrency-1 workload
     ours, theirs = batched["results"]["shardgate"], batched["results"]["hf static batch 3"]
-    assert batched["ratios"]["hf static batch 3"]["output tokens/s"] == pytest.approx(ours["output_tokens_per_s"] / theirs["output_tokens_per_s"])
+    assert batched["ratios"]["hf static batch 3"]["output tokens/s"] == pytest.approx(
+        ours["output_tokens_per_s"] / theirs["output_tokens_per_s"]
+    )
     hardware = report["hardware"]
     assert hardware["decode_step_ms"] == pytest.approx(single["results"]["shardgate"]["tpot_ms"]["p50"])
     assert hardware["weight_bytes_per_step"] > 0 and hardware["bandwidth_bytes_per_s"] > 1e8 and hardware["kv_over_theory"] == 1.0
 
 
 def test_bench_open_loop_against_a_running_server(tiny_server):
-    result = shardgate("bench", "--addr", tiny_server.address, "--rate", "25", "--num-requests", "10", "--prompt-len", "4:12", "--output-len", "3:9", "--seed", "5", "--json", "-")
+    result = shardgate(
+        "bench",
+        "--addr",
+        tiny_server.address,
+        "--rate",
+        "25",
+        "--num-requests",
+        "10",
+        "--prompt-len",
+        "4:12",
+        "--output-len",
+        "3:9",
+        "--seed",
+        "5",
+        "--json",
+        "-",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert "open loop, Poisson 25 req/s" in result.stderr.splitlines()[0]

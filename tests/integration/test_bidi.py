@@ -108,7 +108,12 @@ def test_bad_request_fails_only_itself(client):
         elif response.message.finish_reason:
             finished[response.message.request_id] = response.message.usage.completion_tokens
     invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert errors == {("bad", "prompt"): invalid, ("", "request_id"): invalid, ("worse", "max_new_tokens"): invalid, ("", "action"): invalid}
+    assert errors == {
+        ("bad", "prompt"): invalid,
+        ("", "request_id"): invalid,
+        ("worse", "max_new_tokens"): invalid,
+        ("", "action"): invalid,
+    }
     assert finished == {"good": 6, "good too": 6}
 
 

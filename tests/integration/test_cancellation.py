@@ -5,8 +5,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-
 from servers import start_server, wait_until
+
 from shardgate.clients.client import build_request
 
 STREAMS = 200

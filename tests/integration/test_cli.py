@@ -10,7 +10,9 @@ def shardgate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def test_generate_streams_from_a_running_server(tiny_server, client):
     expected = client.generate("cli prompt", max_new_tokens=12, temperature=0, ignore_eos=True).text
-    result = shardgate("generate", "--addr", tiny_server.address, "--stream", "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos", "cli prompt")
+    result = shardgate(
+        "generate", "--addr", tiny_server.address, "--stream", "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos", "cli prompt"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
     assert "[length: " in result.stderr and "12 generated tokens" in result.stderr

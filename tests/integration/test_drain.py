@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
+from processes import children_of, wait_gone
 from servers import start_server
-from test_process_lifecycle import children_of, wait_gone
 
 KV = str(16 << 20)
 

@@ -1,7 +1,6 @@
 """Half-precision serving end to end."""
 
 import pytest
-
 from servers import start_server
 
 

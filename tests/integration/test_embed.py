@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from servers import start_server
+
 from shardgate.proto import inference_pb2
 
 CALLS = 64
@@ -15,13 +15,19 @@ CALLS = 64
 @pytest.fixture(scope="module")
 def embed_server(tmp_path_factory):
     flags = [
-        "--embed-max-batch-size", "32",
-        "--embed-max-queue-delay-us", "50000",
-        "--embed-preferred-batch-sizes", "16,32",
-        "--embed-max-inputs", "8",
-        "--max-batch-tokens", "1024",
-        "--kv-cache-memory", str(32 << 20),
-    ]  # fmt: skip
+        "--embed-max-batch-size",
+        "32",
+        "--embed-max-queue-delay-us",
+        "50000",
+        "--embed-preferred-batch-sizes",
+        "16,32",
+        "--embed-max-inputs",
+        "8",
+        "--max-batch-tokens",
+        "1024",
+        "--kv-cache-memory",
+        str(32 << 20),
+    ]
     server = start_server(tmp_path_factory.mktemp("logs"), *flags)
     yield server
     server.stop()

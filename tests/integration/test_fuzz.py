@@ -5,8 +5,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from servers import start_server
+
 from shardgate.proto import inference_pb2
 
 DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -22,9 +22,16 @@ texts = st.text(max_size=40) | st.text(max_size=3000).filter(lambda t: len(t) > 
 @pytest.fixture(scope="module")
 def channel(tmp_path_factory):
     server = start_server(
-        tmp_path_factory.mktemp("fuzz"), "--kv-cache-memory", str(32 << 20), "--max-new-tokens-limit", "6",
-        "--max-batch-tokens", "512", "--embed-max-queue-delay-us", "0",
-    )  # fmt: skip
+        tmp_path_factory.mktemp("fuzz"),
+        "--kv-cache-memory",
+        str(32 << 20),
+        "--max-new-tokens-limit",
+        "6",
+        "--max-batch-tokens",
+        "512",
+        "--embed-max-queue-delay-us",
+        "0",
+    )
     with grpc.insecure_channel(server.address) as channel:
         yield channel
     assert server.process.poll() is None, "the server died"

@@ -1,7 +1,6 @@
 """Generation through the real gateway and shard process on the built-in model."""
 
 
-
 def test_model_info_describes_the_builtin_model(client):
     info = client.model_info()
     assert info.model == "builtin:tiny" and info.model_type == "llama"

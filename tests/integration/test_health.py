@@ -5,9 +5,8 @@ import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from processes import children_of
 from servers import launch_server, start_server
-from test_process_lifecycle import children_of
 
 SERVICE = "shardgate.v1.Inference"
 NOT_SERVING, SERVING = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from otlp_receiver import ReceivedSpan, SpanStore, otlp_receiver
+from prometheus_client.parser import text_string_to_metric_families
 from servers import RunningServer, start_server
+
 from shardgate.clients.client import build_request
 from shardgate.proto import inference_pb2_grpc
-from shardgate.server.launcher import free_port
+from shardgate.server.replicas.launcher import free_port
 
 PRICE_PER_DEVICE_HOUR = 7.2
 STREAM = "/shardgate.v1.Inference/GenerateStream"
@@ -64,7 +64,11 @@ class Observed:
         can reach the caller just before the gateway writes the line)."""
         deadline = time.monotonic() + timeout
         while True:
-            lines = [json.loads(line.split("shardgate.requests: ", 1)[1]) for line in self.server.log().splitlines() if "shardgate.requests: " in line]
+            lines = [
+                json.loads(line.split("shardgate.requests: ", 1)[1])
+                for line in self.server.log().splitlines()
+                if "shardgate.requests: " in line
+            ]
             mine = [line for line in lines if line["request_id"] == request_id]
             if mine or time.monotonic() > deadline:
                 return mine
@@ -84,15 +88,29 @@ def observed(tmp_path_factory):
     with otlp_receiver() as (endpoint, spans):
         metrics_port = free_port()
         with pytest.MonkeyPatch.context() as env:  # the shard processes inherit the gateway's environment
-            for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_SERVICE_NAME", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            for name in (
+                "OTEL_SDK_DISABLED",
+                "OTEL_TRACES_EXPORTER",
+                "OTEL_TRACES_SAMPLER",
+                "OTEL_SERVICE_NAME",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            ):
                 env.delenv(name, raising=False)
             env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
             env.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")  # export every 50 ms, not every 5 s
             server = start_server(
-                tmp_path_factory.mktemp("logs"), "--tp", "2", "--kv-cache-memory", str(16 << 20),
-                "--metrics-port", str(metrics_port), "--device-cost-per-hour", str(PRICE_PER_DEVICE_HOUR),
-                "--decode-steps", "1",  # a replica call per step, so the tests can count steps exactly
-            )  # fmt: skip
+                tmp_path_factory.mktemp("logs"),
+                "--tp",
+                "2",
+                "--kv-cache-memory",
+                str(16 << 20),
+                "--metrics-port",
+                str(metrics_port),
+                "--device-cost-per-hour",
+                str(PRICE_PER_DEVICE_HOUR),
+                "--decode-steps",
+                "1",  # a replica call per step, so the tests can count steps exactly
+            )
         try:
             yield Observed(server, spans, f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
@@ -122,10 +140,16 @@ def steps_complete(spans: list[ReceivedSpan], trace_id: str, num_steps: int, nam
 def test_streamed_request_is_traced_from_the_caller_to_every_rank(observed):
     trace_id, caller_span_id = secrets.token_hex(16), secrets.token_hex(8)
     with observed.server.client() as client:
-        deltas = list(client.stream(
-            "trace me", max_new_tokens=4, temperature=0, ignore_eos=True, request_id="traced-stream",
-            traceparent=f"00-{trace_id}-{caller_span_id}-01",
-        ))  # fmt: skip
+        deltas = list(
+            client.stream(
+                "trace me",
+                max_new_tokens=4,
+                temperature=0,
+                ignore_eos=True,
+                request_id="traced-stream",
+                traceparent=f"00-{trace_id}-{caller_span_id}-01",
+            )
+        )
     usage = deltas[-1].usage
     spans = observed.spans.wait_for(lambda spans: steps_complete(spans, trace_id, num_steps=4))
 
@@ -177,7 +201,9 @@ def test_steps_serving_only_unsampled_requests_get_no_spans(observed):
     unsampled, marker = secrets.token_hex(16), secrets.token_hex(16)
     with observed.server.client() as client:
         client.generate("not sampled", max_new_tokens=3, ignore_eos=True, traceparent=f"00-{unsampled}-{secrets.token_hex(8)}-00")
-        client.generate("marker", max_new_tokens=1, ignore_eos=True, request_id="marker-1", traceparent=f"00-{marker}-{secrets.token_hex(8)}-01")
+        client.generate(
+            "marker", max_new_tokens=1, ignore_eos=True, request_id="marker-1", traceparent=f"00-{marker}-{secrets.token_hex(8)}-01"
+        )
     # Each process exports in order, so once the marker's spans from all three are in, any span
     # of the earlier request would be too.
     spans = observed.spans.wait_for(lambda spans: steps_complete(spans, marker, num_steps=1, name="/shardgate.v1.Inference/Generate"))
@@ -205,10 +231,16 @@ def test_metrics_move_by_the_requests_made(observed):
     assert moved("shardgate_responses_total", code="OK") == 2 and moved("shardgate_responses_total", code="INVALID_ARGUMENT") == 1
     assert moved("shardgate_requests_finished_total", reason="length") == 2
     assert moved("shardgate_prompt_tokens_total") == prompt and moved("shardgate_generation_tokens_total") == 8
-    for histogram in ("gen_ai_server_request_duration_seconds", "gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds"):
+    for histogram in (
+        "gen_ai_server_request_duration_seconds",
+        "gen_ai_server_time_to_first_token_seconds",
+        "gen_ai_server_time_per_output_token_seconds",
+    ):
         assert moved(f"{histogram}_count", **MODEL_LABELS) == 2
         assert moved(f"{histogram}_bucket", le="+Inf", **MODEL_LABELS) == 2
-    assert moved("gen_ai_server_time_to_first_token_seconds_sum", **MODEL_LABELS) == pytest.approx(sum(u.time_to_first_token_s for u in usages))
+    assert moved("gen_ai_server_time_to_first_token_seconds_sum", **MODEL_LABELS) == pytest.approx(
+        sum(u.time_to_first_token_s for u in usages)
+    )
     assert moved("shardgate_request_queue_time_seconds_count") == 2
     assert moved("shardgate_request_queue_time_seconds_sum") == pytest.approx(sum(u.queue_time_s for u in usages))
     assert moved("shardgate_step_duration_seconds_count", replica=0, phase="prefill") == 2
@@ -262,12 +294,16 @@ def test_device_seconds_of_requests_add_up_to_the_replicas_busy_device_time(obse
     with ThreadPoolExecutor(6) as pool:  # batched together: prefills and decodes share steps
         usages = list(pool.map(generate, range(6)))
     after = observed.scrape()
-    busy_seconds = sum(delta(before, after, "shardgate_step_duration_seconds_sum", replica=0, phase=phase) for phase in ("prefill", "decode", "mixed"))
+    busy_seconds = sum(
+        delta(before, after, "shardgate_step_duration_seconds_sum", replica=0, phase=phase) for phase in ("prefill", "decode", "mixed")
+    )
     busy_device_seconds = busy_seconds * 2  # tp 2: two devices
     charged = sum(u.device_seconds for u in usages)
     assert charged == pytest.approx(busy_device_seconds, rel=0.05)
     # Steps were shared: more sequences than steps.
-    assert delta(before, after, "shardgate_step_batch_size_sum", replica=0) > delta(before, after, "shardgate_step_batch_size_count", replica=0)
+    assert delta(before, after, "shardgate_step_batch_size_sum", replica=0) > delta(
+        before, after, "shardgate_step_batch_size_count", replica=0
+    )
     assert len({round(u.device_seconds, 9) for u in usages}) == 6  # each paid its own share
     assert Counter(u.replica for u in usages) == {0: 6}
 

@@ -2,6 +2,7 @@
 does not change."""
 
 from servers import start_server
+
 from shardgate.clients.client import build_request
 
 BLOCK_BYTES = 32 * 1024  # builtin:tiny, float32: 2 (K, V) x 4 layers x 16 tokens x 2 heads x 32 dims x 4 bytes

@@ -6,10 +6,10 @@ import random
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-
 from servers import start_server
+
 from shardgate.clients.client import build_request
-from shardgate.server.launcher import free_port
+from shardgate.server.replicas.launcher import free_port
 
 BLOCK_BYTES = 32 * 1024  # builtin:tiny, float32: one 16-token block of all layers' K and V
 rng = random.Random(7)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from servers import start_server
+
 from shardgate.shards.quantization import quantize_model, weight_bytes_per_step
 from shardgate.shards.weights import load_model
 

@@ -5,7 +5,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from servers import start_server
-from shardgate.server.launcher import free_port
+
+from shardgate.server.replicas.launcher import free_port
 
 KV = str(16 << 20)
 
@@ -33,12 +34,30 @@ def test_two_replicas_both_take_work(tmp_path):
 
 def torchrun_node(node_rank: int, master_port: int, driver: str, log_path) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "2", "--node-rank", str(node_rank), "--nproc-per-node", "1",
-        "--master-addr", "127.0.0.1", "--master-port", str(master_port),
-        "-m", "shardgate.shards.main",
-        "--model", "builtin:tiny", "--tp", "2", "--listen", driver, "--kv-cache-memory", KV,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        str(node_rank),
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(master_port),
+        "-m",
+        "shardgate.shards.main",
+        "--model",
+        "builtin:tiny",
+        "--tp",
+        "2",
+        "--listen",
+        driver,
+        "--kv-cache-memory",
+        KV,
+    ]
     with open(log_path, "wb") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 

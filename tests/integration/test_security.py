@@ -5,12 +5,12 @@ import sys
 
 import grpc
 import pytest
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
 from certs import CertificateAuthority
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from servers import start_server
+
 from shardgate.proto import inference_pb2, inference_pb2_grpc, shard_pb2
-from shardgate.server.launcher import free_port
+from shardgate.server.replicas.launcher import free_port
 
 KV = str(16 << 20)
 HEALTH = "grpc.health.v1.Health"
@@ -31,9 +31,17 @@ def test_mutual_tls_admits_only_clients_of_the_trusted_ca(pki, tmp_path):
     ca_pem = pki["ca"].cert.read_bytes()
     good = grpc.ssl_channel_credentials(ca_pem, *pki["client"].pair)
     server = start_server(
-        tmp_path, "--kv-cache-memory", KV, "--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key),
-        "--tls-client-ca", str(pki["ca"].cert), credentials=good,
-    )  # fmt: skip
+        tmp_path,
+        "--kv-cache-memory",
+        KV,
+        "--tls-cert",
+        str(pki["server"].cert),
+        "--tls-key",
+        str(pki["server"].key),
+        "--tls-client-ca",
+        str(pki["ca"].cert),
+        credentials=good,
+    )
     try:
         with grpc.secure_channel(server.address, good) as channel:
             assert info(channel).model == "builtin:tiny"
@@ -131,18 +139,48 @@ def test_remote_replica_link_is_mutual_tls(pki, tmp_path):
     ca, server_cert, client_cert = pki["ca"], pki["server"], pki["client"]
     driver = f"127.0.0.1:{free_port()}"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "1",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "shardgate.shards.main", "--model", "builtin:tiny", "--listen", driver, "--kv-cache-memory", KV,
-        "--tls-cert", str(server_cert.cert), "--tls-key", str(server_cert.key), "--tls-client-ca", str(ca.cert),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "shardgate.shards.main",
+        "--model",
+        "builtin:tiny",
+        "--listen",
+        driver,
+        "--kv-cache-memory",
+        KV,
+        "--tls-cert",
+        str(server_cert.cert),
+        "--tls-key",
+        str(server_cert.key),
+        "--tls-client-ca",
+        str(ca.cert),
+    ]
     with open(tmp_path / "node.log", "wb") as log:
         node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         server = start_server(
-            tmp_path, "--replicas", "0", "--remote-replica", driver, "--replica-tls-ca", str(ca.cert),
-            "--replica-tls-cert", str(client_cert.cert), "--replica-tls-key", str(client_cert.key),
-        )  # fmt: skip
+            tmp_path,
+            "--replicas",
+            "0",
+            "--remote-replica",
+            driver,
+            "--replica-tls-ca",
+            str(ca.cert),
+            "--replica-tls-cert",
+            str(client_cert.cert),
+            "--replica-tls-key",
+            str(client_cert.key),
+        )
         try:
             with server.client() as client:
                 assert len(client.generate("over tls", max_new_tokens=4, ignore_eos=True).token_ids) == 4
@@ -150,7 +188,9 @@ def test_remote_replica_link_is_mutual_tls(pki, tmp_path):
             server.stop()
         # without a client certificate the driver refuses the connection
         with grpc.secure_channel(driver, grpc.ssl_channel_credentials(ca.cert.read_bytes())) as channel:
-            describe = channel.unary_unary("/shardgate.shard.v1.Shard/Describe", response_deserializer=shard_pb2.DescribeResponse.FromString)
+            describe = channel.unary_unary(
+                "/shardgate.shard.v1.Shard/Describe", response_deserializer=shard_pb2.DescribeResponse.FromString
+            )
             with pytest.raises(grpc.RpcError) as refused:
                 describe(b"", timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -10,10 +10,10 @@ import time
 
 import grpc
 import pytest
-
+from processes import children_of
 from servers import start_server
+
 from shardgate.proto import inference_pb2, inference_pb2_grpc
-from test_process_lifecycle import children_of
 
 DURATION_S = float(os.environ.get("SHARDGATE_SOAK_SECONDS", "20"))
 WORKERS = 8

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
+from processes import children_of
 from servers import start_server
+
 from shardgate.proto import inference_pb2
-from test_process_lifecycle import children_of
 
 KV = str(16 << 20)
 FLAGS = ("--replicas", "2", "--tp", "2", "--kv-cache-memory", KV, "--step-timeout", "2", "--restart-backoff", "0.2")

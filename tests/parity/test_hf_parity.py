@@ -4,22 +4,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from parity_prompts import NEW_TOKENS, PROMPTS, SHARED_PREFIX_PROMPTS
+from servers import start_server
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
-
-from servers import start_server
-
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time, in a land far away, there lived a",
-    "1, 2, 3, 4,",
-]
-NEW_TOKENS = 32
-SHARED = "You are a careful assistant. Answer briefly and do not repeat the question. Question: "
-SHARED_PREFIX_PROMPTS = [SHARED + tail for tail in ("what is two plus two?", "name a colour.", "what is two plus three?", "")]
-"""Prompts sharing a prefix of several KV blocks (the last is the prefix alone: it may share all
-but its last block)."""
 
 
 def hf_greedy(model_dir, prompts: list[str]) -> list[list[int]]:
@@ -30,9 +18,7 @@ def hf_greedy(model_dir, prompts: list[str]) -> list[list[int]]:
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=True).ids])
         with torch.no_grad():
-            generated = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
-            )  # fmt: skip
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         outputs.append(generated[0, ids.shape[1] :].tolist())
     return outputs
 
@@ -41,8 +27,9 @@ def serve_greedy(model_dir, tmp_path, *flags: str, prompts: list[str] = PROMPTS,
     """The prompts served concurrently through the gRPC API (the first one before the others
     with first_alone); greedy tokens of each."""
     # A small token budget forces chunked prefill while other requests decode.
-    server = start_server(tmp_path, "--model", str(model_dir), "--dtype", "float32", "--max-batch-tokens", "16",
-                          "--kv-cache-memory", str(32 << 20), *flags)  # fmt: skip
+    server = start_server(
+        tmp_path, "--model", str(model_dir), "--dtype", "float32", "--max-batch-tokens", "16", "--kv-cache-memory", str(32 << 20), *flags
+    )
     try:
 
         def generate(prompt):
@@ -87,5 +74,7 @@ def test_prefix_cached_greedy_tokens_equal_transformers(kind, checkpoint, tmp_pa
 
 def test_prefix_cached_tokens_equal_transformers_with_pipeline_and_tensor_parallelism(checkpoint, tmp_path):
     model_dir = checkpoint("llama")
-    served = serve_greedy(model_dir, tmp_path, "--tp", "2", "--pp", "2", "--block-size", "8", prompts=SHARED_PREFIX_PROMPTS, first_alone=True)
+    served = serve_greedy(
+        model_dir, tmp_path, "--tp", "2", "--pp", "2", "--block-size", "8", prompts=SHARED_PREFIX_PROMPTS, first_alone=True
+    )
     assert served == hf_greedy(model_dir, SHARED_PREFIX_PROMPTS)

@@ -12,15 +12,16 @@ against float32 (no quantization at all) agrees on only 52-84% of free-running p
 
 from concurrent.futures import ThreadPoolExecutor
 
+from parity_prompts import NEW_TOKENS, PROMPTS
 from servers import start_server
-from test_hf_parity import NEW_TOKENS, PROMPTS
 
 KINDS = ("llama", "qwen2", "mistral")
 
 
 def serve(model_dir, log_dir, *flags: str):
-    return start_server(log_dir, "--model", str(model_dir), "--dtype", "bfloat16", "--max-batch-tokens", "16",
-                        "--kv-cache-memory", str(32 << 20), *flags)  # fmt: skip
+    return start_server(
+        log_dir, "--model", str(model_dir), "--dtype", "bfloat16", "--max-batch-tokens", "16", "--kv-cache-memory", str(32 << 20), *flags
+    )
 
 
 def free_running(server) -> tuple[list[list[int]], list[list[int]]]:

@@ -7,10 +7,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ["proto", "server", "shards", "clients"]
 FORBIDDEN = [
     (re.compile(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|shelve|marshal)\b", re.M), "a pickle-family import"),
-    (re.compile(r"\b(all_gather_object|broadcast_object_list|gather_object|scatter_object_list|send_object_list|recv_object_list)\b"),
-     "a torch.distributed *_object collective (pickles its payload)"),
+    (
+        re.compile(r"\b(all_gather_object|broadcast_object_list|gather_object|scatter_object_list|send_object_list|recv_object_list)\b"),
+        "a torch.distributed *_object collective (pickles its payload)",
+    ),
     (re.compile(r"multiprocessing\.(Queue|Pipe|Manager)|mp\.(Queue|Pipe)"), "a multiprocessing queue or pipe (pickles)"),
-]  # fmt: skip
+]
 TORCH_LOAD = re.compile(r"torch\.load\((?P<args>[^)]*)\)")
 
 

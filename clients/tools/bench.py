@@ -1,0 +1,411 @@
+"""`shardgate bench`: load-test a server (a running one, or one it starts) with a seeded
+synthetic workload, optionally against Hugging Face transformers on the same checkpoint, and
+report throughput, latency percentiles and cost as a table (and JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shardgate.clients.errors import ShardgateError
+from shardgate.clients.tools.bandwidth import DTYPE_BYTES, HardwareReport, read_bandwidth
+from shardgate.clients.tools.bench_metrics import Summary, summarize
+from shardgate.clients.tools.in_process import IN_PROCESS
+from shardgate.clients.tools.workload import Lengths, WorkItem, WorkloadConfig, make_workload, poisson_arrivals
+
+SHARDGATE = "shardgate"
+HF_ONE = "hf one-at-a-time"
+
+
+def hf_static(batch_size: int) -> str:
+    return f"hf static batch {batch_size}"
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How the workload is sent."""
+
+    concurrency: int | None = 8
+    """Closed loop: this many requests always in flight (None with a rate)."""
+    rate: float | None = None
+    """Open loop: Poisson arrivals at this many requests per second."""
+    ignore_eos: bool = True
+    """Generate exactly max_new_tokens (the workload's output lengths)."""
+    warmup: int = 2
+    """Short requests sent before measuring."""
+    device_cost_per_hour: float = 0.0
+    """Price of one device-hour, for the cost per million tokens (0 = not shown)."""
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise ValueError("give one of --concurrency and --rate")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("--concurrency must be >= 1")
+        if self.warmup < 0 or self.device_cost_per_hour < 0:
+            raise ValueError("--warmup and --device-cost-per-hour must be >= 0")
+
+    @property
+    def batch_size(self) -> int:
+        """The static baseline's batch: the concurrency (8 in open loop without one)."""
+        return self.concurrency or 8
+
+    def describe(self) -> str:
+        return f"closed loop, concurrency {self.concurrency}" if self.rate is None else f"open loop, Poisson {self.rate:g} req/s"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One load level of a run: its workload and how it is sent."""
+
+    workload: WorkloadConfig
+    load: LoadConfig
+
+
+@dataclass(frozen=True)
+class ServerRun:
+    summary: Summary
+    model: str
+    dtype: str
+    device: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    """The workload drew its prompt ids from the vocabulary without these: the baseline draws the same."""
+    weight_bytes_per_step: int
+    kv_bytes_per_token: int
+    kv_theory_bytes_per_token: int
+
+    def items(self, workload: WorkloadConfig) -> list[WorkItem]:
+        """The workload's requests, drawn as they were for this server (the baselines send the same)."""
+        return make_workload(workload, self.vocab_size, frozenset(self.eos_token_ids))
+
+
+async def bench_server(address: str, client_options: dict, workload: WorkloadConfig, load: LoadConfig, progress: bool) -> ServerRun:
+    """Runs the workload against the server at address and summarizes it."""
+    from shardgate.clients.async_client import AsyncClient
+    from shardgate.clients.tools.load import run_load, warm_up
+
+    async with AsyncClient(address, **client_options) as client:
+        info = await client.model_info()
+        items = make_workload(workload, info.vocab_size, frozenset(info.eos_token_ids))
+        await warm_up(client, items, load.warmup)
+        arrivals = None if load.rate is None else poisson_arrivals(len(items), load.rate, workload.seed)
+        records = await run_load(
+            client,
+            items,
+            concurrency=load.concurrency if arrivals is None else None,
+            arrivals=arrivals,
+            ignore_eos=load.ignore_eos,
+            progress=progress,
+            label=SHARDGATE,
+        )
+    summary = summarize(records, load.device_cost_per_hour, devices=len(info.devices))
+    return ServerRun(
+        summary,
+        info.model,
+        info.dtype,
+        info.devices[0] if info.devices else "cpu",
+        info.vocab_size,
+        tuple(info.eos_token_ids),
+        info.weight_bytes_per_step,
+        info.kv_bytes_per_token,
+        2 * info.num_hidden_layers * info.num_key_value_heads * info.head_dim * DTYPE_BYTES[info.dtype],
+    )
+
+
+def hardware_report(run: ServerRun, levels: list[Level], results: list[dict[str, Summary]]) -> HardwareReport:
+    """The bandwidth bound of a batch-1 decode step (measured here, on the server's device type,
+    after the server has stopped) beside shardgate's time per output token at concurrency 1."""
+    single = next((index for index, level in enumerate(levels) if level.load.concurrency == 1), None)
+    step = None if single is None else results[single][SHARDGATE].tpot_ms["p50"] / 1e3
+    return HardwareReport(
+        run.weight_bytes_per_step, read_bandwidth(run.device), step, run.kv_bytes_per_token, run.kv_theory_bytes_per_token
+    )
+
+
+def bench_hf(model_dir: Path, run: ServerRun, levels: list[Level], progress: bool) -> dict[int, dict[str, Summary]]:
+    """The transformers baseline on the same checkpoint, dtype, device type and workloads: one
+    request at a time (once, on the workload of concurrency 1 if there is one, else the first
+    level's) and statically batched at each concurrency above 1."""
+    from shardgate.clients.tools.baseline_hf import load_model, run_static_batches
+
+    device = "cuda" if run.device.startswith("cuda") else "cpu"
+    model = load_model(model_dir, run.dtype, device)
+    results: dict[int, dict[str, Summary]] = {index: {} for index in range(len(levels))}
+    sequential = next((i for i, level in enumerate(levels) if level.load.batch_size == 1), 0)
+    for index, level in enumerate(levels):
+        items = run.items(level.workload)
+        runs = [(HF_ONE, 1)] if index == sequential else []
+        if level.load.batch_size > 1:  # a batch of 1 is one at a time
+            runs.append((hf_static(level.load.batch_size), level.load.batch_size))
+        for name, size in runs:
+            records = run_static_batches(model, items, size, level.load.ignore_eos, progress, name)
+            results[index][name] = summarize(records, level.load.device_cost_per_hour, devices=1)
+    for level_results in results.values():  # every table shows the one-at-a-time baseline
+        level_results.setdefault(HF_ONE, results[sequential][HF_ONE])
+    return results
+
+
+def bench_in_process(args: argparse.Namespace, run: ServerRun, levels: list[Level], progress: bool) -> dict[int, Summary]:
+    """The same engine in one process, no gRPC (clients/tools/in_process.py), at each closed-loop level."""
+    from shardgate.clients.tools.in_process import build_engine, run_in_process
+
+    engine = build_engine(args)
+    workloads = [(run.items(level.workload), level.load.concurrency) for level in levels]
+    load = levels[0].load  # ignore_eos, warmup and price are the same at every level
+    records = run_in_process(engine, workloads, load.ignore_eos, load.warmup, progress)
+    return {index: summarize(level_records, load.device_cost_per_hour, devices=1) for index, level_records in enumerate(records)}
+
+
+# --- report -------------------------------------------------------------------------------
+
+ROWS = [
+    ("requests", lambda s: s.requests, "{:.0f}"),
+    ("errors", lambda s: s.errors, "{:.0f}"),
+    ("output tokens/s", lambda s: s.output_tokens_per_s, "{:.1f}"),
+    ("requests/s", lambda s: s.requests_per_s, "{:.2f}"),
+    *[(f"TTFT {p} ms", (lambda s, p=p: s.ttft_ms[p]), "{:.1f}") for p in ("p50", "p90", "p99")],
+    *[(f"ITL {p} ms", (lambda s, p=p: s.itl_ms[p]), "{:.1f}") for p in ("p50", "p90", "p99")],
+    *[(f"TPOT {p} ms", (lambda s, p=p: s.tpot_ms[p]), "{:.1f}") for p in ("p50", "p90", "p99")],
+    *[(f"e2e {p} ms", (lambda s, p=p: s.e2e_ms[p]), "{:.0f}") for p in ("p50", "p90", "p99")],
+    ("$ per 1M output tokens", lambda s: s.cost_per_million_tokens, "{:.4f}"),
+]
+RATIO_ROWS = (
+    "output tokens/s",
+    "requests/s",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "ITL p50 ms",
+    "ITL p99 ms",
+    "TPOT p50 ms",
+    "TPOT p99 ms",
+    "e2e p50 ms",
+    "e2e p99 ms",
+    "$ per 1M output tokens",
+)
+
+
+def ratios(results: dict[str, Summary]) -> dict[str, dict[str, float]]:
+    """shardgate ÷ each baseline, per metric (above 1 is better for throughput, below 1 for latency and cost)."""
+    ours = results[SHARDGATE]
+    getters = {name: get for name, get, _ in ROWS}
+    out = {}
+    for baseline, summary in results.items():
+        if baseline == SHARDGATE:
+            continue
+        out[baseline] = {}
+        for row in RATIO_ROWS:
+            a, b = getters[row](ours), getters[row](summary)
+            out[baseline][row] = a / b if a is not None and b not in (None, 0) and not math.isnan(b) else math.nan
+    return out
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def format_table(results: dict[str, Summary], title: str) -> str:
+    names = list(results)
+    ratio_table = ratios(results)
+    headers = ["metric", *names, *[f"shardgate ÷ {n.removeprefix('hf ')}" for n in ratio_table]]
+    rows = []
+    for label, get, fmt in ROWS:
+        row = [label, *[_cell(get(results[n]), fmt) for n in names]]
+        row += [_cell(ratio_table[b].get(label), "{:.2f}x") if label in RATIO_ROWS else "" for b in ratio_table]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = [title, "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    if ratio_table:
+        lines.append("ratio = shardgate ÷ baseline: above 1 is better for throughput, below 1 is better for latency and cost")
+    return "\n".join(lines)
+
+
+# --- command ------------------------------------------------------------------------------
+
+
+def add_parser(commands) -> None:
+    from shardgate.clients.cli import connection_arguments
+    from shardgate.server import cli as server_cli
+
+    parser = commands.add_parser(
+        "bench",
+        help="load-test a server with a synthetic workload (optionally against transformers)",
+        description="Benchmark a running server (--addr) or one it starts from the serve flags (--model ...).",
+    )
+    connection_arguments(parser, addr_default=None)
+    server_cli.add_arguments(
+        parser.add_argument_group("server to start when there is no --addr (the `shardgate serve` flags; --host/--port are ignored)")
+    )
+    workload_arguments(parser)
+    parser.add_argument("--baseline", choices=("hf",), help="also run transformers generate on --model (a local folder)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also run the same engine in this process with no gRPC (one rank): what the gateway round trip and streams cost",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON (- for stdout)")
+    parser.add_argument(
+        "--make-model", metavar="DIR", type=Path, help="write the benchmark model (Llama, ~150M parameters) to DIR and exit"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=bench_command)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """`N` or `N,M,...`."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,M,...: {text!r}") from None
+
+
+def workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """Workload and load flags (shared with `shardgate tune`)."""
+    group = parser.add_argument_group("workload")
+    group.add_argument(
+        "--num-requests",
+        type=int_list,
+        default=(64,),
+        help="requests measured; N,M,... gives each --concurrency level its own (default 64)",
+    )
+    group.add_argument(
+        "--prompt-len", type=Lengths.parse, default=Lengths(32, 32), help="prompt tokens: N or LOW:HIGH uniform (default 32)"
+    )
+    group.add_argument(
+        "--output-len", type=Lengths.parse, default=Lengths(128, 128), help="new tokens: N or LOW:HIGH uniform (default 128)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
+    group.add_argument(
+        "--shared-prefix-len",
+        type=int,
+        default=0,
+        help="tokens every prompt starts with, the same for all, before its own --prompt-len (default %(default)s)",
+    )
+    group.add_argument(
+        "--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="generate exactly the output length (default on)"
+    )
+    group.add_argument(
+        "--concurrency", type=int_list, default=None, help="closed loop: requests in flight; N,M,... runs each level in turn (default 8)"
+    )
+    group.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
+    group.add_argument("--warmup", type=int, default=2, help="short requests before measuring (default %(default)s)")
+
+
+def levels_from_args(args: argparse.Namespace) -> list[Level]:
+    """One level per --concurrency value (one open-loop level with --rate)."""
+    if args.rate is not None and args.concurrency is not None:
+        raise ValueError("give one of --concurrency and --rate")
+    concurrencies = [None] if args.rate is not None else list(args.concurrency or (8,))
+    counts = list(args.num_requests)
+    if len(counts) == 1:
+        counts *= len(concurrencies)
+    if len(counts) != len(concurrencies):
+        raise ValueError(f"--num-requests gives {len(counts)} values for {len(concurrencies)} --concurrency levels")
+    return [
+        Level(
+            WorkloadConfig(count, args.prompt_len, args.output_len, args.seed, args.shared_prefix_len),
+            LoadConfig(concurrency, args.rate, args.ignore_eos, args.warmup, args.device_cost_per_hour),
+        )
+        for concurrency, count in zip(concurrencies, counts)
+    ]
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[WorkloadConfig, LoadConfig]:
+    """The workload and load of a command that runs one level (tune)."""
+    levels = levels_from_args(args)
+    if len(levels) != 1:
+        raise ValueError("this command runs one --concurrency level")
+    return levels[0].workload, levels[0].load
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from shardgate.clients.cli import client_options
+    from shardgate.clients.tools.local_server import LocalServer, serve_argv
+
+    if args.make_model is not None:
+        from shardgate.clients.tools.bench_model import make_bench_model
+
+        print(f"wrote the benchmark model to {make_bench_model(args.make_model)}")
+        return 0
+    try:
+        levels = levels_from_args(args)
+        options = client_options(args)
+        if args.baseline and not Path(args.model).is_dir():
+            raise ValueError(f"--baseline hf needs --model to be a local Hugging Face folder, not {args.model!r}")
+        if args.in_process and (args.addr is not None or args.rate is not None):
+            raise ValueError("--in-process needs --model (not --addr) and --concurrency (not --rate)")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress
+    server = None
+    runs: list[ServerRun] = []
+    try:
+        if args.addr is None:
+            server = LocalServer(serve_argv(args)).start()
+        for level in levels:
+            runs.append(asyncio.run(bench_server(args.addr or server.address, options, level.workload, level.load, progress)))
+    except (ShardgateError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()  # the baselines get the machine to themselves
+    results = [{SHARDGATE: run.summary} for run in runs]
+    if args.in_process:
+        try:
+            for index, summary in bench_in_process(args, runs[0], levels, progress).items():
+                results[index][IN_PROCESS] = summary
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if args.baseline == "hf":
+        for index, summaries in bench_hf(Path(args.model), runs[0], levels, progress).items():
+            results[index] |= summaries
+    out = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
+    run = runs[0]
+    for level, level_results in zip(levels, results):
+        workload, load = level.workload, level.load
+        title = (
+            f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, "
+            f"prompt {f'{workload.shared_prefix_len} shared + ' if workload.shared_prefix_len else ''}{workload.prompt_len} tokens, "
+            f"output {workload.output_len} tokens, {load.describe()}"
+        )
+        print(format_table(level_results, title), file=out)
+        print(file=out)
+    hardware = hardware_report(run, levels, results) if args.addr is None else None  # a remote server's device is not here
+    if hardware is not None:
+        print("\n".join(hardware.lines()), file=out)
+    if args.json:
+        document = {
+            "model": run.model,
+            "dtype": run.dtype,
+            "device": run.device,
+            "hardware": None if hardware is None else hardware.as_dict(),
+            "levels": [
+                {
+                    "workload": {
+                        **asdict(level.workload),
+                        "prompt_len": str(level.workload.prompt_len),
+                        "output_len": str(level.workload.output_len),
+                    },
+                    "load": asdict(level.load),
+                    "results": {name: summary.as_dict() for name, summary in level_results.items()},
+                    "ratios": ratios(level_results),
+                }
+                for level, level_results in zip(levels, results)
+            ],
+        }
+        text = json.dumps(document, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0

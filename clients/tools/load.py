@@ -1,0 +1,101 @@
+"""The benchmark's load generator: streams the workload to a server, closed loop at a
+concurrency or open loop at a Poisson rate, and times every token."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from tqdm import tqdm
+
+from shardgate.clients.async_client import AsyncClient
+from shardgate.clients.errors import ShardgateError
+from shardgate.clients.tools.bench_metrics import RequestRecord
+from shardgate.clients.tools.workload import WorkItem
+
+
+async def timed_request(client: AsyncClient, item: WorkItem, ignore_eos: bool) -> RequestRecord:
+    """One greedy streamed request; token times are when each message arrived."""
+    record = RequestRecord(start=time.perf_counter(), prompt_tokens=len(item.prompt_ids))
+    try:
+        async for delta in client.stream(item.prompt_ids, max_new_tokens=item.max_new_tokens, temperature=0, ignore_eos=ignore_eos):
+            if delta.token_ids:
+                record.token_times.extend([time.perf_counter()] * len(delta.token_ids))
+    except ShardgateError as error:
+        record.error = error.code().name
+    record.end = time.perf_counter()
+    return record
+
+
+async def run_load(
+    client: AsyncClient,
+    items: list[WorkItem],
+    *,
+    concurrency: int | None = None,
+    arrivals: list[float] | None = None,
+    ignore_eos: bool = True,
+    progress: bool = True,
+    label: str = "",
+) -> list[RequestRecord]:
+    """Closed loop (`concurrency` requests always in flight) or open loop (request i starts at
+    `arrivals[i]` seconds, however many are in flight). Records come back in workload order."""
+    if (concurrency is None) == (arrivals is None):
+        raise ValueError("give either a concurrency (closed loop) or arrival times (open loop)")
+    records: list[RequestRecord | None] = [None] * len(items)
+    bar = tqdm(
+        total=len(items), unit="req", desc=label, disable=None if progress else True, file=sys.stderr, dynamic_ncols=True, leave=False
+    )
+
+    async def run(index: int) -> None:
+        records[index] = await timed_request(client, items[index], ignore_eos)
+        bar.update(1)
+
+    try:
+        if concurrency is not None:
+            pending = iter(range(len(items)))
+
+            async def worker() -> None:
+                for index in pending:
+                    await run(index)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            start = time.perf_counter()
+            tasks = []
+            for index, at in enumerate(arrivals):
+                delay = start + at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # the schedule itself, not a wait for an event
+                tasks.append(asyncio.create_task(run(index)))
+            await asyncio.gather(*tasks)
+    finally:
+        bar.close()
+    return records
+
+
+async def warm_up(client: AsyncClient, items: list[WorkItem], count: int) -> None:
+    """A few short requests first, so the run does not measure one-time start costs."""
+    for item in items[:count]:
+        async for _ in client.stream(item.prompt_ids, max_new_tokens=min(item.max_new_tokens, 8), temperature=0, ignore_eos=True):
+            pass
+
+
+async def run_embed_load(client: AsyncClient, texts: list[str], concurrency: int) -> list[RequestRecord]:
+    """Single-input Embed calls, closed loop; a record's latency is its call's."""
+    records: list[RequestRecord | None] = [None] * len(texts)
+    pending = iter(range(len(texts)))
+
+    async def worker() -> None:
+        for index in pending:
+            record = RequestRecord(start=time.perf_counter(), prompt_tokens=0)
+            try:
+                result = await client.embed(texts[index])
+                record.prompt_tokens = result.usage.prompt_tokens
+            except ShardgateError as error:
+                record.error = error.code().name
+            record.end = time.perf_counter()
+            records[index] = record
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records

@@ -1,0 +1,114 @@
+"""Replica supervision: notice a failed replica, stop all its processes, start it again.
+
+A replica fails when one of its ranks exits, when a step errors, or when a step goes unanswered
+for --step-timeout (a hung or stopped rank). Its engine then ends what it was serving (requests
+that had sent nothing move to other replicas), the supervisor stops every process of the
+replica, and restarts it with exponential backoff, giving up after --restart-attempts failed
+tries in a row. A remote replica (started by torchrun elsewhere) cannot be restarted from here:
+its supervisor reconnects, with the same backoff, until its driver answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from shardgate.server.block_manager import BlockManager
+from shardgate.server.config import GatewayConfig
+from shardgate.server.engine import Engine
+from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
+from shardgate.server.replicas.launcher import LocalReplica
+from shardgate.server.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaSupervisor:
+    def __init__(
+        self,
+        engine: Engine,
+        config: GatewayConfig,
+        on_change: Callable[[], Awaitable[None]],
+        replica: LocalReplica | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.on_change = on_change
+        self.replica = replica
+        """The current processes of a local replica (None for a remote one)."""
+        self._credentials = credentials
+        self.restarts = 0
+
+    async def run(self) -> None:
+        while True:
+            await self._until_failure()
+            await self.on_change()
+            if not await self._replace():
+                log.error("replica %d stays down after %d failed restarts", self.engine.index, self.config.supervision.restart_attempts)
+                return
+            self.restarts += 1
+            await self.on_change()
+
+    async def _until_failure(self) -> None:
+        """Waits for the replica to fail (a rank exits, or the engine saw a step fail)."""
+        waits = {asyncio.create_task(self.engine.failed.wait())}
+        if self.replica is not None:
+            waits.add(asyncio.create_task(self.replica.wait_lost()))
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        for task in done:
+            if task.exception() is not None:
+                self.engine.fail(str(task.exception()))
+
+    async def _replace(self) -> bool:
+        """Stops the failed replica and brings up a new one; False when every attempt failed."""
+        old_client = self.engine.replica
+        if self.replica is not None:
+            await asyncio.to_thread(self.replica.stop, 2.0)
+        supervision = self.config.supervision
+        for attempt in range(1, supervision.restart_attempts + 1):
+            await asyncio.sleep(supervision.backoff(attempt))
+            try:
+                client, info = await self._start()
+            except (RuntimeError, grpc.aio.AioRpcError) as error:
+                log.warning("replica %d restart %d failed: %s", self.engine.index, attempt, error)
+                continue
+            await old_client.close()
+            scheduler = Scheduler(self.config.scheduler, BlockManager(info.num_kv_blocks, info.block_size))
+            self.engine.restore(client, scheduler)
+            log.info("replica %d is serving again (restart %d)", self.engine.index, attempt)
+            return True
+        return False
+
+    async def _start(self) -> tuple[ReplicaClient, ReplicaInfo]:
+        if self.replica is None:  # remote: reconnect to the same driver
+            client = ReplicaClient(self.engine.replica.target, self._credentials)
+            try:
+                return client, await client.describe(timeout=self.config.replica.start_timeout_s)
+            except grpc.aio.AioRpcError:
+                await client.close()
+                raise
+        replica = LocalReplica(self.config.replica, self.config.scheduler, self.engine.index, start=self.restarts + 1)
+        client = ReplicaClient(replica.target)
+        self.replica = replica
+        replica.start()
+        try:
+            return client, await replica.wait_ready(client)
+        except RuntimeError:
+            await client.close()
+            await asyncio.to_thread(replica.stop, 2.0)
+            raise
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.engine.replica.close()
+        if self.replica is not None:
+            await asyncio.to_thread(self.replica.stop)

@@ -1,0 +1,46 @@
+"""Admission bounds: each one refuses with RESOURCE_EXHAUSTED naming itself, and tickets count exactly."""
+
+import grpc
+import pytest
+
+from shardgate.server.admission import Admission, QueueLoad
+from shardgate.server.config import AdmissionConfig
+from shardgate.server.validation import RequestError
+
+
+def admission(queue: QueueLoad | None = None, **bounds) -> Admission:
+    queue = queue or QueueLoad(0, 0)
+    return Admission(AdmissionConfig(**bounds), lambda: queue)
+
+
+@pytest.mark.parametrize(
+    "bounds, queue, tokens, bound",
+    [
+        (dict(max_queue_requests=3), QueueLoad(3, 10), 1, "max_queue_requests"),
+        (dict(max_queue_tokens=100), QueueLoad(1, 90), 11, "max_queue_tokens"),
+    ],
+)
+def test_queue_bounds_refuse_naming_the_bound(bounds, queue, tokens, bound):
+    with pytest.raises(RequestError) as raised:
+        admission(queue, **bounds).admit(tokens)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    flag = "--" + bound.replace("_", "-")
+    assert str(raised.value).startswith(f"{bound}: ") and flag in str(raised.value)
+
+
+def test_queue_bounds_admit_up_to_the_limit():
+    assert admission(QueueLoad(2, 90), max_queue_requests=3, max_queue_tokens=100).admit(10).release() is None
+
+
+def test_concurrency_bound_counts_tickets_until_released():
+    gate = admission(max_concurrent_requests=2)
+    first, second = gate.admit(1), gate.admit(1)
+    with pytest.raises(RequestError, match="^max_concurrent_requests: 2 requests in progress"):
+        gate.admit(1)
+    first.release()
+    first.release()  # idempotent
+    assert gate.active == 1
+    gate.admit(1)
+    assert gate.active == 2
+    second.release()
+    assert gate.active == 1
