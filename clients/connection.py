@@ -10,18 +10,12 @@ from pathlib import Path
 import grpc
 
 from shardgate.clients.errors import DeadlineExceeded, ShardgateError
+from shardgate.proto.tls import channel_credentials
 
 try:  # optional: with opentelemetry-api installed, calls carry the caller's trace context
     from opentelemetry import propagate as _otel_propagate
 except ImportError:
     _otel_propagate = None
-
-
-def _read(value: bytes | str | Path | None) -> bytes | None:
-    """PEM bytes as given, or read from a path."""
-    if value is None or isinstance(value, bytes):
-        return value
-    return Path(value).read_bytes()
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,7 @@ class TLS:
             raise ValueError("TLS: certificate_chain and private_key go together")
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(_read(self.root_certificates), _read(self.private_key), _read(self.certificate_chain))
+        return channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
 
 @dataclass(frozen=True)

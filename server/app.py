@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
+from shardgate.proto.tls import channel_credentials, server_credentials
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher
@@ -62,11 +63,7 @@ def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor
     server = grpc.aio.server(interceptors=interceptors, options=options)
     address = f"{config.host}:{config.port}"
     if security.tls_cert:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(security.tls_key).read_bytes(), Path(security.tls_cert).read_bytes())],
-            root_certificates=Path(security.tls_client_ca).read_bytes() if security.tls_client_ca else None,
-            require_client_auth=security.tls_client_ca is not None,
-        )
+        credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
         return server, server.add_secure_port(address, credentials)
     return server, server.add_insecure_port(address)
 
@@ -76,11 +73,7 @@ def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None
     security = config.security
     if not security.replica_tls:
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(security.replica_ca).read_bytes(),
-        private_key=Path(security.replica_key).read_bytes(),
-        certificate_chain=Path(security.replica_cert).read_bytes(),
-    )
+    return channel_credentials(security.replica_ca, security.replica_key, security.replica_cert)
 
 
 async def serve(config: GatewayConfig) -> None:

@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
+from shardgate.proto.common import DTYPES, QUANTIZATIONS, TracingConfig
 from shardgate.server.config import (
-    QUANTIZATIONS,
     TRACE_STEPS,
     AdmissionConfig,
     EmbedBatcherConfig,
@@ -19,7 +19,6 @@ from shardgate.server.config import (
     SecurityConfig,
     SupervisionConfig,
     TelemetryConfig,
-    TracingConfig,
 )
 
 
@@ -37,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=replica.model, help="local Hugging Face folder, or builtin:tiny (default)")
     parser.add_argument("--host", default=gateway.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=gateway.port, help="public gRPC port (default %(default)s; 0 = any free)")
-    parser.add_argument("--dtype", default=replica.dtype, choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default=replica.dtype, choices=DTYPES)
     parser.add_argument(
         "--quantize",
         default=replica.quantize,

@@ -6,17 +6,14 @@ The CLI builds these from flags; nothing here reads the environment.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from shardgate.proto.common import DTYPES, QUANTIZATIONS, TracingConfig
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-QUANTIZATIONS = ("none", "int8")
-"""Weight quantizations a replica can load with (`--quantize`)."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +107,7 @@ class ReplicaConfig:
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
-        _require(self.dtype in ("float32", "bfloat16", "float16"), f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         _require(self.quantize in QUANTIZATIONS, f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -170,32 +167,6 @@ class SecurityConfig:
     @property
     def replica_tls(self) -> bool:
         return self.replica_ca is not None
-
-
-@dataclass(frozen=True)
-class TracingConfig:
-    """Whether a process exports spans, from the standard OpenTelemetry environment.
-
-    Only the switch is read here; the SDK reads the other OTEL_* variables itself (service
-    name, resource attributes, sampler, batch processor, exporter headers and TLS).
-    """
-
-    endpoint: str = ""
-    """OTLP/gRPC collector (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT); empty: no tracing."""
-    disabled: bool = False
-    """OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none: no tracing, whatever the endpoint."""
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.endpoint) and not self.disabled
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> TracingConfig:
-        return cls(
-            endpoint=environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-            disabled=environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-            or environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none",
-        )
 
 
 TRACE_STEPS = ("sampled", "all", "none")

@@ -25,11 +25,11 @@ from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace import StatusCode as SpanStatusCode
 
 from shardgate.proto import shard_pb2
+from shardgate.proto.tracing import TRACEPARENT, init_tracing, traceparent
 from shardgate.server.config import TelemetryConfig
 from shardgate.server.cost import price, share_device_time
 from shardgate.server.measures import RequestTimes, StepShape
 from shardgate.server.metrics import Metrics
-from shardgate.server.otel import TRACEPARENT, init_tracing, traceparent
 from shardgate.server.scheduler import Scheduler, StepPlan
 from shardgate.server.tracing import StepSampler, record_request_spans, records_step, request_attributes, start_step_span
 

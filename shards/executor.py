@@ -27,7 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from shardgate.proto import shard_pb2
-from shardgate.server.otel import context_from_traceparent, traceparent
+from shardgate.proto.tracing import context_from_traceparent, traceparent
 from shardgate.shards.embedding import EmbedInput, embed
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.parallel import ParallelState

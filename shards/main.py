@@ -16,29 +16,28 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
 import torch.distributed as dist
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
-from shardgate.server.config import TracingConfig
-from shardgate.server.otel import init_tracing
-from shardgate.server.replicas.client import INTERNAL_MESSAGE_BYTES  # both ends of the link share the limit
+from shardgate.proto.common import DTYPES, INTERNAL_MESSAGE_BYTES, QUANTIZATIONS, TracingConfig
+from shardgate.proto.tls import server_credentials
+from shardgate.proto.tracing import init_tracing
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
 from shardgate.shards.parallel import ParallelConfig, ParallelState, init_parallel
-from shardgate.shards.quantization import QUANTIZATIONS, quantize_model, weight_bytes_per_step
+from shardgate.shards.quantization import quantize_model, weight_bytes_per_step
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import LoadedModel, load_model
 from shardgate.shards.worker import MainThread, ShardService
 
 log = logging.getLogger("shardgate.shard")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 # Ranks other than the driver wait in a broadcast between steps, however long the server idles;
 # a lost driver is caught by the parent watch (or torchrun's agent), not by this timeout.
 COLLECTIVE_TIMEOUT_S = 30 * 24 * 3600.0
@@ -128,7 +127,7 @@ def watch_parent(parent_pid: int) -> None:
 def parse_args(argv: list[str] | None = None) -> ShardConfig:
     parser = argparse.ArgumentParser(prog="python -m shardgate.shards.main", description=__doc__)
     parser.add_argument("--model", default="builtin:tiny")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument(
         "--quantize", default="none", choices=QUANTIZATIONS, help="weight quantization (int8: weight-only, per output channel)"
     )
@@ -173,12 +172,7 @@ def _listen(server: grpc.Server, config: ShardConfig) -> int:
     """Binds the driver's address: mutual TLS when certificates are given (across hosts)."""
     if not config.tls_cert:
         return server.add_insecure_port(config.listen)
-    credentials = grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
-        root_certificates=Path(config.tls_client_ca).read_bytes(),
-        require_client_auth=True,
-    )
-    return server.add_secure_port(config.listen, credentials)
+    return server.add_secure_port(config.listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
 
 
 def gather_device_names(device: torch.device, parallel: ParallelState) -> list[str]:
@@ -226,7 +220,7 @@ class RankModel:
 def build_rank_model(config: ShardConfig, device: torch.device, parallel: ParallelState) -> RankModel:
     """Loads this rank's part of the model, profiles the largest step and allocates the KV cache
     in what memory is left. Raises CapacityError when the cache gets less than one block."""
-    dtype = DTYPES[config.dtype]
+    dtype = TORCH_DTYPES[config.dtype]
     loaded = load_model(config.model, dtype, device, parallel)
     quantize_model(loaded.model, config.quantize)
     profile = profile_step(loaded.model, loaded.config, config.max_batch_tokens, config.max_num_seqs, config.block_size, dtype, device)

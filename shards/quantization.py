@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from shardgate.server.config import QUANTIZATIONS
+from shardgate.proto.common import QUANTIZATIONS
 from shardgate.shards.int8_linear import SCRATCH_ELEMENTS, Int8Weight, Scratch
 from shardgate.shards.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 

@@ -10,7 +10,7 @@ from typing import TypeVar
 import grpc
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
-from shardgate.server.otel import context_from_metadata
+from shardgate.proto.tracing import context_from_metadata
 from shardgate.shards.executor import StepExecutor
 
 T = TypeVar("T")

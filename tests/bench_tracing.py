@@ -23,7 +23,7 @@ from pathlib import Path
 from otlp_receiver import otlp_receiver
 from servers import RunningServer, start_server
 
-from shardgate.server.replicas.launcher import free_port
+from shardgate.proto.common import free_port
 
 OTEL_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER")
 

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardgate.clients.client import Client
-from shardgate.server.replicas.launcher import free_port
+from shardgate.proto.common import free_port
 
 
 @dataclass

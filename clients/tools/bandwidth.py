@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 READ_BYTES = 1 << 30
 """Buffer read to measure bandwidth: well beyond any cache."""
 

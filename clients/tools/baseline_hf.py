@@ -16,8 +16,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from shardgate.clients.tools.bench_metrics import RequestRecord
 from shardgate.clients.tools.workload import WorkItem
+from shardgate.proto.common import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 class _TokenClock(BaseStreamer):
@@ -37,7 +38,7 @@ class _TokenClock(BaseStreamer):
 
 
 def load_model(path: Path, dtype: str, device: str):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
     return model.to(device).eval()
 
 

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shardgate.clients.errors import ShardgateError
-from shardgate.clients.tools.bandwidth import DTYPE_BYTES, HardwareReport, read_bandwidth
+from shardgate.clients.tools.bandwidth import HardwareReport, read_bandwidth
 from shardgate.clients.tools.bench_metrics import Summary, summarize
 from shardgate.clients.tools.in_process import IN_PROCESS
 from shardgate.clients.tools.workload import Lengths, WorkItem, WorkloadConfig, make_workload, poisson_arrivals
+from shardgate.proto.common import DTYPE_BYTES
 
 SHARDGATE = "shardgate"
 HF_ONE = "hf one-at-a-time"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,12 +12,7 @@ from pathlib import Path
 
 from shardgate.clients.client import Client
 from shardgate.clients.errors import DeadlineExceeded, Unavailable
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from shardgate.proto.common import free_port
 
 
 class LocalServer:

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import grpc
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.proto.common import INTERNAL_MESSAGE_BYTES
 from shardgate.server.embed_batcher import Pooling
 from shardgate.server.scheduler import StepPlan
 
-# The tokenizer travels in Describe, and Llama-3's tokenizer.json alone is ~9 MB.
-INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
 INTERNAL_CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES),
     ("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES),

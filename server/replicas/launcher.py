@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,17 +14,11 @@ import time
 
 import grpc
 
+from shardgate.proto.common import free_port
 from shardgate.server.config import ReplicaConfig, SchedulerConfig
 from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on host (for MASTER_PORT; never a fixed one)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class LocalReplica:

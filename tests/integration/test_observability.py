@@ -21,7 +21,7 @@ from servers import RunningServer, start_server
 
 from shardgate.clients.client import build_request
 from shardgate.proto import inference_pb2_grpc
-from shardgate.server.replicas.launcher import free_port
+from shardgate.proto.common import free_port
 
 PRICE_PER_DEVICE_HOUR = 7.2
 STREAM = "/shardgate.v1.Inference/GenerateStream"

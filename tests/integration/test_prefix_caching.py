@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import start_server
 
 from shardgate.clients.client import build_request
-from shardgate.server.replicas.launcher import free_port
+from shardgate.proto.common import free_port
 
 BLOCK_BYTES = 32 * 1024  # builtin:tiny, float32: one 16-token block of all layers' K and V
 rng = random.Random(7)

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from servers import start_server
 
-from shardgate.server.replicas.launcher import free_port
+from shardgate.proto.common import free_port
 
 KV = str(16 << 20)
 

@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from servers import start_server
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc, shard_pb2
-from shardgate.server.replicas.launcher import free_port
+from shardgate.proto.common import free_port
 
 KV = str(16 << 20)
 HEALTH = "grpc.health.v1.Health"

@@ -7,9 +7,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from span_capture import capture_spans
 
+from shardgate.proto.common import free_port
 from shardgate.server.config import TelemetryConfig
 from shardgate.server.metrics import Metrics
-from shardgate.server.replicas.launcher import free_port
 from shardgate.server.telemetry import Telemetry
 
 

@@ -10,10 +10,10 @@ from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 from span_capture import capture_spans
 
 from shardgate.proto import shard_pb2
+from shardgate.proto.tracing import context_from_metadata
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import SchedulerConfig, TelemetryConfig
 from shardgate.server.engine import RequestHandle
-from shardgate.server.otel import context_from_metadata
 from shardgate.server.request import FinishReason, Request, SamplingParams
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.telemetry import Telemetry

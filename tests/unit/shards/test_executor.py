@@ -6,7 +6,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from span_capture import capture_spans
 
 from shardgate.proto import shard_pb2
-from shardgate.server.otel import context_from_traceparent
+from shardgate.proto.tracing import context_from_traceparent
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.runner import ModelRunner

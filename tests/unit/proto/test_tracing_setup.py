@@ -6,9 +6,10 @@ import pytest
 from opentelemetry import trace
 from span_capture import capture_spans
 
+from shardgate.proto.common import TracingConfig
+from shardgate.proto.tracing import context_from_metadata, context_from_traceparent, init_tracing, traceparent
 from shardgate.server import cli
-from shardgate.server.config import TelemetryConfig, TracingConfig
-from shardgate.server.otel import context_from_metadata, context_from_traceparent, init_tracing, traceparent
+from shardgate.server.config import TelemetryConfig
 
 
 @pytest.mark.parametrize(

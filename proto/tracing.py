@@ -5,8 +5,8 @@ own that exports spans over OTLP/gRPC in a background thread (batched). With tra
 endpoint, OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none) no provider is made and the
 SDK is not even imported: callers get None and open no spans.
 
-Trace context crosses processes as W3C `traceparent` strings. This module imports neither
-torch nor anything of the gateway, so the shards use it too.
+Trace context crosses processes as W3C `traceparent` strings. A leaf beside
+shardgate.proto.common: it imports neither torch nor the gateway, the shards or the clients.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from shardgate.server.config import TracingConfig
+from shardgate.proto.common import TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
