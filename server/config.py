@@ -1,6 +1,9 @@
 """Configuration of the gateway's components, one validated dataclass each.
 
-The CLI builds these from flags; nothing here reads the environment.
+Each `shardgate serve` flag is declared here once, on the field it sets, with its default and
+help (shardgate.proto.flags); the dataclass's __post_init__ checks it. The settings a shard
+process shares (ReplicaSettings, BatchLimits) are declared in shardgate.proto.shard_config and
+extended here. Nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -8,7 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shardgate.proto.common import DTYPES, QUANTIZATIONS, TracingConfig
+from shardgate.proto.common import TracingConfig
+from shardgate.proto.flags import flag, int_list
+from shardgate.proto.shard_config import BatchLimits, ReplicaSettings
 
 
 def _require(condition: bool, message: str) -> None:
@@ -17,24 +22,22 @@ def _require(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    """How the continuous batcher fills each step."""
+class SchedulerConfig(BatchLimits):
+    """How the continuous batcher fills each step (within the BatchLimits it extends)."""
 
-    max_batch_tokens: int = 2048
-    """Most tokens (prefill chunk tokens + one per decode) computed in one step."""
-    max_num_seqs: int = 64
-    """Most sequences in one step (running decodes + prefills)."""
-    priority_aging_s: float = 1.0
-    """A waiting request of priority p queues as if it had arrived p × this many seconds earlier."""
-    decode_steps: int = 4
-    """Most decode steps the replica runs per round trip when a step holds only decodes and
-    nothing waits to be admitted (1 = a round trip per token)."""
-    prefix_caching: bool = True
-    """Requests whose tokens start like an earlier one's share its cached full KV blocks instead of computing them."""
+    priority_aging_s: float = flag(
+        1.0,
+        "a waiting request gains one priority level per this many seconds (default %(default)s): a waiting request of "
+        "priority p queues as if it had arrived p × this many seconds earlier",
+    )
+    decode_steps: int = flag(
+        4,
+        "decode steps per replica round trip while only decodes run and none wait (default %(default)s; 1 = a round trip per token)",
+    )
+    prefix_caching: bool = flag(True, "share the KV blocks of prompt prefixes already computed (default on)")
 
     def __post_init__(self) -> None:
-        _require(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")
-        _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        super().__post_init__()
         _require(self.decode_steps >= 1, "decode_steps must be >= 1")
         _require(self.priority_aging_s > 0 and math.isfinite(self.priority_aging_s), "priority_aging_s must be > 0")
 
@@ -43,12 +46,16 @@ class SchedulerConfig:
 class AdmissionConfig:
     """Bounds past which a new request is refused at once with RESOURCE_EXHAUSTED."""
 
-    max_queue_requests: int = 1024
-    """Most requests waiting to run (new, preempted, and Embed calls in the batcher)."""
-    max_queue_tokens: int = 1 << 20
-    """Most tokens those waiting requests may still have to compute."""
-    max_concurrent_requests: int = 2048
-    """Most admitted requests not yet ended (waiting or running)."""
+    max_queue_requests: int = flag(
+        1024,
+        "most requests waiting to run (new, preempted, and Embed calls in the batcher); more get RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    max_queue_tokens: int = flag(
+        1 << 20, "most tokens those waiting requests may still have to compute; more get RESOURCE_EXHAUSTED (default %(default)s)"
+    )
+    max_concurrent_requests: int = flag(
+        2048, "most admitted requests not yet ended (waiting or running); more get RESOURCE_EXHAUSTED (default %(default)s)"
+    )
 
     def __post_init__(self) -> None:
         _require(self.max_queue_requests >= 1, "max_queue_requests must be >= 1")
@@ -60,14 +67,21 @@ class AdmissionConfig:
 class EmbedBatcherConfig:
     """The dynamic batcher that groups Embed calls into forward passes (as Triton's does)."""
 
-    max_batch_size: int = 32
-    """Most inputs in one embedding batch."""
-    max_queue_delay_us: int = 1000
-    """A batch smaller than max_batch_size and no preferred size runs once its oldest call waited this long."""
-    preferred_batch_sizes: tuple[int, ...] = ()
-    """Input counts at which a batch runs at once, without waiting for the delay."""
-    max_inputs: int = 32
-    """Most inputs one Embed call may carry (at most max_batch_size)."""
+    max_batch_size: int = flag(32, "most inputs in one embedding batch (default %(default)s)", name="--embed-max-batch-size")
+    max_queue_delay_us: int = flag(
+        1000,
+        "a batch smaller than the max batch size and no preferred size runs once its oldest call waited this long (default %(default)s)",
+        name="--embed-max-queue-delay-us",
+    )
+    preferred_batch_sizes: tuple[int, ...] = flag(
+        (),
+        "comma-separated input counts at which an embedding batch runs at once, without waiting for the delay (default: none)",
+        name="--embed-preferred-batch-sizes",
+        type=int_list,
+    )
+    max_inputs: int = flag(
+        32, "most inputs per Embed call, at most --embed-max-batch-size (default %(default)s)", name="--embed-max-inputs"
+    )
 
     def __post_init__(self) -> None:
         _require(self.max_batch_size >= 1, "embed max_batch_size must be >= 1")
@@ -82,39 +96,14 @@ class EmbedBatcherConfig:
 
 
 @dataclass(frozen=True)
-class ReplicaConfig:
-    """How a replica's shard processes are started and what they load."""
+class ReplicaConfig(ReplicaSettings):
+    """How a replica's shard processes are started (and the ReplicaSettings they load with)."""
 
-    model: str = "builtin:tiny"
-    """A local Hugging Face folder (config.json, *.safetensors, tokenizer.json) or builtin:tiny."""
-    dtype: str = "float32"
-    """Weight and activation dtype: float32, bfloat16 or float16."""
-    quantize: str = "none"
-    """Weight quantization after loading: none, or int8 (weight-only, one scale per output channel)."""
-    device: str = "auto"
-    """cpu, cuda, or auto (cuda when available)."""
-    block_size: int = 16
-    """Tokens per KV-cache block."""
-    kv_cache_memory: float = 0.0
-    """KV cache size: bytes when > 1, a fraction in (0, 1] of the memory free after the model and its
-    largest step; 0 = 1 GiB on CPU, 0.9 on GPU."""
     start_timeout_s: float = 300.0
     """How long the gateway waits for a replica to load its model and answer."""
-    tp: int = 1
-    """Tensor-parallel size: ranks that split every layer."""
-    pp: int = 1
-    """Pipeline-parallel size: stages of consecutive layers."""
 
     def __post_init__(self) -> None:
-        _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
-        _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        _require(self.quantize in QUANTIZATIONS, f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
-        _require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"device must be auto, cpu or cuda, not {self.device!r}",
-        )
-        _require(self.block_size >= 1, "block_size must be >= 1")
-        _require(self.kv_cache_memory >= 0 and math.isfinite(self.kv_cache_memory), "kv_cache_memory must be >= 0")
+        super().__post_init__()
         _require(self.start_timeout_s > 0, "start_timeout_s must be > 0")
 
 
@@ -122,12 +111,13 @@ class ReplicaConfig:
 class SupervisionConfig:
     """How the gateway notices and replaces a failed replica."""
 
-    step_timeout_s: float = 60.0
-    """A step the replica has not answered in this many seconds marks the replica failed."""
-    restart_attempts: int = 5
-    """Consecutive restarts of a failed replica before the gateway gives up on it."""
-    restart_backoff_s: float = 1.0
-    """Wait before the first restart; it doubles with each failed attempt, up to 30 s."""
+    step_timeout_s: float = flag(
+        60.0, "a step unanswered this long marks its replica failed (default %(default)s s)", name="--step-timeout"
+    )
+    restart_attempts: int = flag(5, "consecutive restarts of a failed replica before giving up (default %(default)s)")
+    restart_backoff_s: float = flag(
+        1.0, "seconds before the first restart, doubling per attempt up to 30 (default %(default)s)", name="--restart-backoff"
+    )
 
     def __post_init__(self) -> None:
         _require(self.step_timeout_s > 0, "step_timeout_s must be > 0")
@@ -143,20 +133,17 @@ class SupervisionConfig:
 class SecurityConfig:
     """Who may connect, and how links are encrypted."""
 
-    tls_cert: str | None = None
-    """PEM certificate chain of the public port; with tls_key, the port speaks TLS only."""
-    tls_key: str | None = None
-    """PEM private key of tls_cert."""
-    tls_client_ca: str | None = None
-    """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
-    api_key_file: str | None = None
-    """File with one API key per line; every method but health then needs `authorization: Bearer <key>`."""
-    replica_ca: str | None = None
-    """PEM CA that signed remote replicas' driver certificates (mutual TLS to remote replicas)."""
-    replica_cert: str | None = None
-    """PEM certificate the gateway presents to remote replicas."""
-    replica_key: str | None = None
-    """PEM private key of replica_cert."""
+    tls_cert: str | None = flag(None, "PEM certificate (chain) of the public port (with --tls-key: TLS only)")
+    tls_key: str | None = flag(None, "PEM private key of --tls-cert")
+    tls_client_ca: str | None = flag(None, "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+    api_key_file: str | None = flag(
+        None, "file of API keys, one per line; every method but health then needs `authorization: Bearer <key>`"
+    )
+    replica_ca: str | None = flag(
+        None, "PEM CA of remote replicas' driver certificates (mutual TLS to --remote-replica)", name="--replica-tls-ca"
+    )
+    replica_cert: str | None = flag(None, "PEM certificate the gateway presents to remote replicas", name="--replica-tls-cert")
+    replica_key: str | None = flag(None, "PEM private key of --replica-tls-cert", name="--replica-tls-key")
 
     def __post_init__(self) -> None:
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
@@ -178,12 +165,14 @@ class TelemetryConfig:
 
     tracing: TracingConfig = field(default_factory=TracingConfig)
     """Whether and where spans go (the CLI reads it from the OTEL_* environment)."""
-    trace_steps: str = "sampled"
-    """Which batch steps get spans: sampled (those serving at least one sampled request), all, none."""
-    metrics_port: int = 0
-    """Port of the Prometheus text endpoint, on the gateway's host address; 0 = no endpoint."""
-    device_cost_per_hour: float = 0.0
-    """Price of one device for one hour, in any currency; 0 = responses report no cost."""
+    trace_steps: str = flag(
+        "sampled",
+        "which batch steps get spans when tracing (OTEL_EXPORTER_OTLP_ENDPOINT) is on: "
+        "sampled (those serving a sampled request; default), all, none",
+        choices=TRACE_STEPS,
+    )
+    metrics_port: int = flag(0, "serve Prometheus metrics on this port of --host (default: no metrics endpoint)")
+    device_cost_per_hour: float = flag(0.0, "price of one device-hour, in any currency; responses then report usage.cost (default: none)")
 
     def __post_init__(self) -> None:
         _require(self.trace_steps in TRACE_STEPS, f"trace_steps must be one of {', '.join(TRACE_STEPS)}, not {self.trace_steps!r}")
@@ -195,33 +184,34 @@ class TelemetryConfig:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """The public server."""
+    """The public server (fields in the order `shardgate serve --help` lists their flags)."""
 
-    host: str = "127.0.0.1"
-    """Address the public gRPC port binds to."""
-    port: int = 50051
-    """Public gRPC port; 0 picks a free one."""
-    max_new_tokens_limit: int = 4096
-    """The largest max_new_tokens a request may ask for."""
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    host: str = flag("127.0.0.1", "address the public gRPC port binds to (default %(default)s)")
+    port: int = flag(50051, "public gRPC port (default %(default)s; 0 = any free)")
+    replicas: int = flag(1, "replicas to start on this host, each tp × pp shard processes (default %(default)s)")
+    remote_replicas: tuple[str, ...] = flag(
+        (),
+        "driver address of a replica started with torchrun (repeatable)",
+        name="--remote-replica",
+        action="append",
+        metavar="HOST:PORT",
+    )
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_new_tokens_limit: int = flag(4096, "largest max_new_tokens a request may ask for (default %(default)s)")
     max_stop_strings: int = 16
     """Most stop strings per request."""
     max_stop_string_chars: int = 256
     """Longest stop string, in characters."""
-    drain_timeout_s: float = 30.0
-    """On SIGTERM, seconds in-flight requests get to finish before they end `cancelled`."""
-    replicas: int = 1
-    """Replicas this gateway starts on this host, each tp × pp shard processes."""
-    remote_replicas: tuple[str, ...] = ()
-    """Drivers of replicas started elsewhere (torchrun), as host:port."""
-    max_message_bytes: int = 4 << 20
-    """Largest request message the server receives; a larger one gets RESOURCE_EXHAUSTED."""
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
-    """Queue and concurrency bounds."""
-    embed: EmbedBatcherConfig = field(default_factory=EmbedBatcherConfig)
-    """Dynamic batching of Embed calls."""
-    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    embed: EmbedBatcherConfig = field(default_factory=EmbedBatcherConfig)
+    max_message_bytes: int = flag(4 << 20, "largest request message; larger ones get RESOURCE_EXHAUSTED (default %(default)s)")
+    drain_timeout_s: float = flag(
+        30.0,
+        "on SIGTERM, seconds in-flight requests get to finish before they end `cancelled` (default %(default)s; 0: end them at once)",
+        name="--drain-timeout",
+    )
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 

@@ -154,3 +154,38 @@ def init_parallel(config: ParallelConfig, rank: int, world_size: int, backend: s
         if rank in ranks and group is not None:
             tp = TensorParallel(rank % config.tp_size, config.tp_size, group)
     return ParallelState(config, rank, tp, control)
+
+
+DEVICE_NAME_BYTES = 32
+
+
+def gather_device_names(device: torch.device, parallel: ParallelState) -> list[str]:
+    """Every rank's device name, in rank order (fixed-size byte tensors: no pickle)."""
+    if parallel.config.world_size == 1:
+        return [str(device)]
+    name = torch.zeros(DEVICE_NAME_BYTES, dtype=torch.uint8)
+    encoded = str(device).encode()[:DEVICE_NAME_BYTES]
+    name[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+    names = [torch.empty_like(name) for _ in range(parallel.config.world_size)]
+    dist.all_gather(names, name, group=parallel.control)
+    return [bytes(n.tolist()).rstrip(b"\0").decode() for n in names]
+
+
+def _replica_reduce(value: int, parallel: ParallelState, op: dist.ReduceOp.RedOpType) -> int:
+    """value reduced over the replica's ranks (on the control group)."""
+    if parallel.config.world_size == 1:
+        return value
+    reduced = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(reduced, op=op, group=parallel.control)
+    return int(reduced.item())
+
+
+def replica_sum(value: int, parallel: ParallelState) -> int:
+    """value summed over the replica's ranks."""
+    return _replica_reduce(value, parallel, dist.ReduceOp.SUM)
+
+
+def agree_on_blocks(num_blocks: int, parallel: ParallelState) -> int:
+    """The replica's block count: the smallest any rank can hold (the gateway hands out one set
+    of block ids for all of them)."""
+    return _replica_reduce(num_blocks, parallel, dist.ReduceOp.MIN)

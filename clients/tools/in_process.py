@@ -37,33 +37,6 @@ class _DirectReplica:
         return self.executor.run(message)
 
 
-def _shard_config(args: Namespace):
-    from shardgate.server.config import TracingConfig
-    from shardgate.shards.main import ShardConfig
-
-    return ShardConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        max_batch_tokens=args.max_batch_tokens,
-        max_num_seqs=args.max_num_seqs,
-        quantize=args.quantize,
-        listen="in-process",
-        tp=1,
-        pp=1,
-        parent_pid=0,
-        tls_cert=None,
-        tls_key=None,
-        tls_client_ca=None,
-        rank=0,
-        world_size=1,
-        local_rank=0,
-        tracing=TracingConfig(),
-    )
-
-
 def build_engine(args: Namespace):
     """An Engine over this process's own model, from the serve flags of the bench command."""
     from tokenizers import Tokenizer
@@ -71,19 +44,20 @@ def build_engine(args: Namespace):
     from shardgate.server.block_manager import BlockManager
     from shardgate.server.cli import config_from_args
     from shardgate.server.engine import Engine
+    from shardgate.server.replicas.launcher import shard_config
     from shardgate.server.scheduler import Scheduler
     from shardgate.shards.executor import StepExecutor
-    from shardgate.shards.main import build_rank_model, resolve_device
     from shardgate.shards.parallel import ParallelConfig, ParallelState
+    from shardgate.shards.rank_model import build_rank_model, resolve_device
 
     if args.tp != 1 or args.pp != 1 or args.replicas != 1:
         raise ValueError("--in-process runs one replica of one rank: drop --tp, --pp and --replicas")
     gateway = config_from_args(args)
-    config = _shard_config(args)
-    device = resolve_device(config.device, 0)
+    config = shard_config(gateway.replica, gateway.scheduler, listen=IN_PROCESS)
+    device = resolve_device(config.replica.device, 0)
     rank_model = build_rank_model(config, device, ParallelState(ParallelConfig()))
     executor = StepExecutor(rank_model.runner, ParallelState(ParallelConfig()))
-    scheduler = Scheduler(gateway.scheduler, BlockManager(rank_model.num_blocks, config.block_size))
+    scheduler = Scheduler(gateway.scheduler, BlockManager(rank_model.num_blocks, config.replica.block_size))
     tokenizer = Tokenizer.from_str(rank_model.loaded.tokenizer_json)
     return Engine(0, scheduler, _DirectReplica(executor), tokenizer, tuple(rank_model.loaded.config.eos_token_ids))
 

@@ -1,4 +1,7 @@
-"""Starts a replica's shard processes on this host, the way torchrun would, and stops them."""
+"""Starts a replica's shard processes on this host, the way torchrun would, and stops them.
+
+Each shard process gets the replica's whole ShardConfig as one serialized message in a file
+(`--config`), and its place in the replica from torchrun's environment variables."""
 
 from __future__ import annotations
 
@@ -15,17 +18,24 @@ import time
 import grpc
 
 from shardgate.proto.common import free_port
-from shardgate.server.config import ReplicaConfig, SchedulerConfig
+from shardgate.proto.shard_config import BatchLimits, ReplicaSettings, ShardConfig, settings_of
+from shardgate.server.config import ReplicaConfig
 from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
 
 log = logging.getLogger(__name__)
+
+
+def shard_config(config: ReplicaConfig, batch_limits: BatchLimits, listen: str, parent_pid: int = 0) -> ShardConfig:
+    """What each shard process of a replica is told: its settings, the largest step the gateway
+    will send, and where the driver listens."""
+    return ShardConfig(settings_of(ReplicaSettings, config), settings_of(BatchLimits, batch_limits), listen, parent_pid)
 
 
 class LocalReplica:
     """The shard processes of one replica on this host; rank 0 (the driver) listens on a unix
     socket that only the gateway uses."""
 
-    def __init__(self, config: ReplicaConfig, batch_limits: SchedulerConfig, index: int = 0, start: int = 0) -> None:
+    def __init__(self, config: ReplicaConfig, batch_limits: BatchLimits, index: int = 0, start: int = 0) -> None:
         self.config = config
         self.batch_limits = batch_limits
         """The largest step the gateway will send: the shards profile memory at it."""
@@ -39,35 +49,11 @@ class LocalReplica:
 
     def start(self) -> None:
         master_port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "shardgate.shards.main",
-            "--model",
-            self.config.model,
-            "--dtype",
-            self.config.dtype,
-            "--quantize",
-            self.config.quantize,
-            "--device",
-            self.config.device,
-            "--block-size",
-            str(self.config.block_size),
-            "--kv-cache-memory",
-            repr(self.config.kv_cache_memory),
-            "--max-batch-tokens",
-            str(self.batch_limits.max_batch_tokens),
-            "--max-num-seqs",
-            str(self.batch_limits.max_num_seqs),
-            "--listen",
-            self.target,
-            "--tp",
-            str(self.config.tp),
-            "--pp",
-            str(self.config.pp),
-            "--parent-pid",
-            str(os.getpid()),
-        ]
+        config = shard_config(self.config, self.batch_limits, self.target, parent_pid=os.getpid())
+        config_path = os.path.join(self._dir, "shard-config.pb")
+        with open(config_path, "wb") as file:
+            file.write(config.to_bytes())
+        command = [sys.executable, "-m", "shardgate.shards.main", "--config", config_path]
         for rank in range(self.world_size):
             env = dict(
                 os.environ,

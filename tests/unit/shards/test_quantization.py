@@ -158,6 +158,6 @@ def test_quantize_settings_are_checked():
         quantize_model(torch.nn.Linear(2, 2), "int4")
     with pytest.raises(ValueError, match="quantize"):
         ReplicaConfig(quantize="int4")
-    assert parse_args(["--listen", "unix:///x", "--quantize", "int8"]).quantize == "int8"
+    assert parse_args(["--listen", "unix:///x", "--quantize", "int8"]).replica.quantize == "int8"
     model = torch.nn.Sequential()
     quantize_model(model, "none")  # nothing to do

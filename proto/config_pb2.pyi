@@ -1,0 +1,52 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ReplicaSettings(_message.Message):
+    __slots__ = ("model", "dtype", "quantize", "device", "block_size", "kv_cache_memory", "tp", "pp")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TP_FIELD_NUMBER: _ClassVar[int]
+    PP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    dtype: str
+    quantize: str
+    device: str
+    block_size: int
+    kv_cache_memory: float
+    tp: int
+    pp: int
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_cache_memory: _Optional[float] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ...) -> None: ...
+
+class BatchLimits(_message.Message):
+    __slots__ = ("max_batch_tokens", "max_num_seqs")
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    max_batch_tokens: int
+    max_num_seqs: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+
+class ShardConfig(_message.Message):
+    __slots__ = ("replica", "limits", "listen", "parent_pid", "tls_cert", "tls_key", "tls_client_ca")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    PARENT_PID_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERT_FIELD_NUMBER: _ClassVar[int]
+    TLS_KEY_FIELD_NUMBER: _ClassVar[int]
+    TLS_CLIENT_CA_FIELD_NUMBER: _ClassVar[int]
+    replica: ReplicaSettings
+    limits: BatchLimits
+    listen: str
+    parent_pid: int
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    def __init__(self, replica: _Optional[_Union[ReplicaSettings, _Mapping]] = ..., limits: _Optional[_Union[BatchLimits, _Mapping]] = ..., listen: _Optional[str] = ..., parent_pid: _Optional[int] = ..., tls_cert: _Optional[str] = ..., tls_key: _Optional[str] = ..., tls_client_ca: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,157 @@
+"""The driver (rank 0) serving the gateway: its gRPC service, the only door into the replica,
+and the server it runs on. Steps run on the process's main thread (MainThread)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future
+from typing import TypeVar
+
+import grpc
+
+from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.proto.common import INTERNAL_MESSAGE_BYTES
+from shardgate.proto.shard_config import ShardConfig
+from shardgate.proto.tls import server_credentials
+from shardgate.proto.tracing import context_from_metadata
+from shardgate.shards.executor import StepExecutor
+from shardgate.shards.rank_model import RankModel
+
+log = logging.getLogger("shardgate.shard")
+T = TypeVar("T")
+
+
+class MainThread:
+    """Runs the model's work on the process's main thread, which gRPC's handler threads hand it
+    to: the thread that loaded and warmed up the model, whose OpenMP team torch's intra-op
+    parallelism uses (a handler thread would run CPU steps on fewer cores)."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+
+    def call(self, function: Callable[..., T], *args) -> T:
+        """Runs function(*args) on the main thread; returns its result or raises its exception."""
+        future: Future = Future()
+        self._calls.put((function, args, future))
+        return future.result()
+
+    def serve(self) -> None:
+        """The main thread: run calls until stop()."""
+        while (item := self._calls.get()) is not None:
+            function, args, future = item
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # handed to the caller, which raises it
+                future.set_exception(error)
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+
+class ShardService(shard_pb2_grpc.ShardServicer):
+    """Describe answers the description made at start; Step and Embed run on the main thread,
+    one at a time (the gateway never sends two at once)."""
+
+    def __init__(self, executor: StepExecutor, description: shard_pb2.DescribeResponse, main_thread: MainThread) -> None:
+        self.executor = executor
+        self.description = description
+        self.main_thread = main_thread
+
+    def Describe(self, request, context) -> shard_pb2.DescribeResponse:
+        return self.description
+
+    def Step(self, request: shard_pb2.StepRequest, context) -> shard_pb2.StepResponse:
+        # The gateway's step span, when it traces this step and this process exports spans.
+        parent = context_from_metadata(context.invocation_metadata()) if self.executor.tracer is not None else None
+        try:
+            return self.main_thread.call(self.executor.run, request, parent)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+
+    def Embed(self, request: shard_pb2.EmbedStepRequest, context) -> shard_pb2.EmbedStepResponse:
+        try:
+            return self.main_thread.call(self.executor.embed, request)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+
+
+def describe(
+    rank_model: RankModel, config: ShardConfig, devices: list[str], weight_bytes: int, kv_bytes_per_token: int
+) -> shard_pb2.DescribeResponse:
+    """The replica's description, as Describe returns it: the model, its KV cache, its ranks'
+    devices, and the replica-wide bytes read per step and held per token."""
+    loaded, settings = rank_model.loaded, config.replica
+    return shard_pb2.DescribeResponse(
+        model=loaded.name,
+        model_type=loaded.config.model_type,
+        vocab_size=loaded.config.vocab_size,
+        max_position_embeddings=loaded.config.max_position_embeddings,
+        eos_token_ids=loaded.config.eos_token_ids,
+        bos_token_id=-1 if loaded.config.bos_token_id is None else loaded.config.bos_token_id,
+        tokenizer_json=loaded.tokenizer_json,
+        dtype=settings.dtype,
+        num_kv_blocks=rank_model.num_blocks,
+        block_size=settings.block_size,
+        devices=devices,
+        tp=settings.tp,
+        pp=settings.pp,
+        hidden_size=loaded.config.hidden_size,
+        quantization=settings.quantize,
+        weight_bytes_per_step=weight_bytes,
+        kv_bytes_per_token=kv_bytes_per_token,
+        num_hidden_layers=loaded.config.num_hidden_layers,
+        num_key_value_heads=loaded.config.num_key_value_heads,
+        head_dim=loaded.config.head_dim,
+    )
+
+
+def _listen(server: grpc.Server, config: ShardConfig) -> int:
+    """Binds the driver's address: mutual TLS when certificates are given (across hosts)."""
+    if not config.tls_cert:
+        return server.add_insecure_port(config.listen)
+    return server.add_secure_port(config.listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+
+
+def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, config: ShardConfig) -> bool:
+    """Serves the gateway on config.listen until SIGTERM, running steps on this (the main)
+    thread; False when the address cannot be bound."""
+    options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
+    # One worker: steps are sequential by design; the gateway never sends two at once.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
+    main_thread = MainThread()
+    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description, main_thread), server)
+    try:
+        bound = _listen(server, config)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        return False
+    server.start()
+
+    def terminate(*_) -> None:
+        server.stop(0)
+        main_thread.stop()
+
+    signal.signal(signal.SIGTERM, terminate)
+    log.info(
+        "driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)",
+        description.model,
+        config.listen,
+        description.tp,
+        description.pp,
+        description.num_kv_blocks,
+        description.block_size,
+    )
+    log.info(
+        "quantization %s: %d weight bytes read per step, %d KV bytes per token (whole replica)",
+        description.quantization,
+        description.weight_bytes_per_step,
+        description.kv_bytes_per_token,
+    )
+    main_thread.serve()
+    server.wait_for_termination()
+    return True

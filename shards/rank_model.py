@@ -1,0 +1,60 @@
+"""This rank's part of the model, built for serving: load the weights, quantize, profile the
+largest step, and give the KV cache the memory left (shards/memory.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from shardgate.proto.common import DTYPES
+from shardgate.proto.shard_config import ShardConfig
+from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
+from shardgate.shards.parallel import ParallelState, agree_on_blocks
+from shardgate.shards.quantization import quantize_model
+from shardgate.shards.runner import ModelRunner
+from shardgate.shards.weights import LoadedModel, load_model
+
+log = logging.getLogger("shardgate.shard")
+
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
+"""The torch dtype of each dtype name (the names are torch's)."""
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """The device a --device name means for this rank: auto is cuda when available, and cuda
+    is this rank's local GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class RankModel:
+    """This rank's part of the model, ready to run steps."""
+
+    loaded: LoadedModel
+    runner: ModelRunner
+    num_blocks: int
+    """KV cache blocks, agreed by every rank of the replica."""
+
+
+def build_rank_model(config: ShardConfig, device: torch.device, parallel: ParallelState) -> RankModel:
+    """Loads this rank's part of the model, profiles the largest step and allocates the KV cache
+    in what memory is left. Raises CapacityError when the cache gets less than one block."""
+    settings, limits = config.replica, config.limits
+    dtype = TORCH_DTYPES[settings.dtype]
+    loaded = load_model(settings.model, dtype, device, parallel)
+    quantize_model(loaded.model, settings.quantize)
+    profile = profile_step(loaded.model, loaded.config, limits.max_batch_tokens, limits.max_num_seqs, settings.block_size, dtype, device)
+    budget = kv_cache_bytes(settings.kv_cache_memory, profile, device.type, limits.max_batch_tokens)
+    log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
+    num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(settings.block_size, dtype), parallel)
+    if num_blocks < 1:
+        raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than one KV block; raise it")
+    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device)
+    return RankModel(loaded, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks)
