@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardgate.clients.errors import ShardgateError, Unimplemented
+from shardgate.clients.tools.arguments import workload_arguments
 from shardgate.clients.tools.bench_metrics import Summary, summarize
 from shardgate.clients.tools.workload import make_embed_texts
 
@@ -159,7 +160,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(commands) -> None:
-    from shardgate.clients.tools.bench import workload_arguments
     from shardgate.server import cli as server_cli
 
     parser = commands.add_parser(

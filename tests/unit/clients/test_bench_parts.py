@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shardgate.clients.tools.arguments import workload_arguments
 from shardgate.clients.tools.bandwidth import HardwareReport
 from shardgate.clients.tools.bench import (
     SHARDGATE,
@@ -16,7 +17,6 @@ from shardgate.clients.tools.bench import (
     format_table,
     levels_from_args,
     ratios,
-    workload_arguments,
 )
 from shardgate.clients.tools.bench_metrics import RequestRecord, percentile, summarize
 from shardgate.clients.tools.local_server import serve_argv
