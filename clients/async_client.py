@@ -7,14 +7,13 @@ async with AsyncClient("127.0.0.1:50051") as client:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardgate.clients.client import CLIENT_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, make_channel
-from shardgate.clients.connection import NO_RETRY, TLS, Deadline, Retry, call_metadata, next_wait
+from shardgate.clients.connection import NO_RETRY, TLS, Retry, call_metadata
 from shardgate.clients.errors import from_rpc_error
 from shardgate.clients.messages import bidi_cancel, bidi_generate, build_embed_request, build_request
 from shardgate.clients.results import Completion, Delta, Embeddings, ModelInfo, RequestFailed, bidi_event
@@ -37,26 +36,19 @@ class AsyncClient:
         self.timeout = timeout
         self.retry = retry or NO_RETRY
         self.token = token
-        self._channel = make_channel(grpc.aio, address, tls, max_message_bytes)
+        self._channel = make_channel(grpc.aio, address, tls, max_message_bytes, self.retry)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def _deadline(self, timeout) -> Deadline:
-        return Deadline(self.timeout if timeout is CLIENT_TIMEOUT else timeout)
+    def _timeout(self, timeout) -> float | None:
+        """The deadline of one call, all its attempts included."""
+        return self.timeout if timeout is CLIENT_TIMEOUT else timeout
 
     async def _unary(self, rpc, request, timeout, traceparent: str | None = None):
-        deadline = self._deadline(timeout)
-        attempt = 1
-        while True:
-            try:
-                return await rpc(request, timeout=deadline.remaining(), metadata=call_metadata(self.token, traceparent))
-            except grpc.RpcError as raw:
-                error = from_rpc_error(raw)
-            wait = next_wait(self.retry, error, attempt, deadline)
-            if wait is None:
-                raise error
-            await asyncio.sleep(wait)
-            attempt += 1
+        try:
+            return await rpc(request, timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent))
+        except grpc.RpcError as raw:
+            raise from_rpc_error(raw) from None
 
     async def generate(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Completion:
         return Completion.from_proto(await self._unary(self._stub.Generate, build_request(prompt, **params), timeout, traceparent))
@@ -65,33 +57,23 @@ class AsyncClient:
         self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params
     ) -> AsyncIterator[Delta]:
         """Token deltas as they are generated; cancelling the consuming task cancels the generation."""
-        request = build_request(prompt, **params)
-        deadline = self._deadline(timeout)
-        attempt = 1
-        while True:
-            call = self._stub.GenerateStream(request, timeout=deadline.remaining(), metadata=call_metadata(self.token, traceparent))
-            received = False
-            try:
-                async for message in call:
-                    received = True
-                    yield Delta.from_proto(message)
-                return
-            except grpc.RpcError as raw:
-                error = from_rpc_error(raw)
-            finally:
-                call.cancel()
-            wait = None if received else next_wait(self.retry, error, attempt, deadline)
-            if wait is None:
-                raise error
-            await asyncio.sleep(wait)
-            attempt += 1
+        call = self._stub.GenerateStream(
+            build_request(prompt, **params), timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent)
+        )
+        try:
+            async for message in call:
+                yield Delta.from_proto(message)
+        except grpc.RpcError as raw:
+            raise from_rpc_error(raw) from None
+        finally:
+            call.cancel()
 
     async def embed(self, inputs: str | list[str], *, timeout=CLIENT_TIMEOUT, **params) -> Embeddings:
         return Embeddings.from_proto(await self._unary(self._stub.Embed, build_embed_request(inputs, **params), timeout))
 
     def bidi(self, *, timeout=CLIENT_TIMEOUT) -> AsyncBidiStream:
         """A multiplexed stream: start and cancel many generations on one call (never retried)."""
-        return AsyncBidiStream(self._stub.GenerateBidi(timeout=self._deadline(timeout).remaining(), metadata=call_metadata(self.token)))
+        return AsyncBidiStream(self._stub.GenerateBidi(timeout=self._timeout(timeout), metadata=call_metadata(self.token)))
 
     async def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout=CLIENT_TIMEOUT) -> list[int]:
         request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)

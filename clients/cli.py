@@ -9,54 +9,10 @@ import sys
 from pathlib import Path
 
 from shardgate.clients.client import Client
-from shardgate.clients.connection import TLS, Retry
 from shardgate.clients.errors import ShardgateError
+from shardgate.clients.tools.arguments import client_options, connection_arguments, generation_arguments, generation_params
 
 DEMO_PROMPT = "The quick brown fox"
-
-
-def connection_arguments(parser: argparse.ArgumentParser, *, addr_default: str | None = "127.0.0.1:50051") -> None:
-    group = parser.add_argument_group("connection")
-    group.add_argument("--addr", default=addr_default, help="server address host:port (default %(default)s)")
-    group.add_argument("--timeout", type=float, default=None, help="deadline of each call in seconds")
-    group.add_argument(
-        "--retries", type=int, default=0, help="extra attempts for UNAVAILABLE/RESOURCE_EXHAUSTED before any token (default 0)"
-    )
-    group.add_argument("--tls", action="store_true", help="connect with TLS (the system's roots unless --ca-cert)")
-    group.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate (implies --tls)")
-    group.add_argument("--client-cert", help="PEM client certificate for mutual TLS (implies --tls)")
-    group.add_argument("--client-key", help="PEM key of --client-cert")
-    group.add_argument("--server-name", help="name to check the server's certificate against")
-    group.add_argument("--token", help="bearer token sent as `authorization: Bearer TOKEN`")
-
-
-def client_options(args: argparse.Namespace) -> dict:
-    """Client/AsyncClient keyword arguments from the connection flags."""
-    tls = None
-    if args.tls or args.ca_cert or args.client_cert or args.client_key or args.server_name:
-        tls = TLS(
-            root_certificates=args.ca_cert, certificate_chain=args.client_cert, private_key=args.client_key, server_name=args.server_name
-        )
-    if args.retries < 0:
-        raise ValueError("--retries must be >= 0")
-    return dict(timeout=args.timeout, retry=Retry(attempts=args.retries + 1), tls=tls, token=args.token)
-
-
-def generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int | None = 64) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: server's 1.0)")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--ignore-eos", action="store_true", default=None)
-    parser.add_argument("--priority", type=int, default=None, help="higher runs first (default 0)")
-
-
-def generation_params(args: argparse.Namespace) -> dict:
-    """The generation flags that were given (unset ones are left to build_request or the line)."""
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "priority")
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _print_generation(client: Client, prompt: str, params: dict, stream: bool) -> None:

@@ -10,13 +10,12 @@ in seconds of each call (the client's default, or per call), shared by its retri
 from __future__ import annotations
 
 import queue
-import time
 from collections.abc import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardgate.clients.connection import NO_RETRY, TLS, Deadline, Retry, call_metadata, channel_options, next_wait
+from shardgate.clients.connection import NO_RETRY, TLS, Retry, call_metadata, channel_options
 from shardgate.clients.errors import ShardgateError, from_rpc_error
 from shardgate.clients.messages import bidi_cancel, bidi_generate, build_embed_request, build_request
 from shardgate.clients.results import Completion, Delta, Embeddings, ModelInfo, RequestFailed, Usage, bidi_event
@@ -40,10 +39,11 @@ CLIENT_TIMEOUT = object()
 """Default of each call's `timeout`: use the client's."""
 
 
-def make_channel(module, address: str, tls: TLS | bool | None, max_message_bytes: int):
-    """A channel of `module` (grpc or grpc.aio): TLS when tls is a TLS or True (system roots)."""
+def make_channel(module, address: str, tls: TLS | bool | None, max_message_bytes: int, retry: Retry):
+    """A channel of `module` (grpc or grpc.aio) that retries by `retry`: TLS when tls is a TLS
+    or True (system roots)."""
     tls = TLS() if tls is True else (tls or None)
-    options = channel_options(tls, max_message_bytes)
+    options = channel_options(tls, max_message_bytes, retry)
     if tls is None:
         return module.insecure_channel(address, options=options)
     return module.secure_channel(address, tls.credentials(), options=options)
@@ -67,26 +67,19 @@ class Client:
         self.timeout = timeout
         self.retry = retry or NO_RETRY
         self.token = token
-        self._channel = make_channel(grpc, address, tls, max_message_bytes)
+        self._channel = make_channel(grpc, address, tls, max_message_bytes, self.retry)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def _deadline(self, timeout) -> Deadline:
-        return Deadline(self.timeout if timeout is CLIENT_TIMEOUT else timeout)
+    def _timeout(self, timeout) -> float | None:
+        """The deadline of one call, all its attempts included."""
+        return self.timeout if timeout is CLIENT_TIMEOUT else timeout
 
     def _unary(self, rpc, request, timeout, traceparent: str | None = None):
-        deadline = self._deadline(timeout)
-        attempt = 1
-        while True:
-            try:
-                return rpc(request, timeout=deadline.remaining(), metadata=call_metadata(self.token, traceparent))
-            except grpc.RpcError as raw:
-                error = from_rpc_error(raw)
-            wait = next_wait(self.retry, error, attempt, deadline)
-            if wait is None:
-                raise error
-            time.sleep(wait)
-            attempt += 1
+        try:
+            return rpc(request, timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent))
+        except grpc.RpcError as raw:
+            raise from_rpc_error(raw) from None
 
     def generate(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Completion:
         """The whole completion; params are build_request's (max_new_tokens, temperature, ...).
@@ -96,26 +89,16 @@ class Client:
     def stream(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Iterator[Delta]:
         """Token deltas as they are generated; the last carries finish_reason and usage.
         Stopping the iteration early cancels the generation on the server."""
-        request = build_request(prompt, **params)
-        deadline = self._deadline(timeout)
-        attempt = 1
-        while True:
-            call = self._stub.GenerateStream(request, timeout=deadline.remaining(), metadata=call_metadata(self.token, traceparent))
-            received = False
-            try:
-                for message in call:
-                    received = True
-                    yield Delta.from_proto(message)
-                return
-            except grpc.RpcError as raw:
-                error = from_rpc_error(raw)
-            finally:
-                call.cancel()
-            wait = None if received else next_wait(self.retry, error, attempt, deadline)
-            if wait is None:
-                raise error
-            time.sleep(wait)
-            attempt += 1
+        call = self._stub.GenerateStream(
+            build_request(prompt, **params), timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent)
+        )
+        try:
+            for message in call:
+                yield Delta.from_proto(message)
+        except grpc.RpcError as raw:
+            raise from_rpc_error(raw) from None
+        finally:
+            call.cancel()
 
     def embed(self, inputs: str | list[str], *, timeout=CLIENT_TIMEOUT, **params) -> Embeddings:
         """One vector per input; params: pooling ("mean" or "last"), normalize, priority, timeout_ms."""
@@ -123,7 +106,7 @@ class Client:
 
     def bidi(self, *, timeout=CLIENT_TIMEOUT) -> BidiStream:
         """A multiplexed stream: start and cancel many generations on one call (never retried)."""
-        return BidiStream(self._stub, self._deadline(timeout).remaining(), call_metadata(self.token))
+        return BidiStream(self._stub, self._timeout(timeout), call_metadata(self.token))
 
     def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout=CLIENT_TIMEOUT) -> list[int]:
         request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)

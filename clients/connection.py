@@ -1,15 +1,14 @@
-"""How a client connects and calls: TLS, bearer token, retry policy, deadlines, trace context."""
+"""How a client connects and calls: TLS, bearer token, retry policy (a gRPC service config), trace context."""
 
 from __future__ import annotations
 
-import random
-import time
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from shardgate.clients.errors import DeadlineExceeded, ShardgateError
+from shardgate.proto import inference_pb2
 from shardgate.proto.tls import channel_credentials
 
 try:  # optional: with opentelemetry-api installed, calls carry the caller's trace context
@@ -39,68 +38,63 @@ class TLS:
         return channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
 
 
+RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+"""The statuses a retry re-sends: the server is down or starting, or its queue is full."""
+MAX_ATTEMPTS = 5
+"""gRPC's limit on attempts per call (it clamps a larger retryPolicy.maxAttempts to this)."""
+RETRIED_SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, "grpc.health.v1.Health")
+NEVER_RETRIED = ((RETRIED_SERVICES[0], "GenerateBidi"),)
+"""Methods left out of the retry policy: a bidi stream carries many requests."""
+
+
 @dataclass(frozen=True)
 class Retry:
-    """Retries of calls that failed with UNAVAILABLE or RESOURCE_EXHAUSTED before any token
-    arrived (a stream that has yielded tokens is never sent again); all attempts share the
-    call's deadline."""
+    """Retries of calls that failed with UNAVAILABLE or RESOURCE_EXHAUSTED before any answer
+    arrived, done by gRPC itself (the channel's service-config retryPolicy): a call is committed,
+    and never sent again, once the server's first message or headers reached the client, so a
+    stream that has yielded a token is never re-sent; a bidi stream is never retried. All
+    attempts share the call's deadline. The wait before attempt n+1 is
+    min(max_backoff_s, initial_backoff_s × multiplier^(n-1)), scaled by gRPC's random factor in
+    [0.8, 1.2] so clients spread out."""
 
     attempts: int = 3
-    """Most attempts in all, the first included."""
+    """Most attempts in all, the first included: 1 (no retries) to 5 (gRPC's limit)."""
     initial_backoff_s: float = 0.1
     """Wait before the second attempt."""
     max_backoff_s: float = 2.0
     """Longest wait between attempts."""
     multiplier: float = 2.0
     """Each wait is this many times the previous one."""
-    jitter: float = 0.2
-    """Each wait is scaled by a random factor in [1 - jitter, 1 + jitter] so clients spread out."""
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("Retry.attempts must be >= 1")
-        if not 0 <= self.initial_backoff_s <= self.max_backoff_s:
-            raise ValueError("Retry: need 0 <= initial_backoff_s <= max_backoff_s")
+        if not 1 <= self.attempts <= MAX_ATTEMPTS:
+            raise ValueError(f"Retry.attempts must be in [1, {MAX_ATTEMPTS}] (gRPC's limit)")
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError("Retry: need 0 < initial_backoff_s <= max_backoff_s")
         if self.multiplier < 1:
             raise ValueError("Retry.multiplier must be >= 1")
-        if not 0 <= self.jitter < 1:
-            raise ValueError("Retry.jitter must be in [0, 1)")
 
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number `attempt` (1 = the first)."""
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+    def service_config(self) -> dict | None:
+        """The channel's gRPC service config (the `grpc.service_config` option, as JSON) that
+        makes these retries; None for a single attempt."""
+        if self.attempts == 1:
+            return None
+        policy = {
+            "maxAttempts": self.attempts,
+            "initialBackoff": f"{self.initial_backoff_s:.9f}s",
+            "maxBackoff": f"{self.max_backoff_s:.9f}s",
+            "backoffMultiplier": self.multiplier,
+            "retryableStatusCodes": list(RETRYABLE_CODES),
+        }
+        return {
+            "methodConfig": [
+                {"name": [{"service": service} for service in RETRIED_SERVICES], "retryPolicy": policy},
+                {"name": [{"service": service, "method": method} for service, method in NEVER_RETRIED]},
+            ]
+        }
 
 
 NO_RETRY = Retry(attempts=1)
-
-
-class Deadline:
-    """One call's deadline, shared by all its attempts."""
-
-    def __init__(self, timeout: float | None) -> None:
-        self._end = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> float | None:
-        """Seconds left (None = no deadline); raises DeadlineExceeded when none are."""
-        if self._end is None:
-            return None
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        return left
-
-
-def next_wait(policy: Retry, error: ShardgateError, attempt: int, deadline: Deadline) -> float | None:
-    """Seconds to wait before trying again after `error` on attempt `attempt`, or None to give up."""
-    if not error.retryable or attempt >= policy.attempts:
-        return None
-    wait = policy.backoff(attempt)
-    try:
-        left = deadline.remaining()
-    except DeadlineExceeded:
-        return None
-    return None if left is not None and wait >= left else wait
 
 
 def call_metadata(token: str | None, traceparent: str | None = None) -> list[tuple[str, str]]:
@@ -116,8 +110,18 @@ def call_metadata(token: str | None, traceparent: str | None = None) -> list[tup
     return metadata
 
 
-def channel_options(tls: TLS | None, max_message_bytes: int) -> list[tuple[str, object]]:
+def channel_options(tls: TLS | None, max_message_bytes: int, retry: Retry) -> list[tuple[str, object]]:
+    """The channel's options: message size limit, TLS name override, and the retry policy (its
+    per-call buffer holds requests up to max_message_bytes, so a large prompt is re-sent too;
+    gRPC's default buffer is 256 KiB, beyond which a call is never retried)."""
     options: list[tuple[str, object]] = [("grpc.max_receive_message_length", max_message_bytes)]
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
+    service_config = retry.service_config()
+    if service_config is not None:
+        options += [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(service_config)),
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ]
     return options

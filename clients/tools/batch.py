@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from shardgate.clients.async_client import AsyncClient
 from shardgate.clients.errors import ShardgateError
+from shardgate.clients.tools.pool import closed_loop
 
 PARAMETERS = frozenset(
     {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "logprobs", "priority", "timeout_ms"}
@@ -189,31 +190,30 @@ async def run_batch(client: AsyncClient, config: BatchConfig) -> BatchSummary:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()  # a whole line at a time: an interrupt never leaves half a line
 
-        async def worker() -> None:
-            for job in jobs:  # one shared iterator: each job goes to one worker
-                if job.error is None:
-                    try:
-                        completion = await client.generate(job.prompt, **job.params)
-                    except ShardgateError as error:
-                        record = {"id": job.id, "error": {"code": error.code().name, "message": error.details()}}
-                    except (TypeError, ValueError) as error:  # a parameter of the wrong type
-                        record = {"id": job.id, "error": {"code": "INVALID_ARGUMENT", "message": str(error)}}
-                    else:
-                        record = _result(job, completion)
-                        summary.completion_tokens += completion.usage.completion_tokens
+        async def answer(job: Job) -> None:
+            if job.error is None:
+                try:
+                    completion = await client.generate(job.prompt, **job.params)
+                except ShardgateError as error:
+                    record = {"id": job.id, "error": {"code": error.code().name, "message": error.details()}}
+                except (TypeError, ValueError) as error:  # a parameter of the wrong type
+                    record = {"id": job.id, "error": {"code": "INVALID_ARGUMENT", "message": str(error)}}
                 else:
-                    record = {"id": job.id, "error": {"code": "INVALID_ARGUMENT", "message": job.error}}
-                write(record)
-                if "error" in record:
-                    summary.failed += 1
-                else:
-                    summary.done += 1
-                bar.update(1)
-                bar.set_postfix(
-                    failed=summary.failed,
-                    tokens_per_s=f"{summary.completion_tokens / max(time.monotonic() - start, 1e-9):.0f}",
-                    refresh=False,
-                )
+                    record = _result(job, completion)
+                    summary.completion_tokens += completion.usage.completion_tokens
+            else:
+                record = {"id": job.id, "error": {"code": "INVALID_ARGUMENT", "message": job.error}}
+            write(record)
+            if "error" in record:
+                summary.failed += 1
+            else:
+                summary.done += 1
+            bar.update(1)
+            bar.set_postfix(
+                failed=summary.failed,
+                tokens_per_s=f"{summary.completion_tokens / max(time.monotonic() - start, 1e-9):.0f}",
+                refresh=False,
+            )
 
         # Ctrl-C and SIGTERM stop cleanly, to resume later. Handled here rather than left to
         # asyncio.run, which does nothing when SIGINT was ignored at start (a shell's background job).
@@ -221,7 +221,7 @@ async def run_batch(client: AsyncClient, config: BatchConfig) -> BatchSummary:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, asyncio.current_task().cancel)
         try:
-            await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+            await closed_loop(jobs, config.concurrency, answer)  # jobs is read lazily, each job once
         except asyncio.CancelledError:
             summary.interrupted = True
         finally:

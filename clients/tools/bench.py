@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shardgate.clients.errors import ShardgateError
+from shardgate.clients.tools.arguments import client_options, connection_arguments, workload_arguments
 from shardgate.clients.tools.bandwidth import HardwareReport, read_bandwidth
 from shardgate.clients.tools.bench_metrics import Summary, summarize
 from shardgate.clients.tools.in_process import IN_PROCESS
-from shardgate.clients.tools.workload import Lengths, WorkItem, WorkloadConfig, make_workload, poisson_arrivals
+from shardgate.clients.tools.workload import WorkItem, WorkloadConfig, make_workload, poisson_arrivals
 from shardgate.proto.common import DTYPE_BYTES
 
 SHARDGATE = "shardgate"
@@ -232,7 +233,6 @@ def format_table(results: dict[str, Summary], title: str) -> str:
 
 
 def add_parser(commands) -> None:
-    from shardgate.clients.cli import connection_arguments
     from shardgate.server import cli as server_cli
 
     parser = commands.add_parser(
@@ -257,46 +257,6 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=bench_command)
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """`N` or `N,M,...`."""
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N,M,...: {text!r}") from None
-
-
-def workload_arguments(parser: argparse.ArgumentParser) -> None:
-    """Workload and load flags (shared with `shardgate tune`)."""
-    group = parser.add_argument_group("workload")
-    group.add_argument(
-        "--num-requests",
-        type=int_list,
-        default=(64,),
-        help="requests measured; N,M,... gives each --concurrency level its own (default 64)",
-    )
-    group.add_argument(
-        "--prompt-len", type=Lengths.parse, default=Lengths(32, 32), help="prompt tokens: N or LOW:HIGH uniform (default 32)"
-    )
-    group.add_argument(
-        "--output-len", type=Lengths.parse, default=Lengths(128, 128), help="new tokens: N or LOW:HIGH uniform (default 128)"
-    )
-    group.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
-    group.add_argument(
-        "--shared-prefix-len",
-        type=int,
-        default=0,
-        help="tokens every prompt starts with, the same for all, before its own --prompt-len (default %(default)s)",
-    )
-    group.add_argument(
-        "--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="generate exactly the output length (default on)"
-    )
-    group.add_argument(
-        "--concurrency", type=int_list, default=None, help="closed loop: requests in flight; N,M,... runs each level in turn (default 8)"
-    )
-    group.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
-    group.add_argument("--warmup", type=int, default=2, help="short requests before measuring (default %(default)s)")
 
 
 def levels_from_args(args: argparse.Namespace) -> list[Level]:
@@ -327,7 +287,6 @@ def configs_from_args(args: argparse.Namespace) -> tuple[WorkloadConfig, LoadCon
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    from shardgate.clients.cli import client_options
     from shardgate.clients.tools.local_server import LocalServer, serve_argv
 
     if args.make_model is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 
 PERCENTILES = (50, 90, 99)
@@ -36,15 +37,15 @@ class RequestRecord:
         return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation; nan for no values."""
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile (q in 1..99) by linear interpolation between the closest ranks (rank
+    (n - 1) × q / 100 of the sorted values: statistics' "inclusive" method, numpy's "linear");
+    nan for no values."""
     if not values:
         return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    if len(values) == 1:  # statistics.quantiles wants two values before Python 3.13
+        return float(values[0])
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 @dataclass(frozen=True)

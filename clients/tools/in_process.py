@@ -83,18 +83,18 @@ async def _timed(engine, item: WorkItem, index: int, ignore_eos: bool) -> Reques
 
 
 async def _closed_loop(engine, items: list[WorkItem], concurrency: int, ignore_eos: bool, progress: bool) -> list[RequestRecord]:
-    records: list[RequestRecord | None] = [None] * len(items)
-    pending = iter(range(len(items)))
+    from shardgate.clients.tools.pool import closed_loop_map
+
     bar = tqdm(
         total=len(items), unit="req", desc=IN_PROCESS, disable=None if progress else True, file=sys.stderr, dynamic_ncols=True, leave=False
     )
 
-    async def worker() -> None:
-        for index in pending:
-            records[index] = await _timed(engine, items[index], index, ignore_eos)
-            bar.update(1)
+    async def run(index: int) -> RequestRecord:
+        record = await _timed(engine, items[index], index, ignore_eos)
+        bar.update(1)
+        return record
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    records = await closed_loop_map(range(len(items)), concurrency, run)
     bar.close()
     return records
 

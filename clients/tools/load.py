@@ -12,6 +12,7 @@ from tqdm import tqdm
 from shardgate.clients.async_client import AsyncClient
 from shardgate.clients.errors import ShardgateError
 from shardgate.clients.tools.bench_metrics import RequestRecord
+from shardgate.clients.tools.pool import closed_loop_map
 from shardgate.clients.tools.workload import WorkItem
 
 
@@ -42,36 +43,28 @@ async def run_load(
     `arrivals[i]` seconds, however many are in flight). Records come back in workload order."""
     if (concurrency is None) == (arrivals is None):
         raise ValueError("give either a concurrency (closed loop) or arrival times (open loop)")
-    records: list[RequestRecord | None] = [None] * len(items)
     bar = tqdm(
         total=len(items), unit="req", desc=label, disable=None if progress else True, file=sys.stderr, dynamic_ncols=True, leave=False
     )
 
-    async def run(index: int) -> None:
-        records[index] = await timed_request(client, items[index], ignore_eos)
+    async def run(item: WorkItem) -> RequestRecord:
+        record = await timed_request(client, item, ignore_eos)
         bar.update(1)
+        return record
 
     try:
         if concurrency is not None:
-            pending = iter(range(len(items)))
-
-            async def worker() -> None:
-                for index in pending:
-                    await run(index)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        else:
-            start = time.perf_counter()
-            tasks = []
-            for index, at in enumerate(arrivals):
-                delay = start + at - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # the schedule itself, not a wait for an event
-                tasks.append(asyncio.create_task(run(index)))
-            await asyncio.gather(*tasks)
+            return await closed_loop_map(items, concurrency, run)
+        start = time.perf_counter()
+        tasks = []
+        for item, at in zip(items, arrivals):
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the schedule itself, not a wait for an event
+            tasks.append(asyncio.create_task(run(item)))
+        return list(await asyncio.gather(*tasks))
     finally:
         bar.close()
-    return records
 
 
 async def warm_up(client: AsyncClient, items: list[WorkItem], count: int) -> None:
@@ -83,19 +76,15 @@ async def warm_up(client: AsyncClient, items: list[WorkItem], count: int) -> Non
 
 async def run_embed_load(client: AsyncClient, texts: list[str], concurrency: int) -> list[RequestRecord]:
     """Single-input Embed calls, closed loop; a record's latency is its call's."""
-    records: list[RequestRecord | None] = [None] * len(texts)
-    pending = iter(range(len(texts)))
 
-    async def worker() -> None:
-        for index in pending:
-            record = RequestRecord(start=time.perf_counter(), prompt_tokens=0)
-            try:
-                result = await client.embed(texts[index])
-                record.prompt_tokens = result.usage.prompt_tokens
-            except ShardgateError as error:
-                record.error = error.code().name
-            record.end = time.perf_counter()
-            records[index] = record
+    async def call(text: str) -> RequestRecord:
+        record = RequestRecord(start=time.perf_counter(), prompt_tokens=0)
+        try:
+            result = await client.embed(text)
+            record.prompt_tokens = result.usage.prompt_tokens
+        except ShardgateError as error:
+            record.error = error.code().name
+        record.end = time.perf_counter()
+        return record
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return records
+    return await closed_loop_map(texts, concurrency, call)

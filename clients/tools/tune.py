@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardgate.clients.errors import ShardgateError, Unimplemented
+from shardgate.clients.tools.arguments import int_list, workload_arguments
 from shardgate.clients.tools.bench_metrics import Summary, summarize
 from shardgate.clients.tools.workload import make_embed_texts
 
@@ -148,18 +149,7 @@ async def measure_embed(address: str, texts: list[str], concurrency: int, device
         return summarize(await run_embed_load(client, texts, concurrency), device_cost_per_hour)
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
-    return values
-
-
 def add_parser(commands) -> None:
-    from shardgate.clients.tools.bench import workload_arguments
     from shardgate.server import cli as server_cli
 
     parser = commands.add_parser(
@@ -169,11 +159,11 @@ def add_parser(commands) -> None:
     )
     server_cli.add_arguments(parser.add_argument_group("server (the `shardgate serve` flags; --host/--port are ignored)"))
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--max-num-seqs", type=_int_list, default=[4, 16, 64], help="values to try, comma-separated (default 4,16,64)")
-    sweep.add_argument("--max-batch-tokens", type=_int_list, default=[512, 2048], help="values to try (default 512,2048)")
+    sweep.add_argument("--max-num-seqs", type=int_list, default=[4, 16, 64], help="values to try, comma-separated (default 4,16,64)")
+    sweep.add_argument("--max-batch-tokens", type=int_list, default=[512, 2048], help="values to try (default 512,2048)")
     sweep.add_argument(
         "--embed-max-queue-delay-us",
-        type=_int_list,
+        type=int_list,
         default=[0, 2000, 10000],
         help="Embed batching delays to try when the server serves Embed (default 0,2000,10000)",
     )

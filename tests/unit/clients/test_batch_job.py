@@ -6,7 +6,6 @@ import json
 
 import grpc
 import pytest
-from fake_inference import start_fake_server
 
 from shardgate.clients.async_client import AsyncClient
 from shardgate.clients.tools.batch import BatchConfig, parse_line, run_batch, written_ids
@@ -33,13 +32,6 @@ def test_written_ids_cuts_a_torn_last_line_and_can_drop_errors(tmp_path):
     assert out.read_text().endswith("}\n")  # the torn line is gone
     assert written_ids(out, retry_failed=True) == {"a"}
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a"]
-
-
-@pytest.fixture
-def server():
-    running = start_fake_server()
-    yield running
-    running.stop()
 
 
 def run(server, config):

@@ -5,7 +5,10 @@ import argparse
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from shardgate.clients.tools.arguments import workload_arguments
 from shardgate.clients.tools.bandwidth import HardwareReport
 from shardgate.clients.tools.bench import (
     SHARDGATE,
@@ -14,7 +17,6 @@ from shardgate.clients.tools.bench import (
     format_table,
     levels_from_args,
     ratios,
-    workload_arguments,
 )
 from shardgate.clients.tools.bench_metrics import RequestRecord, percentile, summarize
 from shardgate.clients.tools.local_server import serve_argv
@@ -59,7 +61,24 @@ def test_poisson_arrivals_have_the_rate():
 
 def test_percentile_interpolates():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5 and percentile([0, 10], 90) == 9
+    assert percentile([4, 1, 3, 2], 1) == 1.03 and percentile([1, 2, 3, 4], 99) == 3.97
     assert math.isnan(percentile([], 50))
+
+
+def linear_interpolation(values, q):
+    """The definition the bench has always used: rank (n - 1) × q / 100 of the sorted values,
+    interpolated between its two neighbours."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@given(st.lists(st.floats(0, 1e3, allow_nan=False, allow_infinity=False), min_size=1, max_size=200), st.integers(1, 99))
+def test_percentile_is_linear_interpolation_between_the_closest_ranks(values, q):
+    # statistics sums the two weighted neighbours, the definition adds a fraction of their gap: equal up to rounding
+    assert percentile(values, q) == pytest.approx(linear_interpolation(values, q), rel=1e-12, abs=1e-12)
 
 
 def test_summarize_throughput_latencies_and_cost():

@@ -4,17 +4,9 @@ flags included)."""
 import json
 
 import grpc
-import pytest
 from fake_inference import self_signed_certificate, start_fake_server
 
 from shardgate.clients.cli import main
-
-
-@pytest.fixture
-def server():
-    running = start_fake_server()
-    yield running
-    running.stop()
 
 
 def test_embed_prints_one_json_line_per_input(server, capsys):
