@@ -11,10 +11,11 @@ Reading the cache: each sequence's context is gathered block by block (one
 contiguous block_size × kv_heads × head_dim copy per block, through a
 (sequences, blocks) table built once per step) into a padded (sequences,
 blocks × block_size) batch for ``scaled_dot_product_attention``, with a
-boolean mask for causality, padding and any sliding window. Gathering whole
-blocks with index_select is about 2.5× faster than indexing slot by slot (on
-the bench model's shapes, 32 decodes, the attention of a step took half as
-long); pure torch has no paged-attention kernel that reads blocks in place.
+boolean mask for causality, padding and any sliding window. Whole blocks are
+gathered with index_select, one contiguous copy per block, rather than by
+indexing slot by slot, which addresses every position on its own and was
+measured slower (README, Performance); pure torch has no paged-attention kernel
+that reads blocks in place.
 
 Padding costs (sequences × longest query × longest context), so single-token
 chunks (decodes) and longer chunks (prefills) are padded separately: one long

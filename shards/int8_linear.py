@@ -5,30 +5,22 @@ model dtype, which ``torch._weight_int8pack_mm`` requires of its scales), and
 ``q[n, k] = round(W[n, k] / scale[n])`` in [-127, 127]; the weight is ``q · scale``.
 Activations stay in the model dtype, so y = x (q · scale)ᵀ = (x qᵀ) · scale.
 
-Two matmul paths, chosen per call by the number of rows M of x. Measured on the bench model's
-linears (all of one decode step: 7 per layer × 8 layers + the LM head; Sapphire Rapids, torch
-2.13, best of 4, the machine shared, so ratios rather than absolutes), in ms:
+Two matmul paths, chosen per call by the number of rows M of x; both give x (q · scale)ᵀ.
 
-    rows M              1     2     4     8    12    16    32   128
-    bf16 F.linear      36    35    38    39    39    39    40   104   (1 thread)
-    int8pack           20    22    26    46    66    94   163   663
-    convert + linear   60    58    64    66    67    67    71   170
-    bf16 F.linear      72*   90*  147*   24    25    26    34    79   (2 threads; * = noise)
-    int8pack           26    27    48    27    41    52   101   386
-    convert + linear  243*  193*  283*   39    42    42    52    91
-
-- ``torch._weight_int8pack_mm`` (CPU only) reads int8 weights: half the bytes, and about 1.8×
-  faster than bf16 at M = 1. Its cost grows with every row (it is a matrix-vector kernel), so
-  past M ≈ 8-12 it loses to the next path.
+- Up to INT8PACK_MAX_ROWS rows, ``torch._weight_int8pack_mm`` (CPU only) reads the int8
+  weights as they are: half the bytes of bf16, which makes it faster than bf16 for a single row
+  (a batch-1 decode is bound by the bytes it reads). It is a matrix-vector kernel whose cost
+  grows with every row, so past INT8PACK_MAX_ROWS the next path is as fast or faster.
 - Otherwise the int8 rows are converted to the model dtype into a scratch buffer (one per
   model, reused by every layer: it stays in cache), multiplied with F.linear, and the output
   columns scaled (q is an integer ≤ 127, exact in bf16, so nothing is lost before the
-  scaling). The conversion costs ~25-30 ms per step here, so at these batch sizes int8 is
-  ~1.3-1.6× slower than bf16; the gap shrinks as M grows (prefill). Dequantizing into the
-  scratch (multiplying by the scale there) was slower (one more pass); chunking the weight
-  rows gave no gain, so only weights larger than the scratch (the LM head) are done in chunks,
-  which bounds the scratch at SCRATCH_ELEMENTS.
-Other paths measured and dropped: ``torch._int_mm`` (int8 activations too) was slower than bf16.
+  scaling). The conversion is one more pass over the weights per step, so on this path int8 is
+  slower than bf16, less so as M grows (prefill). Only weights larger than the scratch (the LM
+  head) are converted in chunks, which bounds the scratch at SCRATCH_ELEMENTS.
+
+Tried and dropped, each slower or no better: dequantizing into the scratch (multiplying by the
+scale there: one more pass), chunking every weight's rows, and ``torch._int_mm`` (int8
+activations too). The timings behind these choices are in the README's Performance section.
 """
 
 from __future__ import annotations
@@ -38,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INT8PACK_MAX_ROWS = 8
-"""Largest M served by torch._weight_int8pack_mm (see the table above)."""
+"""Largest M served by torch._weight_int8pack_mm; past it, converting to the model dtype and
+using F.linear is as fast or faster (README, Performance)."""
 SCRATCH_ELEMENTS = 1 << 22
 """Most weight elements converted at once on the other path (8 MiB in bf16)."""
 _QUANTIZE_CHUNK_ELEMENTS = 1 << 22  # rows quantized at once: bounds the float32 temporary

@@ -7,15 +7,30 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shardgate.clients.client import Client
+from shardgate.clients import Client
+from shardgate.proto import inference_pb2_grpc
 from shardgate.proto.common import free_port
+
+
+@contextmanager
+def raw_stub(address: str, timeout: float = 30) -> Iterator[inference_pb2_grpc.InferenceStub]:
+    """A bare Inference stub on a channel of its own, connected before it is handed out.
+
+    For tests that speak protobuf to the server directly: messages the client library would
+    refuse or reshape (bad fields, oversized requests), call objects (futures, `cancel()`),
+    and raw status codes and details without the client's exception mapping or retries.
+    """
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        yield inference_pb2_grpc.InferenceStub(channel)
 
 
 @dataclass
@@ -26,6 +41,10 @@ class RunningServer:
 
     def client(self, timeout: float | None = 120) -> Client:
         return Client(self.address, timeout=timeout)
+
+    def raw_stub(self):
+        """`raw_stub(address)` of this server: use it as a context manager."""
+        return raw_stub(self.address)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -14,3 +14,10 @@ def tiny_server(tmp_path_factory):
 def client(tiny_server):
     with tiny_server.client() as client:
         yield client
+
+
+@pytest.fixture
+def stub(tiny_server):
+    """A bare Inference stub on the shared server (servers.raw_stub), for raw protobuf calls."""
+    with tiny_server.raw_stub() as stub:
+        yield stub

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from servers import start_server, wait_until
 
-from shardgate.clients.client import build_request
+from shardgate.clients import build_request
 from shardgate.proto import inference_pb2
 
 LATENCY_BOUND_S = 0.050
@@ -46,9 +46,7 @@ def refused(stub, message: inference_pb2.GenerateRequest, bound: str) -> float:
 
 
 def test_queue_bounds_refuse_at_once_while_accepted_requests_complete(queue_server):
-    with queue_server.client() as client:
-        stub = client._stub
-        client.model_info()  # the channel is connected before anything is timed
+    with queue_server.client() as client, queue_server.raw_stub() as stub:  # raw_stub connects before anything is timed
         blocker = stub.Generate.future(request("blocker", 600), timeout=300)
         wait_until(lambda: client.server_status().replicas[0].running_requests == 1, what="the blocker runs")
         long_queued = stub.Generate.future(request("x" * 299, 8), timeout=300)  # 300 tokens with BOS
@@ -68,9 +66,7 @@ def test_queue_bounds_refuse_at_once_while_accepted_requests_complete(queue_serv
 
 
 def test_concurrency_bound_refuses_at_once_while_accepted_requests_complete(concurrency_server):
-    with concurrency_server.client() as client:
-        stub = client._stub
-        client.model_info()
+    with concurrency_server.client() as client, concurrency_server.raw_stub() as stub:
         accepted = [stub.Generate.future(request(f"accepted {i}", 300), timeout=300) for i in range(3)]
         wait_until(lambda: client.server_status().replicas[0].running_requests == 3, what="three requests run")
 

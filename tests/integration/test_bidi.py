@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import grpc
 
-from shardgate.clients.client import build_request
+from shardgate.clients import build_request
 from shardgate.proto import inference_pb2
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -40,14 +40,14 @@ class Outbox:
             yield message
 
 
-def test_eight_interleaved_requests_each_get_their_own_complete_output(client):
+def test_eight_interleaved_requests_each_get_their_own_complete_output(client, stub):
     prompts = {f"r{i}": f"bidi prompt {i} " + "q" * (5 * i) for i in range(8)}
     lengths = {request_id: 10 + 3 * i for i, request_id in enumerate(prompts)}
     expected = {rid: client.generate(p, max_new_tokens=lengths[rid], **GREEDY) for rid, p in prompts.items()}
 
     requests = [generate(rid, p, max_new_tokens=lengths[rid], **GREEDY) for rid, p in prompts.items()]
     order, tokens, text, last, finished_at = [], defaultdict(list), defaultdict(str), {}, []
-    for response in client._stub.GenerateBidi(iter(requests), timeout=120):
+    for response in stub.GenerateBidi(iter(requests), timeout=120):
         message = response.message
         assert response.WhichOneof("event") == "message" and message.request_id not in last
         order.append(message.request_id)
@@ -63,14 +63,14 @@ def test_eight_interleaved_requests_each_get_their_own_complete_output(client):
     assert len(set(order[: finished_at[0] + 1])) == 8  # interleaved: all had messages before the first ended
 
 
-def test_cancel_and_deadline_end_only_their_request(client):
+def test_cancel_and_deadline_end_only_their_request(client, stub):
     outbox = Outbox(
         generate("keep", "kept request", max_new_tokens=60, **GREEDY),
         generate("drop", "cancelled request", max_new_tokens=1000, **GREEDY),
         generate("late", "timed out request", max_new_tokens=1500, timeout_ms=500, **GREEDY),
     )
     messages, errors = defaultdict(list), {}
-    for response in client._stub.GenerateBidi(iter(outbox), timeout=120):
+    for response in stub.GenerateBidi(iter(outbox), timeout=120):
         if response.WhichOneof("event") == "error":
             errors[response.error.request_id] = response.error
         else:
@@ -92,7 +92,7 @@ def test_cancel_and_deadline_end_only_their_request(client):
     assert client.server_status().active_requests == 0
 
 
-def test_bad_request_fails_only_itself(client):
+def test_bad_request_fails_only_itself(stub):
     requests = [
         generate("good", "fine", max_new_tokens=6, **GREEDY),
         generate("bad", "", max_new_tokens=6),
@@ -102,7 +102,7 @@ def test_bad_request_fails_only_itself(client):
         generate("good too", "fine", max_new_tokens=6, **GREEDY),
     ]
     errors, finished = {}, {}
-    for response in client._stub.GenerateBidi(iter(requests), timeout=60):
+    for response in stub.GenerateBidi(iter(requests), timeout=60):
         if response.WhichOneof("event") == "error":
             errors[response.error.request_id, response.error.message.split(":")[0]] = response.error.code
         elif response.message.finish_reason:
@@ -117,10 +117,10 @@ def test_bad_request_fails_only_itself(client):
     assert finished == {"good": 6, "good too": 6}
 
 
-def test_duplicate_live_request_id_is_refused(client):
+def test_duplicate_live_request_id_is_refused(stub):
     outbox = Outbox(generate("same", "first", max_new_tokens=200, **GREEDY), generate("same", "second", max_new_tokens=5, **GREEDY))
     responses = []
-    for response in client._stub.GenerateBidi(iter(outbox), timeout=60):
+    for response in stub.GenerateBidi(iter(outbox), timeout=60):
         responses.append(response)
         if response.WhichOneof("event") == "message" and response.message.finish_reason:
             outbox.close()

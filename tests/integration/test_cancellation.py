@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from servers import start_server, wait_until
 
-from shardgate.clients.client import build_request
+from shardgate.clients import build_request
 
 STREAMS = 200
 
@@ -33,8 +33,8 @@ def test_two_hundred_streams_cancelled_at_random_points_leave_no_trace(tmp_path)
                 length = rng.randint(1200, 1600) if mode == "during prefill" else rng.randint(10, 400)
                 prompt = "".join(rng.choice("abcdefgh ") for _ in range(length))
                 message = build_request(prompt, max_new_tokens=rng.randint(20, 300), temperature=rng.choice([0.0, 1.0]), ignore_eos=True)
-                with server.client() as c:
-                    call = c._stub.GenerateStream(message, timeout=120)
+                with server.raw_stub() as stub:
+                    call = stub.GenerateStream(message, timeout=120)
                     if mode == "at once":
                         call.cancel()
                     elif mode == "after a delay":

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from servers import start_server, wait_until
 
-from shardgate.clients.client import build_request
+from shardgate.clients import build_request
 from shardgate.proto import inference_pb2
 
 
@@ -26,6 +26,12 @@ def client(serial_server):
         wait_until(lambda: idle(client.server_status()), what="the server is idle")
 
 
+@pytest.fixture
+def stub(serial_server):
+    with serial_server.raw_stub() as stub:
+        yield stub
+
+
 def idle(status) -> bool:
     replica = status.replicas[0]
     return (
@@ -40,16 +46,15 @@ def request(prompt: str, max_new_tokens: int, **fields) -> inference_pb2.Generat
     return build_request(prompt, max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True, **fields)
 
 
-def start_blocker(client):
+def start_blocker(client, stub):
     """A long request holding the only sequence slot; cancel() it to let the queue move."""
-    blocker = client._stub.Generate.future(request("blocker", 1800), timeout=300)
+    blocker = stub.Generate.future(request("blocker", 1800), timeout=300)
     wait_until(lambda: client.server_status().replicas[0].running_requests == 1, what="the blocker runs")
     return blocker
 
 
-def test_deadline_shorter_than_the_queue_wait_never_reaches_a_shard(client):
-    stub = client._stub
-    blocker = start_blocker(client)
+def test_deadline_shorter_than_the_queue_wait_never_reaches_a_shard(client, stub):
+    blocker = start_blocker(client, stub)
     started = client.server_status().replicas[0].started_requests
 
     start = time.monotonic()
@@ -67,11 +72,11 @@ def test_deadline_shorter_than_the_queue_wait_never_reaches_a_shard(client):
     blocker.cancel()
 
 
-def test_deadline_mid_decode_ends_the_stream_after_its_tokens_and_frees_the_kv(client):
+def test_deadline_mid_decode_ends_the_stream_after_its_tokens_and_frees_the_kv(client, stub):
     baseline = client.server_status().replicas[0]
     received = []
     with pytest.raises(grpc.RpcError) as raised:
-        for message in client._stub.GenerateStream(request("decoding", 1800, timeout_ms=700), timeout=60):
+        for message in stub.GenerateStream(request("decoding", 1800, timeout_ms=700), timeout=60):
             received.extend(message.token_ids)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     produced = int(re.fullmatch(r"deadline exceeded after (\d+) generated tokens", raised.value.details()).group(1))
@@ -82,15 +87,14 @@ def test_deadline_mid_decode_ends_the_stream_after_its_tokens_and_frees_the_kv(c
 
     # The same through the call's gRPC deadline: the server cancels the request when the call ends.
     with pytest.raises(grpc.RpcError) as raised:
-        for _ in client._stub.GenerateStream(request("decoding", 1800), timeout=0.7):
+        for _ in stub.GenerateStream(request("decoding", 1800), timeout=0.7):
             pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: idle(client.server_status()), what="the KV blocks come back")
 
 
-def test_priorities_reorder_the_queue(client):
-    stub = client._stub
-    blocker = start_blocker(client)
+def test_priorities_reorder_the_queue(client, stub):
+    blocker = start_blocker(client, stub)
     finished = []
     low = stub.Generate.future(request("low", 16, priority=0), timeout=300)
     low.add_done_callback(lambda _: finished.append("low"))
@@ -104,7 +108,7 @@ def test_priorities_reorder_the_queue(client):
     assert low_result.usage.queue_time_s > high_result.usage.queue_time_s
 
 
-def test_priority_outside_its_range_is_invalid(client):
+def test_priority_outside_its_range_is_invalid(stub):
     with pytest.raises(grpc.RpcError) as raised:
-        client._stub.Generate(request("x", 4, priority=101), timeout=30)
+        stub.Generate(request("x", 4, priority=101), timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and raised.value.details().startswith("priority: ")

@@ -39,6 +39,12 @@ def client(embed_server):
         yield client
 
 
+@pytest.fixture
+def stub(embed_server):
+    with embed_server.raw_stub() as stub:
+        yield stub
+
+
 def embed(stub, *inputs, **fields):
     return stub.Embed(inference_pb2.EmbedRequest(inputs=list(inputs), **fields), timeout=60)
 
@@ -47,14 +53,14 @@ def embed_passes(client) -> int:
     return client.server_status().replicas[0].embed_forward_passes
 
 
-def test_concurrent_calls_share_forward_passes_and_equal_their_unbatched_results(client):
+def test_concurrent_calls_share_forward_passes_and_equal_their_unbatched_results(client, stub):
     texts = [f"input number {i}: " + "abc" * (i % 7) for i in range(CALLS)]
     before = embed_passes(client)
-    alone = [list(embed(client._stub, text).embeddings[0].values) for text in texts]  # one call at a time
+    alone = [list(embed(stub, text).embeddings[0].values) for text in texts]  # one call at a time
     assert embed_passes(client) - before == CALLS  # each ran in a forward of its own
 
     before = embed_passes(client)
-    futures = [client._stub.Embed.future(inference_pb2.EmbedRequest(inputs=[text]), timeout=60) for text in texts]
+    futures = [stub.Embed.future(inference_pb2.EmbedRequest(inputs=[text]), timeout=60) for text in texts]
     batched = [list(f.result().embeddings[0].values) for f in futures]
     passes = embed_passes(client) - before
     assert passes < CALLS, passes
@@ -65,13 +71,13 @@ def test_concurrent_calls_share_forward_passes_and_equal_their_unbatched_results
     assert status.replicas[0].free_kv_blocks == status.replicas[0].total_kv_blocks and status.active_requests == 0
 
 
-def test_pooling_normalization_and_usage(client):
-    response = embed(client._stub, "hello world", "hello", pooling=inference_pb2.POOLING_LAST, normalize=True)
+def test_pooling_normalization_and_usage(client, stub):
+    response = embed(stub, "hello world", "hello", pooling=inference_pb2.POOLING_LAST, normalize=True)
     [first, second] = response.embeddings
     assert first.tokens == 12 and second.tokens == 6 and response.usage.prompt_tokens == 18  # bytes + BOS
     assert all(math.isclose(sum(v * v for v in e.values), 1.0, rel_tol=1e-5) for e in response.embeddings)
-    mean = embed(client._stub, "hello world").embeddings[0].values
-    last = embed(client._stub, "hello world", pooling=inference_pb2.POOLING_LAST).embeddings[0].values
+    mean = embed(stub, "hello world").embeddings[0].values
+    last = embed(stub, "hello world", pooling=inference_pb2.POOLING_LAST).embeddings[0].values
     assert max(abs(a - b) for a, b in zip(mean, last)) > 1e-3
     norm = math.sqrt(sum(v * v for v in last))
     assert max(abs(v / norm - w) for v, w in zip(last, first.values)) < 1e-6
@@ -79,9 +85,9 @@ def test_pooling_normalization_and_usage(client):
     assert info.hidden_size == 128 and info.max_embed_inputs == 8
 
 
-def test_embedding_beside_generation_changes_neither(client, embed_server):
+def test_embedding_beside_generation_changes_neither(client, stub, embed_server):
     expected = client.generate("generating", max_new_tokens=64, temperature=0, ignore_eos=True).token_ids
-    alone = embed(client._stub, "during generation").embeddings[0].values
+    alone = embed(stub, "during generation").embeddings[0].values
 
     def generate():
         with embed_server.client() as c:
@@ -89,7 +95,7 @@ def test_embedding_beside_generation_changes_neither(client, embed_server):
 
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(generate)
-        during = [embed(client._stub, "during generation").embeddings[0].values for _ in range(3)]
+        during = [embed(stub, "during generation").embeddings[0].values for _ in range(3)]
         assert running.result() == expected
     assert all(max(abs(a - b) for a, b in zip(alone, d)) <= 1e-5 for d in during)
 
@@ -106,8 +112,8 @@ def test_embedding_beside_generation_changes_neither(client, embed_server):
         (dict(inputs=["x"], request_id="r" * 300), "request_id"),
     ],
 )
-def test_bad_embed_requests_name_the_field(client, fields, field):
+def test_bad_embed_requests_name_the_field(stub, fields, field):
     with pytest.raises(grpc.RpcError) as raised:
-        client._stub.Embed(inference_pb2.EmbedRequest(**fields), timeout=30)
+        stub.Embed(inference_pb2.EmbedRequest(**fields), timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(f"{field}: "), raised.value.details()

@@ -19,7 +19,7 @@ from otlp_receiver import ReceivedSpan, SpanStore, otlp_receiver
 from prometheus_client.parser import text_string_to_metric_families
 from servers import RunningServer, start_server
 
-from shardgate.clients.client import build_request
+from shardgate.clients import build_request
 from shardgate.proto import inference_pb2_grpc
 from shardgate.proto.common import free_port
 

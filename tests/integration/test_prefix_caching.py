@@ -8,7 +8,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from servers import start_server
 
-from shardgate.clients.client import build_request
+from shardgate.clients import build_request
 from shardgate.proto.common import free_port
 
 BLOCK_BYTES = 32 * 1024  # builtin:tiny, float32: one 16-token block of all layers' K and V
@@ -21,9 +21,9 @@ PARAMS = dict(max_new_tokens=60, temperature=0, ignore_eos=True)
 def run(server) -> tuple[list[list[int]], list[int], int, int]:
     """One request, then the rest at once: their tokens and cached_tokens, preemptions and free
     blocks at the end."""
-    with server.client(timeout=300) as client:
+    with server.client(timeout=300) as client, server.raw_stub() as stub:
         first = client.generate(PROMPTS[0], **PARAMS)
-        futures = [client._stub.Generate.future(build_request(p, **PARAMS), timeout=300) for p in PROMPTS[1:]]
+        futures = [stub.Generate.future(build_request(p, **PARAMS), timeout=300) for p in PROMPTS[1:]]
         rest = [f.result() for f in futures]
         status = client.server_status()
         assert status.active_requests == 0

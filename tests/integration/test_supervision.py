@@ -29,7 +29,7 @@ def rank_pid(gateway_pid: int, replica: int, rank: int) -> int:
 
 
 def status(client) -> inference_pb2.ServerStatusResponse:
-    return client._stub.ServerStatus(inference_pb2.ServerStatusRequest(), timeout=10)
+    return client.server_status(timeout=10)
 
 
 def run_streams(server, started: threading.Barrier):

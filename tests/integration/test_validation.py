@@ -28,10 +28,9 @@ CASES = {
 }
 
 
-def call(client, method: str, **fields):
+def call(stub, method: str, **fields):
     fields.setdefault("max_new_tokens", 4)
     request = inference_pb2.GenerateRequest(**fields)
-    stub = client._stub
     if method == "Generate":
         return stub.Generate(request, timeout=30)
     return list(stub.GenerateStream(request, timeout=30))
@@ -39,26 +38,26 @@ def call(client, method: str, **fields):
 
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_invalid_argument_naming_the_field(client, method, case):
+def test_bad_input_is_invalid_argument_naming_the_field(stub, method, case):
     fields, field = CASES[case]
     with pytest.raises(grpc.RpcError) as raised:
-        call(client, method, **dict(fields))
+        call(stub, method, **dict(fields))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(f"{field}: "), raised.value.details()
     assert "Traceback" not in raised.value.details()
 
 
-def test_server_keeps_serving_after_bad_input(client, tiny_server):
+def test_server_keeps_serving_after_bad_input(stub, client, tiny_server):
     for fields, _ in CASES.values():
         with pytest.raises(grpc.RpcError):
-            call(client, "Generate", **dict(fields))
+            call(stub, "Generate", **dict(fields))
     assert len(client.generate("still alive", max_new_tokens=3, ignore_eos=True).token_ids) == 3
     assert tiny_server.process.poll() is None
 
 
-def test_message_over_the_size_limit_is_resource_exhausted(client):
+def test_message_over_the_size_limit_is_resource_exhausted(stub, client):
     # The server's default --max-message-bytes is 4 MiB.
     with pytest.raises(grpc.RpcError) as raised:
-        call(client, "Generate", prompt="x" * (5 << 20))
+        call(stub, "Generate", prompt="x" * (5 << 20))
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(client.generate("small is fine", max_new_tokens=2, ignore_eos=True).token_ids) == 2

@@ -29,7 +29,14 @@ def test_queue_bounds_refuse_naming_the_bound(bounds, queue, tokens, bound):
 
 
 def test_queue_bounds_admit_up_to_the_limit():
-    assert admission(QueueLoad(2, 90), max_queue_requests=3, max_queue_tokens=100).admit(10).release() is None
+    gate = admission(QueueLoad(2, 90), max_queue_requests=3, max_queue_tokens=100)
+    ticket = gate.admit(10)  # 2 < 3 queued requests, 90 + 10 tokens == the bound: admitted
+    assert gate.active == 1
+    ticket.release()
+    assert gate.active == 0
+    with pytest.raises(RequestError, match="^max_queue_tokens: "):
+        gate.admit(11)  # one token more is over
+    assert gate.active == 0  # a refused request is not counted
 
 
 def test_concurrency_bound_counts_tickets_until_released():
