@@ -89,7 +89,7 @@ def build_engine(args: Namespace):
 
 
 async def _timed(engine, item: WorkItem, index: int, ignore_eos: bool) -> RequestRecord:
-    from shardgate.server.engine import ErrorEvent, FinishEvent, TokenEvent
+    from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
     from shardgate.server.request import SamplingParams
     from shardgate.server.validation import ValidRequest
 

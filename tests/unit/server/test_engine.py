@@ -11,7 +11,8 @@ from shardgate.proto import shard_pb2
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import EmbedBatcherConfig, SchedulerConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob, Pooling
-from shardgate.server.engine import Engine, ErrorEvent, FinishEvent, TokenEvent
+from shardgate.server.engine import Engine
+from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.request import FinishReason, SamplingParams
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.validation import ValidRequest
@@ -228,7 +229,8 @@ def test_cancel_in_any_state_frees_everything_within_one_step(state, when):
     if target.request.first_scheduled is not None:
         assert target.request.seq_id in [s for p in later for s in p.free_seq_ids]  # the replica forgets it
     assert blocks.num_free == blocks.num_blocks and engine.num_active == 0
-    assert not engine.scheduler.waiting and not engine.scheduler.running
+    status = engine.scheduler.status()
+    assert status.waiting == 0 and status.running == 0
 
 
 class EmbeddingReplica(ScriptedReplica):

@@ -1,7 +1,7 @@
 import pytest
 from tokenizers import Tokenizer
 
-from shardgate.server.detokenizer import IncrementalDetokenizer, StopMatcher
+from shardgate.server.output_processor import IncrementalDetokenizer, StopMatcher
 from shardgate.shards.builtin import builtin_tokenizer
 
 
