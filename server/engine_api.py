@@ -80,7 +80,8 @@ class EmbedOutput:
 
 @dataclass(frozen=True)
 class ReplicaStatus:
-    scheduler: SchedulerStatus
+    state: SchedulerStatus
+    """Its queue and KV cache."""
     forward_passes: int
     embed_forward_passes: int
     healthy: bool
@@ -316,7 +317,7 @@ class EngineAPI:
         load = self._queue_load()
         replicas = [
             ReplicaStatus(
-                scheduler=engine.scheduler.status(),
+                state=engine.scheduler.status(),
                 forward_passes=engine.num_forward_passes,
                 embed_forward_passes=engine.num_embed_forward_passes,
                 healthy=engine.healthy,

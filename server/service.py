@@ -200,14 +200,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await context.abort(error.code, str(error))
         replicas = [
             inference_pb2.ReplicaStatus(
-                total_kv_blocks=replica.scheduler.total_blocks,
-                free_kv_blocks=replica.scheduler.free_blocks,
-                running_requests=replica.scheduler.running,
-                waiting_requests=replica.scheduler.waiting,
-                preemptions=replica.scheduler.preemptions,
+                total_kv_blocks=replica.state.total_blocks,
+                free_kv_blocks=replica.state.free_blocks,
+                running_requests=replica.state.running,
+                waiting_requests=replica.state.waiting,
+                preemptions=replica.state.preemptions,
                 forward_passes=replica.forward_passes,
                 embed_forward_passes=replica.embed_forward_passes,
-                started_requests=replica.scheduler.started,
+                started_requests=replica.state.started,
                 healthy=replica.healthy,
                 restarts=replica.restarts,
             )

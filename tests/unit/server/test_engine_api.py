@@ -137,7 +137,7 @@ def test_abort_ends_the_request_and_frees_its_blocks():
         generation = api.generate(request(max_new_tokens=200))
         async with aclosing(generation.outputs()) as outputs:
             first = await anext(outputs)
-            busy = api.status().replicas[0].scheduler
+            busy = api.status().replicas[0].state
             api.abort(generation)
             rest = [output async for output in outputs]
         return first, busy, rest, api.status(), api.in_flight()
@@ -145,7 +145,7 @@ def test_abort_ends_the_request_and_frees_its_blocks():
     first, busy, rest, status, in_flight = serve(scenario, [ScriptedReplica({10: [H_]})])
     assert first.token_ids == [H_] and busy.running == 1 and busy.free_blocks < busy.total_blocks
     assert rest[-1].finish_reason is FinishReason.CANCELLED
-    replica = status.replicas[0].scheduler
+    replica = status.replicas[0].state
     assert replica.free_blocks == replica.total_blocks and replica.running == replica.waiting == 0
     assert status.active_requests == in_flight == 0
 
