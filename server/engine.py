@@ -1,8 +1,9 @@
-"""The engine loop of one replica: schedule a step, run it on the replica, hand each request
-its tokens; between generation steps, run the embedding batches the batcher forms.
+"""The engine loop of one replica: schedule a step, run it on the replica, hand each request's
+tokens to its output processor (output_processor.py); between generation steps, run the
+embedding batches the batcher forms.
 
-It runs as one asyncio task in the gateway's event loop. gRPC handlers submit requests and read
-their events from a per-request queue; everything that touches the scheduler happens on the
+It runs as one asyncio task in the gateway's event loop. The engine API (engine_api.py) submits
+requests and reads their events from a per-request queue; everything that touches the scheduler happens on the
 loop's thread, so no locks are needed.
 
 Each iteration first ends the requests whose deadline has passed (a queued one never reaches
