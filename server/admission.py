@@ -1,6 +1,6 @@
 """Admission control: a request over a queue or concurrency bound is refused at once.
 
-The check runs synchronously in the handler, before the request is queued, with no await
+The check runs synchronously in the engine API, before the request is queued, with no await
 between the check and the enqueue, so the bounds hold exactly. The caller gets
 RESOURCE_EXHAUSTED naming the bound (its message starts with the bound's name, like a
 field error) rather than waiting in an unbounded queue.

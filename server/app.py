@@ -26,10 +26,10 @@ from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher
 from shardgate.server.engine import Engine
+from shardgate.server.engine_api import EngineAPI
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
 from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
 from shardgate.server.replicas.launcher import LocalReplica
-from shardgate.server.replicas.router import Router
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
@@ -80,7 +80,8 @@ async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGINT or SIGTERM, then drains."""
     telemetry = Telemetry.start(config.telemetry, config.host)
     server, port = build_server(config, telemetry.server_interceptors(SERVICE_NAME))
-    service = InferenceService(config, telemetry)
+    api = EngineAPI(config, telemetry)
+    service = InferenceService(api)
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -115,12 +116,11 @@ async def serve(config: GatewayConfig) -> None:
             )
             for index, (client, info) in enumerate(zip(clients, infos))
         ]
-        router = Router(engines)
         telemetry.attach(infos[0].model, lambda: [engine.scheduler for engine in engines])  # schedulers change on restart
 
         async def health_follows_replicas() -> None:
-            if not service.draining:  # while draining, health stays NOT_SERVING
-                await _set_health(health_servicer, serving=router.serving)
+            if not api.draining:  # while draining, health stays NOT_SERVING
+                await _set_health(health_servicer, serving=api.serving)
 
         supervisors = [
             ReplicaSupervisor(
@@ -128,9 +128,9 @@ async def serve(config: GatewayConfig) -> None:
             )
             for engine in engines
         ]
+        api.attach(engines, batcher, tokenizer, infos, supervisors)
         tasks = [asyncio.create_task(engine.run(), name=f"engine {engine.index}") for engine in engines]
         tasks += [asyncio.create_task(s.run(), name=f"replica {s.engine.index} supervisor") for s in supervisors]
-        service.attach(router, batcher, tokenizer, infos, supervisors)
         await _set_health(health_servicer, serving=True)
         log.info(
             "serving %s on %s:%d: %d replica(s) of tp %d × pp %d",
@@ -142,7 +142,7 @@ async def serve(config: GatewayConfig) -> None:
             infos[0].pp,
         )
         await _until_signal(tasks[: len(engines)])
-        await _drain(service, health_servicer, engines, config.drain_timeout_s)
+        await _drain(api, health_servicer, config.drain_timeout_s)
     finally:
         await health_servicer.enter_graceful_shutdown()
         await server.stop(1.0)
@@ -166,17 +166,16 @@ async def _set_health(health_servicer: health.aio.HealthServicer, serving: bool)
         await health_servicer.set(name, status)
 
 
-async def _drain(service: InferenceService, health_servicer, engines: list[Engine], timeout_s: float) -> None:
+async def _drain(api: EngineAPI, health_servicer, timeout_s: float) -> None:
     """Health NOT_SERVING and new calls UNAVAILABLE at once; in-flight requests get timeout_s to
     finish, then end with finish reason `cancelled`."""
-    service.draining = True
+    api.drain()
     await health_servicer.enter_graceful_shutdown()
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while service.in_flight() and asyncio.get_running_loop().time() < deadline:
+    while api.in_flight() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-    for engine in engines:
-        engine.cancel_all()
-    log.info("drained (%d calls were still in flight)", service.in_flight())
+    api.abort_all()
+    log.info("drained (%d calls were still in flight)", api.in_flight())
 
 
 async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: GatewayConfig) -> ReplicaInfo:

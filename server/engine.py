@@ -1,8 +1,9 @@
-"""The engine loop of one replica: schedule a step, run it on the replica, hand each request
-its tokens; between generation steps, run the embedding batches the batcher forms.
+"""The engine loop of one replica: schedule a step, run it on the replica, hand each request's
+tokens to its output processor (output_processor.py); between generation steps, run the
+embedding batches the batcher forms.
 
-It runs as one asyncio task in the gateway's event loop. gRPC handlers submit requests and read
-their events from a per-request queue; everything that touches the scheduler happens on the
+It runs as one asyncio task in the gateway's event loop. The engine API (engine_api.py) submits
+requests and reads their events from a per-request queue; everything that touches the scheduler happens on the
 loop's thread, so no locks are needed.
 
 Each iteration first ends the requests whose deadline has passed (a queued one never reaches
@@ -24,8 +25,8 @@ import grpc
 from tokenizers import Tokenizer
 
 from shardgate.server.config import TelemetryConfig
-from shardgate.server.detokenizer import IncrementalDetokenizer, StopMatcher
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
+from shardgate.server.output_processor import ErrorEvent, Event, OutputProcessor
 from shardgate.server.replicas.client import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
 from shardgate.server.scheduler import Scheduler
@@ -35,35 +36,6 @@ from shardgate.server.validation import ValidRequest
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One new token and the text it made visible (maybe empty)."""
-
-    token_id: int
-    logprob: float | None
-    text: str
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    """The last event of a request that ended normally."""
-
-    reason: FinishReason
-    text: str
-    """Text held back until the end (an incomplete character, a possible stop-string start)."""
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    """The last event of a request the server could not finish."""
-
-    code: grpc.StatusCode
-    message: str
-
-
-Event = TokenEvent | FinishEvent | ErrorEvent
-
-
 @dataclass(eq=False)
 class RequestHandle:
     """A submitted request and what its caller reads."""
@@ -71,8 +43,7 @@ class RequestHandle:
     request: Request
     replica: int
     """Index of the replica (engine) that serves the request."""
-    detokenizer: IncrementalDetokenizer
-    stop: StopMatcher
+    output: OutputProcessor
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
     @property
@@ -123,7 +94,8 @@ class Engine:
 
     def submit(self, valid: ValidRequest, deadline: float | None = None) -> RequestHandle:
         request = Request(next(self._seq_ids), valid.request_id, valid.prompt_ids, valid.params, valid.priority, deadline)
-        handle = RequestHandle(request, self.index, IncrementalDetokenizer(self.tokenizer, valid.prompt_ids), StopMatcher(valid.stop))
+        output = OutputProcessor(self.tokenizer, valid.prompt_ids, valid.params, valid.stop, self.eos_token_ids)
+        handle = RequestHandle(request, self.index, output)
         self._handles[request.seq_id] = handle
         self.scheduler.add(request)
         self._wakeup.set()
@@ -255,7 +227,7 @@ class Engine:
             return
         finally:
             for _, _, item in items:
-                self.scheduler.blocks.free(item.block_ids)
+                self.scheduler.return_blocks(item.block_ids)
         row = response.hidden_size * 4
         for position, (job, index, _) in enumerate(items):
             if not job.done:  # a call cancelled while the forward ran gets nothing
@@ -266,7 +238,6 @@ class Engine:
         """The pending inputs of the taken calls, in order, while they fit the step's token
         budget and the free KV blocks. The first input gets its blocks even if running requests
         must be preempted for them, so an embedding batch never waits on generation."""
-        blocks = self.scheduler.blocks
         budget = self.scheduler.config.max_batch_tokens
         items: list[tuple[EmbedJob, int, EmbedItem]] = []
         pending = ((job, index) for job in self._embed_jobs for index in job.pending_inputs())
@@ -274,11 +245,9 @@ class Engine:
             tokens = job.inputs[index]
             if len(tokens) > budget:
                 break
-            table: list[int] = []
-            if blocks.grow(table, len(tokens)) is None:
-                if items or not self.scheduler.make_room(blocks.blocks_for(len(tokens))):
-                    break
-                blocks.grow(table, len(tokens))
+            table = self.scheduler.lend_blocks(len(tokens), preempt=not items)
+            if table is None:
+                break
             items.append((job, index, EmbedItem(tokens, table, job.pooling, job.normalize)))
             budget -= len(tokens)
         return items
@@ -299,23 +268,16 @@ class Engine:
 
     def _on_token(self, handle: RequestHandle) -> None:
         request = handle.request
-        token_id = request.output_ids[-1]
-        logprob = request.output_logprobs[-1] if request.params.logprobs else None
-        handle.events.put_nowait(TokenEvent(token_id, logprob, handle.stop.feed(handle.detokenizer.push(token_id))))
-        if handle.stop.stopped:
-            self._finish(handle, FinishReason.STOP)
-        elif token_id in self.eos_token_ids and not request.params.ignore_eos:
-            self._finish(handle, FinishReason.EOS)
-        elif len(request.output_ids) >= request.params.max_new_tokens:
-            self._finish(handle, FinishReason.LENGTH)
+        logprob = request.output_logprobs[-1] if request.output_logprobs else None
+        event, reason = handle.output.add(request.output_ids[-1], logprob)
+        handle.events.put_nowait(event)
+        if reason is not None:
+            self._finish(handle, reason)
 
     def _finish(self, handle: RequestHandle, reason: FinishReason) -> None:
         self.scheduler.finish(handle.request, reason)
         del self._handles[handle.request.seq_id]
-        tail = "" if handle.stop.stopped else handle.stop.feed(handle.detokenizer.flush())
-        if not handle.stop.stopped:
-            tail += handle.stop.flush()
-        handle.events.put_nowait(FinishEvent(reason, tail))
+        handle.events.put_nowait(handle.output.finish(reason))
 
     def _abort(self, handle: RequestHandle, code: grpc.StatusCode, message: str) -> None:
         self.scheduler.finish(handle.request, FinishReason.ERROR)
@@ -325,10 +287,3 @@ class Engine:
     @property
     def num_active(self) -> int:
         return len(self._handles)
-
-
-def usage_times(request: Request) -> tuple[float, float]:
-    """(queue time, time to first token) in seconds, 0 where the moment has not come."""
-    queue = (request.first_scheduled - request.arrival) if request.first_scheduled else 0.0
-    ttft = (request.first_token - request.arrival) if request.first_token else 0.0
-    return queue, ttft

@@ -175,10 +175,11 @@ class _ReplicaState:
         )
         for index, scheduler in enumerate(self.schedulers()):
             label = [str(index)]
-            running.add_metric(label, len(scheduler.running))
-            waiting.add_metric(label, len(scheduler.waiting))
-            kv_usage.add_metric(label, scheduler.blocks.usage)
-            preemptions.add_metric(label, scheduler.num_preemptions)
-            prefix_queries.add_metric(label, scheduler.num_prefix_query_tokens)
-            prefix_hits.add_metric(label, scheduler.num_prefix_hit_tokens)
+            status = scheduler.status()
+            running.add_metric(label, status.running)
+            waiting.add_metric(label, status.waiting)
+            kv_usage.add_metric(label, status.kv_usage)
+            preemptions.add_metric(label, status.preemptions)
+            prefix_queries.add_metric(label, status.prefix_query_tokens)
+            prefix_hits.add_metric(label, status.prefix_hit_tokens)
         yield from (running, waiting, kv_usage, preemptions, prefix_queries, prefix_hits)

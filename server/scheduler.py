@@ -52,6 +52,25 @@ class StepPlan:
         return sum(chunk.num_tokens for chunk in self.chunks) * self.num_steps
 
 
+@dataclass(frozen=True)
+class SchedulerStatus:
+    """A snapshot of one replica's queue and KV cache."""
+
+    total_blocks: int
+    free_blocks: int
+    kv_usage: float
+    """Fraction of the blocks in use (0-1)."""
+    running: int
+    waiting: int
+    waiting_tokens: int
+    """Tokens the waiting requests will compute when they run."""
+    preemptions: int
+    started: int
+    """Requests scheduled at least once."""
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+
+
 class Scheduler:
     """Decodes first (oldest first), then new prefills, under a token budget and a sequence cap.
 
@@ -100,10 +119,20 @@ class Scheduler:
         """Free blocks less those the queued requests need to start (may be negative)."""
         return self.blocks.num_free - sum(self.blocks.blocks_for(r.num_tokens) - len(r.block_ids) for r in self.waiting)
 
-    @property
-    def num_waiting_tokens(self) -> int:
-        """Tokens the waiting requests will compute when they run (prompt and any output so far)."""
-        return sum(request.num_tokens for request in self.waiting)
+    def status(self) -> SchedulerStatus:
+        blocks = self.blocks
+        return SchedulerStatus(
+            total_blocks=blocks.num_blocks,
+            free_blocks=blocks.num_free,
+            kv_usage=blocks.usage,
+            running=len(self.running),
+            waiting=len(self.waiting),
+            waiting_tokens=sum(request.num_tokens for request in self.waiting),
+            preemptions=self.num_preemptions,
+            started=self.num_started,
+            prefix_query_tokens=self.num_prefix_query_tokens,
+            prefix_hit_tokens=self.num_prefix_hit_tokens,
+        )
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
@@ -262,6 +291,20 @@ class Scheduler:
         while self.blocks.num_free < num_blocks and self.running:
             self._preempt_newest()
         return self.blocks.num_free >= num_blocks
+
+    def lend_blocks(self, num_tokens: int, preempt: bool) -> list[int] | None:
+        """KV blocks for num_tokens tokens of work outside the plan (an embedding input), lent
+        until return_blocks. With preempt, the newest running requests are preempted until they
+        fit. None when they cannot be had."""
+        table: list[int] = []
+        if self.blocks.grow(table, num_tokens) is None:
+            if not preempt or not self.make_room(self.blocks.blocks_for(num_tokens)):
+                return None
+            self.blocks.grow(table, num_tokens)
+        return table
+
+    def return_blocks(self, block_ids: list[int]) -> None:
+        self.blocks.free(block_ids)
 
     def _grow_or_preempt(self, request: Request, num_tokens: int, plan: StepPlan) -> list[int] | None:
         """Allocates blocks for the request's next chunk, preempting the newest running requests

@@ -1,7 +1,7 @@
-"""What the engine and the gRPC handlers report, and where it goes: spans, metrics, cost, logs.
+"""What the engine loops and the engine API report, and where it goes: spans, metrics, cost, logs.
 
 Each replica's engine calls its `ReplicaTelemetry` around every step (`step_started`,
-`step_finished`, `step_failed`); the handlers call `Telemetry.request_finished` once per
+`step_finished`, `step_failed`); the engine API calls `Telemetry.request_finished` once per
 generation request with its final status, or `request_rejected` for one refused at validation.
 The rest of the gateway knows nothing of OpenTelemetry or Prometheus.
 
@@ -30,13 +30,12 @@ from shardgate.server.config import TelemetryConfig
 from shardgate.server.cost import price, share_device_time
 from shardgate.server.measures import RequestTimes, StepShape
 from shardgate.server.metrics import Metrics
+from shardgate.server.request import Request
 from shardgate.server.scheduler import Scheduler, StepPlan
 from shardgate.server.tracing import StepSampler, record_request_spans, records_step, request_attributes, start_step_span
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
-
-    from shardgate.server.engine import RequestHandle
 
 request_log = logging.getLogger("shardgate.requests")
 
@@ -105,22 +104,22 @@ class Telemetry:
         self.metrics.response(code)
         request_log.info("%s", json.dumps({"request_id": request_id, "status": code.name, "trace_id": _trace_id(trace.get_current_span())}))
 
-    def request_finished(self, handle: RequestHandle, code: grpc.StatusCode, server_span: trace.Span) -> None:
-        """A generation request ended (normally, failed, or cancelled: `code` is its status)."""
-        request = handle.request
+    def request_finished(self, request: Request, replica: int, code: grpc.StatusCode, server_span: trace.Span) -> None:
+        """A generation request served by replica `replica` ended (normally, failed, or
+        cancelled: `code` is its status)."""
         now = time.monotonic()
         times = RequestTimes.of(request, now)
         cost = self.cost(request.device_seconds)
         if server_span.is_recording():
             record_request_spans(self.tracer, server_span, request, now)
-            server_span.set_attributes(request_attributes(request, self.model, handle.replica, times, cost))
+            server_span.set_attributes(request_attributes(request, self.model, replica, times, cost))
         self.metrics.request_finished(self.model, request, times)
         self.metrics.response(code)
         line = {
             "request_id": request.request_id,
             "status": code.name,
             "finish_reason": request.finish_reason.value if request.finish_reason else None,
-            "replica": handle.replica,
+            "replica": replica,
             "prompt_tokens": len(request.prompt_ids),
             "completion_tokens": len(request.output_ids),
             "preemptions": request.num_preemptions,

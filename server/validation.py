@@ -22,10 +22,11 @@ MAX_REQUEST_ID_CHARS = 256
 
 
 class RequestError(Exception):
-    """A request the server refuses; carries the gRPC status code to answer with."""
+    """A request the server refuses or cannot finish; carries the gRPC status code to answer
+    with. Its message starts with the field (or bound) at fault, when one is."""
 
-    def __init__(self, code: grpc.StatusCode, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+    def __init__(self, code: grpc.StatusCode, field: str | None, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
         self.code = code
         self.field = field
 

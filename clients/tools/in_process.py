@@ -1,7 +1,7 @@
-"""The bench's in-process engine: the gateway's engine (scheduler, KV block accounting,
-detokenizer, stop checks) driving a shard's step executor in the same process, with no gRPC on
-either side. Measured beside the server, it shows what the gateway round trip and the client
-streams cost (`shardgate bench --in-process`).
+"""The bench's in-process engine: the gateway's per-replica engine loop (scheduler, KV block
+accounting, output processor) driving a shard's step executor in the same process, with no gRPC
+on either side. Measured beside the server, it shows what the gateway round trip, the engine
+API's admission and the client streams cost (`shardgate bench --in-process`).
 
 One replica of one rank (tp = pp = 1): model parallelism needs its processes."""
 
@@ -63,7 +63,7 @@ def build_engine(args: Namespace):
 
 
 async def _timed(engine, item: WorkItem, index: int, ignore_eos: bool) -> RequestRecord:
-    from shardgate.server.engine import ErrorEvent, FinishEvent, TokenEvent
+    from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
     from shardgate.server.request import SamplingParams
     from shardgate.server.validation import ValidRequest
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from shardgate.server.engine import Engine, ErrorEvent, RequestHandle
+from shardgate.server.engine import Engine, RequestHandle
+from shardgate.server.output_processor import ErrorEvent
 from shardgate.server.validation import RequestError, ValidRequest
 
 NO_REPLICA = "no model replica can serve right now (failed replicas are restarting)"

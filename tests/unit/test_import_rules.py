@@ -20,11 +20,6 @@ PACKAGES = {"proto": "shardgate.proto", "server": "shardgate.server", "shards": 
 CLIENT_COMMAND = "shardgate.clients.cli"
 """`shardgate serve` lives in the one command, so it may load the gateway's flags (lazily)."""
 
-KNOWN_CYCLES_TO_BE_FIXED: set[frozenset[str]] = {
-    frozenset({"shardgate.server.engine", "shardgate.server.telemetry"}),
-}
-"""Cycles removed by parallel work (issue 12); empty this once that work is merged."""
-
 
 def module_files() -> dict[str, Path]:
     """Every hand-written module of the package, by its installed name."""
@@ -147,11 +142,7 @@ def test_the_leaf_imports_nothing_of_the_package_but_itself():
 
 
 def test_no_import_cycles():
-    cycles = {frozenset(cycle) for cycle in import_cycles(module_graph())}
-    new = sorted(sorted(c) for c in cycles - KNOWN_CYCLES_TO_BE_FIXED)
-    gone = sorted(sorted(c) for c in KNOWN_CYCLES_TO_BE_FIXED - cycles)
-    assert new == [], f"import cycles: {new}"
-    assert gone == [], f"fixed cycles still listed in KNOWN_CYCLES_TO_BE_FIXED: {gone}"
+    assert import_cycles(module_graph()) == []
 
 
 def test_cycle_finder_reports_a_cycle():

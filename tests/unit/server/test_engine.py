@@ -6,12 +6,13 @@ import time
 
 import grpc
 import pytest
+from fake_replica import EmbeddingReplica, ScriptedReplica
 
-from shardgate.proto import shard_pb2
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import EmbedBatcherConfig, SchedulerConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob, Pooling
-from shardgate.server.engine import Engine, ErrorEvent, FinishEvent, TokenEvent
+from shardgate.server.engine import Engine
+from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.request import FinishReason, SamplingParams
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.validation import ValidRequest
@@ -21,31 +22,6 @@ EOS = 300
 
 
 TOKENIZER = builtin_tokenizer()
-
-
-class ScriptedReplica:
-    """Answers each step with the next token of each sequence's script (by request prompt)."""
-
-    def __init__(self, scripts: dict[int, list[int]], fail_at_step: int | None = None) -> None:
-        self.scripts = scripts
-        self.fail_at_step = fail_at_step
-        self.plans = []
-        self.metadata = []
-
-    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
-        self.plans.append(plan)
-        self.metadata.append(metadata)
-        await asyncio.sleep(0)
-        if plan.step_id == self.fail_at_step:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, details="shard died")
-        tokens = []
-        for step in range(plan.num_steps):  # step-major, as the shard answers a multi-step plan
-            for chunk in plan.chunks:
-                if chunk.sample:
-                    script = self.scripts[chunk.request.prompt_ids[0]]
-                    index = len(chunk.request.output_ids) + step
-                    tokens.append(shard_pb2.SampledToken(seq_id=chunk.request.seq_id, token_id=script[index % len(script)]))
-        return shard_pb2.StepResponse(tokens=tokens)
 
 
 def valid(first_token: int, max_new_tokens=8, ignore_eos=False, stop=()):
@@ -228,26 +204,8 @@ def test_cancel_in_any_state_frees_everything_within_one_step(state, when):
     if target.request.first_scheduled is not None:
         assert target.request.seq_id in [s for p in later for s in p.free_seq_ids]  # the replica forgets it
     assert blocks.num_free == blocks.num_blocks and engine.num_active == 0
-    assert not engine.scheduler.waiting and not engine.scheduler.running
-
-
-class EmbeddingReplica(ScriptedReplica):
-    """Also answers embedding batches: each input's vector is [its token count, its token sum]."""
-
-    def __init__(self, scripts=None):
-        super().__init__(scripts or {})
-        self.batches = []  # (kind, ...) in order: ("step", plan) or ("embed", items, free blocks during the call)
-        self.blocks = None
-
-    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
-        self.batches.append(("step",))
-        return await super().step(plan)
-
-    async def embed(self, step_id, items, timeout=None):
-        self.batches.append(("embed", [list(i.token_ids) for i in items], [list(i.block_ids) for i in items]))
-        await asyncio.sleep(0)
-        vectors = b"".join(struct.pack("<2f", len(i.token_ids), sum(i.token_ids)) for i in items)
-        return shard_pb2.EmbedStepResponse(vectors=vectors, hidden_size=2)
+    status = engine.scheduler.status()
+    assert status.waiting == 0 and status.running == 0
 
 
 def embed_job(*inputs, deadline=None):

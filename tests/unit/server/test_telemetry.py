@@ -13,7 +13,6 @@ from shardgate.proto import shard_pb2
 from shardgate.proto.tracing import context_from_metadata
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import SchedulerConfig, TelemetryConfig
-from shardgate.server.engine import RequestHandle
 from shardgate.server.request import FinishReason, Request, SamplingParams
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.telemetry import Telemetry
@@ -104,11 +103,11 @@ def test_a_failed_step_span_ends_with_an_error():
     assert span.status.status_code is StatusCode.ERROR and span.status.description == "shard died"
 
 
-def finished_handle(scheduler: Scheduler, request: Request) -> RequestHandle:
+def finish(scheduler: Scheduler, request: Request) -> Request:
     scheduler.update(scheduler.schedule(), {request.seq_id: (65, 0.0)})
     request.output_ids.append(66)
     scheduler.finish(request, FinishReason.LENGTH)
-    return RequestHandle(request, 0, None, None)
+    return request
 
 
 def test_a_finished_request_gets_its_spans_metrics_and_one_log_line(caplog):
@@ -116,10 +115,10 @@ def test_a_finished_request_gets_its_spans_metrics_and_one_log_line(caplog):
     telemetry.model = "m"
     scheduler, [request], _ = scheduled(1)
     request.device_seconds = 0.5
-    handle = finished_handle(scheduler, request)
+    finish(scheduler, request)
     with caplog.at_level(logging.INFO, logger="shardgate.requests"):
         with telemetry.tracer.start_as_current_span("call", context=None) as call:
-            telemetry.request_finished(handle, grpc.StatusCode.OK, call)
+            telemetry.request_finished(request, 0, grpc.StatusCode.OK, call)
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert sorted(spans) == ["call", "decode", "prefill", "queue"]
     assert spans["call"].attributes["gen_ai.usage.output_tokens"] == 2 and spans["call"].attributes["shardgate.cost"] == pytest.approx(
@@ -142,7 +141,7 @@ def test_without_tracing_a_finished_request_still_counts_and_logs(caplog):
     telemetry = Telemetry(TelemetryConfig())
     scheduler, [request], _ = scheduled(1)
     with caplog.at_level(logging.INFO, logger="shardgate.requests"):
-        telemetry.request_finished(finished_handle(scheduler, request), grpc.StatusCode.CANCELLED, telemetry.tracer.start_span("call"))
+        telemetry.request_finished(finish(scheduler, request), 0, grpc.StatusCode.CANCELLED, telemetry.tracer.start_span("call"))
         telemetry.request_rejected("bad-1", grpc.StatusCode.INVALID_ARGUMENT)
     assert sample(telemetry.metrics, "shardgate_responses_total", code="CANCELLED") == 1
     assert sample(telemetry.metrics, "shardgate_responses_total", code="INVALID_ARGUMENT") == 1

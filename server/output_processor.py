@@ -1,9 +1,47 @@
-"""Turns a stream of token ids into a stream of text that is valid UTF-8 at every step and
-never shows a stop string."""
+"""Output processing: turns a request's sampled token ids into what its caller reads.
+
+Fed one token id at a time, it detokenizes incrementally (text is valid UTF-8 at every step),
+holds back and cuts at stop strings, and decides when the request ends: a stop string, an EOS
+token (unless ignore_eos), or max_new_tokens. It knows nothing of the scheduler or replicas.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import grpc
 from tokenizers import Tokenizer
+
+from shardgate.server.request import FinishReason, SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token and the text it made visible (maybe empty)."""
+
+    token_id: int
+    logprob: float | None
+    text: str
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The last event of a request that ended normally."""
+
+    reason: FinishReason
+    text: str
+    """Text held back until the end (an incomplete character, a possible stop-string start)."""
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The last event of a request the server could not finish."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
 
 # Decoding a few prompt tokens before the output gives tokenizers that strip a leading space
 # from the first token of a decode (SentencePiece-style) the context they need.
@@ -90,3 +128,36 @@ class StopMatcher:
         out = self._text[self._emitted : upto]
         self._emitted = upto
         return out
+
+
+class OutputProcessor:
+    """One generation request's output: its detokenizer, stop strings and finish rule."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams, stop: list[str], eos_token_ids: frozenset[int]
+    ) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stop = StopMatcher(stop)
+        self._params = params
+        self._eos_token_ids = eos_token_ids
+        self.num_tokens = 0
+        """Tokens fed so far."""
+
+    def add(self, token_id: int, logprob: float | None) -> tuple[TokenEvent, FinishReason | None]:
+        """Feeds the next sampled token; returns its event and, when it ends the request, why
+        (the caller then calls finish with that reason)."""
+        self.num_tokens += 1
+        event = TokenEvent(token_id, logprob if self._params.logprobs else None, self._stop.feed(self._detokenizer.push(token_id)))
+        if self._stop.stopped:
+            return event, FinishReason.STOP
+        if token_id in self._eos_token_ids and not self._params.ignore_eos:
+            return event, FinishReason.EOS
+        if self.num_tokens >= self._params.max_new_tokens:
+            return event, FinishReason.LENGTH
+        return event, None
+
+    def finish(self, reason: FinishReason) -> FinishEvent:
+        """The last event: the reason and any text held back (none after a stop string)."""
+        if self._stop.stopped:
+            return FinishEvent(reason, "")
+        return FinishEvent(reason, self._stop.feed(self._detokenizer.flush()) + self._stop.flush())

@@ -1,0 +1,342 @@
+"""The engine API: the one interface every frontend uses (today the gRPC service, service.py).
+
+Behind it: input processing (validate and tokenize), admission (a request holds its place from
+submission until its outputs end), replica choice and failover (replicas/router.py), each
+replica's engine loop (engine.py) and draining. Requests arrive as the public protobuf messages
+(the public schema is the engine's request type; other protocols translate into it), with the
+transport's deadline given apart as a time.monotonic() instant. Every refusal or failure is a
+RequestError carrying the gRPC status code to answer with.
+
+All methods run on the event loop's thread, as the engine loops do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+from tokenizers import Tokenizer
+
+from shardgate.proto import inference_pb2
+from shardgate.server.admission import Admission, QueueLoad, Ticket
+from shardgate.server.config import GatewayConfig
+from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
+from shardgate.server.engine import Engine, RequestHandle
+from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
+from shardgate.server.replicas.client import ReplicaInfo
+from shardgate.server.replicas.router import Router
+from shardgate.server.replicas.supervisor import ReplicaSupervisor
+from shardgate.server.request import FinishReason
+from shardgate.server.scheduler import SchedulerStatus
+from shardgate.server.telemetry import Telemetry
+from shardgate.server.validation import ModelLimits, RequestError, validate, validate_embed
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    queue_time_s: float
+    """0 if the request never ran."""
+    time_to_first_token_s: float
+    """0 if no token came."""
+    replica: int
+    device_seconds: float
+    cost: float
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """The tokens of a request that were ready together (a replica that ran several decode
+    steps in one round trip hands over several at once) and the text they made visible; the
+    last output of a request carries its finish reason and usage."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    """One per token when the request asked for logprobs, else empty."""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class EmbedOutput:
+    request_id: str
+    vectors: list[bytes]
+    """Each input's vector as little-endian float32 bytes."""
+    input_tokens: list[int]
+    """Tokens of each input."""
+    queue_time_s: float
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.input_tokens)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    state: SchedulerStatus
+    """Its queue and KV cache."""
+    forward_passes: int
+    embed_forward_passes: int
+    healthy: bool
+    restarts: int
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    active_requests: int
+    """Calls admitted and not yet ended (generations and embeddings)."""
+    queued_requests: int
+    queued_tokens: int
+    replicas: list[ReplicaStatus]
+
+
+class Generation:
+    """A submitted generation request. Iterate `outputs()` once, under contextlib.aclosing():
+    however the iteration ends, the request is cancelled (if still running), its admission
+    released and its end reported before the consumer's call ends."""
+
+    def __init__(self, api: EngineAPI, handle: RequestHandle, ticket: Ticket) -> None:
+        self._api = api
+        self._handle = handle
+        self._ticket = ticket
+
+    @property
+    def request_id(self) -> str:
+        return self._handle.request.request_id
+
+    async def outputs(self) -> AsyncIterator[GenerateOutput]:
+        """The request's outputs up to the one with its finish reason; a request the server
+        cannot finish raises RequestError after the outputs it made (a request that ends
+        while its consumer still reads is reported with status CANCELLED)."""
+        call_span = trace.get_current_span()
+        code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the consumer went away
+        queue = self._handle.events
+        try:
+            while True:
+                batch = [await queue.get()]
+                while isinstance(batch[-1], TokenEvent) and not queue.empty():
+                    batch.append(queue.get_nowait())
+                last = batch[-1]
+                if isinstance(last, ErrorEvent):
+                    code = last.code
+                    batch.pop()
+                    if batch:
+                        yield self._output(batch)
+                    raise RequestError(last.code, None, last.message)
+                if isinstance(last, FinishEvent):
+                    code = grpc.StatusCode.OK
+                yield self._output(batch)
+                if isinstance(last, FinishEvent):
+                    return
+        finally:
+            self.abort()
+            self._api.telemetry.request_finished(self._handle.request, self._handle.replica, code, call_span)
+
+    def abort(self) -> None:
+        """Ends the request with finish reason `cancelled` (nothing if it has ended) and
+        releases its admission; its outputs then end."""
+        self._api.router.cancel(self._handle)
+        self._ticket.release()
+
+    def _output(self, events: list[TokenEvent | FinishEvent]) -> GenerateOutput:
+        tokens = [event for event in events if isinstance(event, TokenEvent)]
+        last = events[-1]
+        return GenerateOutput(
+            request_id=self.request_id,
+            text="".join(event.text for event in events),
+            token_ids=[event.token_id for event in tokens],
+            logprobs=[event.logprob for event in tokens if event.logprob is not None],
+            finish_reason=last.reason if isinstance(last, FinishEvent) else None,
+            usage=self._usage() if isinstance(last, FinishEvent) else None,
+        )
+
+    def _usage(self) -> Usage:
+        request = self._handle.request
+        return Usage(
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(request.output_ids),
+            cached_tokens=request.num_cached_tokens,
+            queue_time_s=(request.first_scheduled - request.arrival) if request.first_scheduled else 0.0,
+            time_to_first_token_s=(request.first_token - request.arrival) if request.first_token else 0.0,
+            replica=self._handle.replica,
+            device_seconds=request.device_seconds,
+            cost=self._api.telemetry.cost(request.device_seconds),
+        )
+
+
+def _deadline(timeout_s: float | None, call_deadline: float | None) -> float | None:
+    """The earlier of the request's own timeout (from now) and the call's deadline."""
+    candidates = [d for d in (call_deadline, None if timeout_s is None else time.monotonic() + timeout_s) if d is not None]
+    return min(candidates, default=None)
+
+
+def describe_model(infos: list[ReplicaInfo], limits: ModelLimits, config: GatewayConfig) -> inference_pb2.ModelInfoResponse:
+    """The served model, its limits and its replicas, as clients see them."""
+    info = infos[0]
+    return inference_pb2.ModelInfoResponse(
+        model=info.model,
+        model_type=info.model_type,
+        vocab_size=info.vocab_size,
+        max_context_tokens=limits.max_context_tokens,
+        max_new_tokens_limit=config.max_new_tokens_limit,
+        dtype=info.dtype,
+        tp=info.tp,
+        pp=info.pp,
+        replicas=len(infos),
+        kv_capacity_tokens=[i.kv_capacity_tokens for i in infos],
+        devices=[device for i in infos for device in i.devices],
+        eos_token_ids=list(info.eos_token_ids),
+        hidden_size=info.hidden_size,
+        max_embed_inputs=config.embed.max_inputs,
+        quantization=info.quantization,
+        weight_bytes_per_step=info.weight_bytes_per_step,
+        kv_bytes_per_token=info.kv_bytes_per_token,
+        num_hidden_layers=info.num_hidden_layers,
+        num_key_value_heads=info.num_key_value_heads,
+        head_dim=info.head_dim,
+    )
+
+
+class EngineAPI:
+    """Exists before the model loads (every call then gets UNAVAILABLE); `attach` gives it the
+    replicas' engines once they serve."""
+
+    def __init__(self, config: GatewayConfig, telemetry: Telemetry) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self._attached = False
+        self.draining = False
+        """Set by drain(): new calls get UNAVAILABLE while in-flight ones finish."""
+
+    def attach(
+        self,
+        engines: list[Engine],
+        batcher: DynamicBatcher,
+        tokenizer: Tokenizer,
+        infos: list[ReplicaInfo],
+        supervisors: list[ReplicaSupervisor],
+    ) -> None:
+        self.engines = engines
+        self.router = Router(engines)
+        self.batcher = batcher
+        self.tokenizer = tokenizer
+        self.infos = infos
+        self.supervisors = supervisors
+        max_context = min(infos[0].max_position_embeddings, *(info.kv_capacity_tokens for info in infos))
+        self.limits = ModelLimits(
+            vocab_size=infos[0].vocab_size,
+            max_context_tokens=max_context,
+            max_embed_tokens=min(max_context, self.config.scheduler.max_batch_tokens),
+        )
+        self.admission = Admission(self.config.admission, self._queue_load)
+        self._attached = True
+
+    @property
+    def serving(self) -> bool:
+        """Some replica can serve."""
+        return self._attached and self.router.serving
+
+    def generate(self, request: inference_pb2.GenerateRequest, deadline: float | None = None) -> Generation:
+        """Validates, admits and submits a request at once (no await between the admission
+        check and the enqueue); raises RequestError when it is refused. `deadline` is the
+        transport's, as time.monotonic(); the request's own timeout_ms also applies."""
+        self.check_ready()
+        try:
+            with self.telemetry.tracer.start_as_current_span("validate"):
+                valid = validate(request, self.tokenizer, self.limits, self.config)
+            ticket = self.admission.admit(len(valid.prompt_ids))
+        except RequestError as error:
+            self.telemetry.request_rejected(request.request_id, error.code)
+            raise
+        try:
+            handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline))
+        except RequestError as error:
+            ticket.release()
+            self.telemetry.request_rejected(request.request_id, error.code)
+            raise
+        call_span = trace.get_current_span().get_span_context()
+        if call_span.is_valid:
+            handle.request.span_context = call_span
+        return Generation(self, handle, ticket)
+
+    async def embed(self, request: inference_pb2.EmbedRequest, deadline: float | None = None) -> EmbedOutput:
+        """Embeds the request's inputs (batched with other calls); raises RequestError when it
+        is refused or fails. Cancelling the awaiting task ends the call."""
+        self.check_ready()
+        valid = validate_embed(request, self.tokenizer, self.limits, self.config)
+        ticket = self.admission.admit(sum(len(ids) for ids in valid.inputs))
+        job = EmbedJob(valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, _deadline(valid.timeout_s, deadline))
+        self.batcher.submit(job)
+        try:
+            await job.finished.wait()
+        finally:
+            ticket.release()
+            if not job.done:
+                self.batcher.cancel(job)
+        if job.error is not None:
+            raise RequestError(job.error[0], None, job.error[1])
+        return EmbedOutput(job.request_id, list(job.vectors), [len(ids) for ids in job.inputs], job.first_scheduled - job.arrival)
+
+    def abort(self, generation: Generation) -> None:
+        """Ends a request with finish reason `cancelled` (nothing if it has ended)."""
+        generation.abort()
+
+    def abort_all(self) -> None:
+        """Ends every generation request with finish reason `cancelled` (a drain out of time)."""
+        if self._attached:
+            for engine in self.engines:
+                engine.cancel_all()
+
+    def drain(self) -> None:
+        """From now on new calls get UNAVAILABLE; in-flight ones go on."""
+        self.draining = True
+
+    def in_flight(self) -> int:
+        """Calls admitted and not yet ended (generations and embeddings)."""
+        return self.admission.active if self._attached else 0
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> tuple[list[int], list[str]]:
+        """The text's token ids and token strings."""
+        self.check_ready()
+        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return encoding.ids, encoding.tokens
+
+    def describe(self) -> inference_pb2.ModelInfoResponse:
+        self.check_ready()
+        return describe_model(self.infos, self.limits, self.config)
+
+    def status(self) -> ServerStatus:
+        self.check_ready()
+        load = self._queue_load()
+        replicas = [
+            ReplicaStatus(
+                state=engine.scheduler.status(),
+                forward_passes=engine.num_forward_passes,
+                embed_forward_passes=engine.num_embed_forward_passes,
+                healthy=engine.healthy,
+                restarts=supervisor.restarts,
+            )
+            for engine, supervisor in zip(self.engines, self.supervisors)
+        ]
+        return ServerStatus(self.admission.active, load.requests, load.tokens, replicas)
+
+    def check_ready(self) -> None:
+        """Raises RequestError(UNAVAILABLE) while the model loads or the server drains."""
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the server is shutting down")
+        if not self._attached:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the model is still loading")
+
+    def _queue_load(self) -> QueueLoad:
+        statuses = [engine.scheduler.status() for engine in self.engines]
+        return QueueLoad(
+            requests=sum(s.waiting for s in statuses) + self.batcher.num_queued_requests,
+            tokens=sum(s.waiting_tokens for s in statuses) + self.batcher.num_queued_tokens,
+        )

@@ -1,0 +1,100 @@
+"""The supervisor with no shard processes: a remote replica whose driver is an in-process fake
+of the Shard service (or nothing at all)."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+from fake_replica import ScriptedReplica
+
+from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.server.block_manager import BlockManager
+from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig, SupervisionConfig
+from shardgate.server.engine import Engine
+from shardgate.server.replicas.supervisor import ReplicaSupervisor
+from shardgate.server.scheduler import Scheduler
+from shardgate.shards.builtin import EOS_ID, builtin_tokenizer
+
+
+class FakeDriver(shard_pb2_grpc.ShardServicer):
+    async def Describe(self, request, context):
+        return shard_pb2.DescribeResponse(model="fake", num_kv_blocks=8, block_size=4, tokenizer_json=builtin_tokenizer().to_str())
+
+
+class FailedClient(ScriptedReplica):
+    """The engine's client of the replica that failed."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__({})
+        self.target = target
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass(frozen=True)
+class RecordedBackoff(SupervisionConfig):
+    """Records each restart attempt's backoff as the supervisor asks for it."""
+
+    asked: list = None
+
+    def backoff(self, attempt: int) -> float:
+        self.asked.append(attempt)
+        return super().backoff(attempt)
+
+
+def supervise(target: str, attempts: int, driver: bool):
+    supervision = RecordedBackoff(restart_attempts=attempts, restart_backoff_s=0.01, asked=[])
+    config = GatewayConfig(supervision=supervision, replica=ReplicaConfig(start_timeout_s=0.2))
+
+    async def main():
+        server = None
+        if driver:
+            server = grpc.aio.server()
+            shard_pb2_grpc.add_ShardServicer_to_server(FakeDriver(), server)
+            server.add_insecure_port(target)
+            await server.start()
+        failed = FailedClient(target)
+        engine = Engine(0, Scheduler(SchedulerConfig(), BlockManager(64, 4)), failed, builtin_tokenizer(), (EOS_ID,))
+        changes = []
+
+        async def on_change():
+            changes.append(engine.healthy)
+
+        supervisor = ReplicaSupervisor(engine, config, on_change)
+        task = asyncio.create_task(supervisor.run())
+        await asyncio.sleep(0)
+        start = time.monotonic()
+        engine.fail("test")
+        if driver:
+            while supervisor.restarts == 0:
+                await asyncio.sleep(0.01)
+            task.cancel()
+        else:
+            await asyncio.wait_for(task, 10)  # run() returns once it gives up
+        elapsed = time.monotonic() - start
+        result = (engine, supervisor, failed, changes, elapsed)
+        await supervisor.stop()
+        if server is not None:
+            await server.stop(None)
+        return result
+
+    return supervision, asyncio.run(main())
+
+
+def test_a_failed_replica_is_reconnected_after_a_backoff_with_a_fresh_cache(tmp_path):
+    supervision, (engine, supervisor, failed, changes, elapsed) = supervise(f"unix://{tmp_path}/driver.sock", attempts=3, driver=True)
+    assert supervision.asked == [1] and elapsed >= supervision.restart_backoff_s
+    assert supervisor.restarts == 1 and engine.healthy and failed.closed and engine.replica is not failed
+    status = engine.scheduler.status()
+    assert (status.total_blocks, status.free_blocks) == (8, 8)
+    assert changes == [False, True]  # health told when it failed and when it serves again
+
+
+def test_the_supervisor_gives_up_after_its_attempts(tmp_path):
+    supervision, (engine, supervisor, failed, changes, elapsed) = supervise(f"unix://{tmp_path}/nobody.sock", attempts=3, driver=False)
+    assert supervision.asked == [1, 2, 3]  # backoffs 0.01, 0.02, 0.04 s
+    assert elapsed >= 0.01 + 0.02 + 0.04 and supervisor.restarts == 0
+    assert not engine.healthy and engine.replica is failed and changes == [False]
