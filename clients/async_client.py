@@ -84,7 +84,7 @@ class AsyncClient:
         return await self._unary(self._stub.ServerStatus, inference_pb2.ServerStatusRequest(), timeout)
 
     async def model_info(self, *, timeout=CLIENT_TIMEOUT) -> ModelInfo:
-        return ModelInfo.from_proto(await self._unary(self._stub.ModelInfo, inference_pb2.ModelInfoRequest(), timeout))
+        return await self._unary(self._stub.ModelInfo, inference_pb2.ModelInfoRequest(), timeout)
 
     async def health(self, service: str = "", *, timeout=CLIENT_TIMEOUT) -> str:
         response = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)

@@ -71,8 +71,9 @@ def info(args: argparse.Namespace) -> int:
         return _fail(error)
     print(f"{'health':<22} {health}")
     if model is not None:
-        for name, value in vars(model).items():
-            print(f"{name:<22} {', '.join(map(str, value)) if isinstance(value, list) else value}")
+        for field in model.DESCRIPTOR.fields:
+            value = getattr(model, field.name)
+            print(f"{field.name:<22} {', '.join(map(str, value)) if field.is_repeated else value}")
     return 0 if health == "SERVING" else 1
 
 

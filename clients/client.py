@@ -117,7 +117,7 @@ class Client:
         return self._unary(self._stub.ServerStatus, inference_pb2.ServerStatusRequest(), timeout)
 
     def model_info(self, *, timeout=CLIENT_TIMEOUT) -> ModelInfo:
-        return ModelInfo.from_proto(self._unary(self._stub.ModelInfo, inference_pb2.ModelInfoRequest(), timeout))
+        return self._unary(self._stub.ModelInfo, inference_pb2.ModelInfoRequest(), timeout)
 
     def health(self, service: str = "", *, timeout=CLIENT_TIMEOUT) -> str:
         """grpc.health.v1 status of `service` ("" = the whole server): SERVING, NOT_SERVING, ..."""

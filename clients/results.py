@@ -132,54 +132,6 @@ class Embeddings:
         )
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """The served model and its limits (see ModelInfoResponse in inference.proto)."""
-
-    model: str
-    model_type: str
-    vocab_size: int
-    max_context_tokens: int
-    max_new_tokens_limit: int
-    dtype: str
-    tp: int
-    pp: int
-    replicas: int
-    kv_capacity_tokens: list[int]
-    devices: list[str]
-    eos_token_ids: list[int]
-    hidden_size: int
-    max_embed_inputs: int
-    quantization: str
-    weight_bytes_per_step: int
-    """Bytes of weights one decode step reads on a replica (all its ranks; not the embedding table)."""
-    kv_bytes_per_token: int
-    """Bytes of KV cache one token takes on a replica (all its ranks), measured from the allocation."""
-    num_hidden_layers: int
-    num_key_value_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_proto(cls, message: inference_pb2.ModelInfoResponse) -> ModelInfo:
-        return cls(
-            model=message.model,
-            model_type=message.model_type,
-            vocab_size=message.vocab_size,
-            max_context_tokens=message.max_context_tokens,
-            max_new_tokens_limit=message.max_new_tokens_limit,
-            dtype=message.dtype,
-            tp=message.tp,
-            pp=message.pp,
-            replicas=message.replicas,
-            kv_capacity_tokens=list(message.kv_capacity_tokens),
-            devices=list(message.devices),
-            eos_token_ids=list(message.eos_token_ids),
-            hidden_size=message.hidden_size,
-            max_embed_inputs=message.max_embed_inputs,
-            quantization=message.quantization,
-            weight_bytes_per_step=message.weight_bytes_per_step,
-            kv_bytes_per_token=message.kv_bytes_per_token,
-            num_hidden_layers=message.num_hidden_layers,
-            num_key_value_heads=message.num_key_value_heads,
-            head_dim=message.head_dim,
-        )
+ModelInfo = inference_pb2.ModelInfoResponse
+"""The served model and its limits: the ModelInfoResponse message itself (see inference.proto),
+as the shard described the model and the gateway completed it."""

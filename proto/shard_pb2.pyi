@@ -1,3 +1,4 @@
+from shardgate.proto import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -19,48 +20,18 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "model_type", "vocab_size", "max_position_embeddings", "eos_token_ids", "bos_token_id", "tokenizer_json", "dtype", "num_kv_blocks", "block_size", "devices", "tp", "pp", "hidden_size", "quantization", "weight_bytes_per_step", "kv_bytes_per_token", "num_hidden_layers", "num_key_value_heads", "head_dim")
+    __slots__ = ("model", "max_position_embeddings", "tokenizer_json", "num_kv_blocks", "block_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
-    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
-    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
-    DEVICES_FIELD_NUMBER: _ClassVar[int]
-    TP_FIELD_NUMBER: _ClassVar[int]
-    PP_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
-    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_BYTES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
-    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    NUM_HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
-    NUM_KEY_VALUE_HEADS_FIELD_NUMBER: _ClassVar[int]
-    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    model_type: str
-    vocab_size: int
+    model: _inference_pb2.ModelInfoResponse
     max_position_embeddings: int
-    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    bos_token_id: int
     tokenizer_json: str
-    dtype: str
     num_kv_blocks: int
     block_size: int
-    devices: _containers.RepeatedScalarFieldContainer[str]
-    tp: int
-    pp: int
-    hidden_size: int
-    quantization: str
-    weight_bytes_per_step: int
-    kv_bytes_per_token: int
-    num_hidden_layers: int
-    num_key_value_heads: int
-    head_dim: int
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., dtype: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., hidden_size: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes_per_step: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[_inference_pb2.ModelInfoResponse, _Mapping]] = ..., max_position_embeddings: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "logprobs")
@@ -121,14 +92,12 @@ class SampledToken(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("tokens", "compute_s", "rank_timings")
+    __slots__ = ("tokens", "rank_timings")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     RANK_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[SampledToken]
-    compute_s: float
     rank_timings: _containers.RepeatedCompositeFieldContainer[RankTiming]
-    def __init__(self, tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., compute_s: _Optional[float] = ..., rank_timings: _Optional[_Iterable[_Union[RankTiming, _Mapping]]] = ...) -> None: ...
+    def __init__(self, tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., rank_timings: _Optional[_Iterable[_Union[RankTiming, _Mapping]]] = ...) -> None: ...
 
 class RankTiming(_message.Message):
     __slots__ = ("rank", "forward_s", "all_reduce_s", "all_gather_s", "pp_send_s", "pp_recv_s")
@@ -167,14 +136,12 @@ class EmbedStepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[EmbedInput, _Mapping]]] = ...) -> None: ...
 
 class EmbedStepResponse(_message.Message):
-    __slots__ = ("vectors", "hidden_size", "compute_s")
+    __slots__ = ("vectors", "hidden_size")
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     vectors: bytes
     hidden_size: int
-    compute_s: float
-    def __init__(self, vectors: _Optional[bytes] = ..., hidden_size: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, vectors: _Optional[bytes] = ..., hidden_size: _Optional[int] = ...) -> None: ...
 
 class RankCommand(_message.Message):
     __slots__ = ("step", "embed")

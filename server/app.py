@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
-from shardgate.proto import inference_pb2, inference_pb2_grpc
+from shardgate.proto import inference_pb2, inference_pb2_grpc, shard_pb2
 from shardgate.proto.tls import channel_credentials, server_credentials
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
@@ -28,7 +28,7 @@ from shardgate.server.embed_batcher import DynamicBatcher
 from shardgate.server.engine import Engine
 from shardgate.server.engine_api import EngineAPI
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
-from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
+from shardgate.server.replicas.client import ReplicaClient
 from shardgate.server.replicas.launcher import LocalReplica
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
@@ -97,11 +97,11 @@ async def serve(config: GatewayConfig) -> None:
     try:
         for replica in local:
             replica.start()
-        infos = await asyncio.gather(
+        descriptions = await asyncio.gather(
             *(_ready(client, replica, config) for client, replica in zip(clients, local + [None] * len(config.remote_replicas)))
         )
-        _check_same_model(infos, clients)
-        tokenizer = Tokenizer.from_str(infos[0].tokenizer_json)
+        _check_same_model(descriptions, clients)
+        tokenizer = Tokenizer.from_str(descriptions[0].tokenizer_json)
         batcher = DynamicBatcher(config.embed, config.scheduler.priority_aging_s)
         engines = [
             Engine(
@@ -109,14 +109,14 @@ async def serve(config: GatewayConfig) -> None:
                 Scheduler(config.scheduler, BlockManager(info.num_kv_blocks, info.block_size)),
                 client,
                 tokenizer,
-                infos[0].eos_token_ids,
+                descriptions[0].model.eos_token_ids,
                 batcher,
                 config.supervision.step_timeout_s,
-                telemetry.replica(index, len(info.devices)),
+                telemetry.replica(index, len(info.model.devices)),
             )
-            for index, (client, info) in enumerate(zip(clients, infos))
+            for index, (client, info) in enumerate(zip(clients, descriptions))
         ]
-        telemetry.attach(infos[0].model, lambda: [engine.scheduler for engine in engines])  # schedulers change on restart
+        telemetry.attach(descriptions[0].model.model, lambda: [engine.scheduler for engine in engines])  # schedulers change on restart
 
         async def health_follows_replicas() -> None:
             if not api.draining:  # while draining, health stays NOT_SERVING
@@ -128,18 +128,18 @@ async def serve(config: GatewayConfig) -> None:
             )
             for engine in engines
         ]
-        api.attach(engines, batcher, tokenizer, infos, supervisors)
+        api.attach(engines, batcher, tokenizer, descriptions, supervisors)
         tasks = [asyncio.create_task(engine.run(), name=f"engine {engine.index}") for engine in engines]
         tasks += [asyncio.create_task(s.run(), name=f"replica {s.engine.index} supervisor") for s in supervisors]
         await _set_health(health_servicer, serving=True)
         log.info(
             "serving %s on %s:%d: %d replica(s) of tp %d × pp %d",
-            infos[0].model,
+            descriptions[0].model.model,
             config.host,
             port,
             len(engines),
-            infos[0].tp,
-            infos[0].pp,
+            descriptions[0].model.tp,
+            descriptions[0].model.pp,
         )
         await _until_signal(tasks[: len(engines)])
         await _drain(api, health_servicer, config.drain_timeout_s)
@@ -178,7 +178,7 @@ async def _drain(api: EngineAPI, health_servicer, timeout_s: float) -> None:
     log.info("drained (%d calls were still in flight)", api.in_flight())
 
 
-async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: GatewayConfig) -> ReplicaInfo:
+async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: GatewayConfig) -> shard_pb2.DescribeResponse:
     """Waits for a replica's driver: a local one while its processes live, a remote one until
     the start timeout."""
     if replica is not None:
@@ -189,11 +189,15 @@ async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: Ga
         raise RuntimeError(f"remote replica {client.target} did not answer: {error.code().name}") from None
 
 
-def _check_same_model(infos: list[ReplicaInfo], clients: list[ReplicaClient]) -> None:
-    first = infos[0]
-    for info, client in zip(infos[1:], clients[1:]):
-        if (info.model, info.vocab_size, info.tokenizer_json) != (first.model, first.vocab_size, first.tokenizer_json):
-            raise RuntimeError(f"replica {client.target} serves {info.model}, not {first.model}")
+def _check_same_model(descriptions: list[shard_pb2.DescribeResponse], clients: list[ReplicaClient]) -> None:
+    first = descriptions[0]
+    for info, client in zip(descriptions[1:], clients[1:]):
+        if (info.model.model, info.model.vocab_size, info.tokenizer_json) != (
+            first.model.model,
+            first.model.vocab_size,
+            first.tokenizer_json,
+        ):
+            raise RuntimeError(f"replica {client.target} serves {info.model.model}, not {first.model.model}")
 
 
 async def _until_signal(tasks: list[asyncio.Task]) -> None:

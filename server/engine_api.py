@@ -20,13 +20,12 @@ import grpc
 from opentelemetry import trace
 from tokenizers import Tokenizer
 
-from shardgate.proto import inference_pb2
+from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.server.admission import Admission, QueueLoad, Ticket
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import Engine, RequestHandle
 from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
-from shardgate.server.replicas.client import ReplicaInfo
 from shardgate.server.replicas.router import Router
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
@@ -177,31 +176,20 @@ def _deadline(timeout_s: float | None, call_deadline: float | None) -> float | N
     return min(candidates, default=None)
 
 
-def describe_model(infos: list[ReplicaInfo], limits: ModelLimits, config: GatewayConfig) -> inference_pb2.ModelInfoResponse:
-    """The served model, its limits and its replicas, as clients see them."""
-    info = infos[0]
-    return inference_pb2.ModelInfoResponse(
-        model=info.model,
-        model_type=info.model_type,
-        vocab_size=info.vocab_size,
-        max_context_tokens=limits.max_context_tokens,
-        max_new_tokens_limit=config.max_new_tokens_limit,
-        dtype=info.dtype,
-        tp=info.tp,
-        pp=info.pp,
-        replicas=len(infos),
-        kv_capacity_tokens=[i.kv_capacity_tokens for i in infos],
-        devices=[device for i in infos for device in i.devices],
-        eos_token_ids=list(info.eos_token_ids),
-        hidden_size=info.hidden_size,
-        max_embed_inputs=config.embed.max_inputs,
-        quantization=info.quantization,
-        weight_bytes_per_step=info.weight_bytes_per_step,
-        kv_bytes_per_token=info.kv_bytes_per_token,
-        num_hidden_layers=info.num_hidden_layers,
-        num_key_value_heads=info.num_key_value_heads,
-        head_dim=info.head_dim,
-    )
+def describe_model(
+    descriptions: list[shard_pb2.DescribeResponse], limits: ModelLimits, config: GatewayConfig
+) -> inference_pb2.ModelInfoResponse:
+    """What clients see of the served model: the first replica's own description of it, with
+    the gateway's limits and every replica's capacity and devices."""
+    info = inference_pb2.ModelInfoResponse()
+    info.CopyFrom(descriptions[0].model)
+    info.max_context_tokens = limits.max_context_tokens
+    info.max_new_tokens_limit = config.max_new_tokens_limit
+    info.max_embed_inputs = config.embed.max_inputs
+    info.replicas = len(descriptions)
+    info.kv_capacity_tokens[:] = [capacity for d in descriptions for capacity in d.model.kv_capacity_tokens]
+    info.devices[:] = [device for d in descriptions for device in d.model.devices]
+    return info
 
 
 class EngineAPI:
@@ -220,18 +208,19 @@ class EngineAPI:
         engines: list[Engine],
         batcher: DynamicBatcher,
         tokenizer: Tokenizer,
-        infos: list[ReplicaInfo],
+        descriptions: list[shard_pb2.DescribeResponse],
         supervisors: list[ReplicaSupervisor],
     ) -> None:
         self.engines = engines
         self.router = Router(engines)
         self.batcher = batcher
         self.tokenizer = tokenizer
-        self.infos = infos
+        self.descriptions = descriptions
         self.supervisors = supervisors
-        max_context = min(infos[0].max_position_embeddings, *(info.kv_capacity_tokens for info in infos))
+        first = descriptions[0]
+        max_context = min(first.max_position_embeddings, *(d.num_kv_blocks * d.block_size for d in descriptions))
         self.limits = ModelLimits(
-            vocab_size=infos[0].vocab_size,
+            vocab_size=first.model.vocab_size,
             max_context_tokens=max_context,
             max_embed_tokens=min(max_context, self.config.scheduler.max_batch_tokens),
         )
@@ -310,7 +299,7 @@ class EngineAPI:
 
     def describe(self) -> inference_pb2.ModelInfoResponse:
         self.check_ready()
-        return describe_model(self.infos, self.limits, self.config)
+        return describe_model(self.descriptions, self.limits, self.config)
 
     def status(self) -> ServerStatus:
         self.check_ready()

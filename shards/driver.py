@@ -19,7 +19,6 @@ from shardgate.proto.shard_config import ShardConfig
 from shardgate.proto.tls import server_credentials
 from shardgate.proto.tracing import context_from_metadata
 from shardgate.shards.executor import StepExecutor
-from shardgate.shards.rank_model import RankModel
 
 log = logging.getLogger("shardgate.shard")
 T = TypeVar("T")
@@ -79,36 +78,6 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
 
-def describe(
-    rank_model: RankModel, config: ShardConfig, devices: list[str], weight_bytes: int, kv_bytes_per_token: int
-) -> shard_pb2.DescribeResponse:
-    """The replica's description, as Describe returns it: the model, its KV cache, its ranks'
-    devices, and the replica-wide bytes read per step and held per token."""
-    loaded, settings = rank_model.loaded, config.replica
-    return shard_pb2.DescribeResponse(
-        model=loaded.name,
-        model_type=loaded.config.model_type,
-        vocab_size=loaded.config.vocab_size,
-        max_position_embeddings=loaded.config.max_position_embeddings,
-        eos_token_ids=loaded.config.eos_token_ids,
-        bos_token_id=-1 if loaded.config.bos_token_id is None else loaded.config.bos_token_id,
-        tokenizer_json=loaded.tokenizer_json,
-        dtype=settings.dtype,
-        num_kv_blocks=rank_model.num_blocks,
-        block_size=settings.block_size,
-        devices=devices,
-        tp=settings.tp,
-        pp=settings.pp,
-        hidden_size=loaded.config.hidden_size,
-        quantization=settings.quantize,
-        weight_bytes_per_step=weight_bytes,
-        kv_bytes_per_token=kv_bytes_per_token,
-        num_hidden_layers=loaded.config.num_hidden_layers,
-        num_key_value_heads=loaded.config.num_key_value_heads,
-        head_dim=loaded.config.head_dim,
-    )
-
-
 def _listen(server: grpc.Server, config: ShardConfig) -> int:
     """Binds the driver's address: mutual TLS when certificates are given (across hosts)."""
     if not config.tls_cert:
@@ -139,18 +108,18 @@ def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, confi
     signal.signal(signal.SIGTERM, terminate)
     log.info(
         "driver serving %s on %s (tp %d × pp %d, %d KV blocks of %d tokens)",
-        description.model,
+        description.model.model,
         config.listen,
-        description.tp,
-        description.pp,
+        description.model.tp,
+        description.model.pp,
         description.num_kv_blocks,
         description.block_size,
     )
     log.info(
         "quantization %s: %d weight bytes read per step, %d KV bytes per token (whole replica)",
-        description.quantization,
-        description.weight_bytes_per_step,
-        description.kv_bytes_per_token,
+        description.model.quantization,
+        description.model.weight_bytes_per_step,
+        description.model.kv_bytes_per_token,
     )
     main_thread.serve()
     server.wait_for_termination()

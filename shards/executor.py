@@ -66,7 +66,6 @@ class StepExecutor:
 
         Raises ValueError for a malformed plan (every rank rejects it alike, before any
         collective, so the replica stays in step)."""
-        start = time.perf_counter()
         span = None
         if parent is not None and self.tracer is not None:
             span = self.tracer.start_span(
@@ -83,13 +82,11 @@ class StepExecutor:
             timings = self._gather_timings(time_spent) if _gathers(request) else []
         return shard_pb2.StepResponse(
             tokens=[shard_pb2.SampledToken(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob or 0.0) for r in results],
-            compute_s=time.perf_counter() - start,
             rank_timings=timings,
         )
 
     def embed(self, request: shard_pb2.EmbedStepRequest) -> shard_pb2.EmbedStepResponse:
         """Driver: run an embedding batch on every rank; return the pooled vectors."""
-        start = time.perf_counter()
         if self._distributed:
             self._broadcast(shard_pb2.RankCommand(embed=request).SerializeToString())
         vectors = self._embed(request)
@@ -99,7 +96,6 @@ class StepExecutor:
         return shard_pb2.EmbedStepResponse(
             vectors=vectors.numpy().astype("<f4", copy=False).tobytes(),
             hidden_size=vectors.shape[1],
-            compute_s=time.perf_counter() - start,
         )
 
     def follow(self) -> None:

@@ -29,9 +29,8 @@ from shardgate.shards import driver
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.faults import FaultInjector
 from shardgate.shards.memory import CapacityError
-from shardgate.shards.parallel import ParallelConfig, gather_device_names, init_parallel, replica_sum
-from shardgate.shards.quantization import weight_bytes_per_step
-from shardgate.shards.rank_model import build_rank_model, resolve_device
+from shardgate.shards.parallel import ParallelConfig, init_parallel
+from shardgate.shards.rank_model import build_rank_model, describe_replica, resolve_device
 
 log = logging.getLogger("shardgate.shard")
 
@@ -131,18 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     except CapacityError as error:
         print(f"shard: {error}", file=sys.stderr)
         return 2
-    weight_bytes = replica_sum(weight_bytes_per_step(rank_model.loaded.model), parallel)
-    kv_bytes_per_token = replica_sum(rank_model.runner.kv_cache.nbytes // (rank_model.num_blocks * config.replica.block_size), parallel)
+    description = describe_replica(rank_model, config, device, parallel)
     provider = init_tracing(process.tracing, "shardgate-shard")
     tracer = provider.get_tracer("shardgate.shards") if provider is not None else None
     executor = StepExecutor(rank_model.runner, parallel, tracer, faults)
-    devices = gather_device_names(device, parallel)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", process.rank, parallel.tp_rank, parallel.pp_stage)
         executor.follow()
         return 0
 
-    description = driver.describe(rank_model, config, devices, weight_bytes, kv_bytes_per_token)
     if not driver.serve(executor, description, config):
         print(f"shard: cannot listen on {config.listen}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """This rank's part of the model, built for serving: load the weights, quantize, profile the
-largest step, and give the KV cache the memory left (shards/memory.py)."""
+largest step, and give the KV cache the memory left (shards/memory.py); and the replica's
+description of it for the gateway."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.proto.common import DTYPES
 from shardgate.proto.shard_config import ShardConfig
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
-from shardgate.shards.parallel import ParallelState, agree_on_blocks
-from shardgate.shards.quantization import quantize_model
+from shardgate.shards.parallel import ParallelState, agree_on_blocks, gather_device_names, replica_sum
+from shardgate.shards.quantization import quantize_model, weight_bytes_per_step
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import LoadedModel, load_model
 
@@ -58,3 +60,41 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
         raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than one KV block; raise it")
     kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device)
     return RankModel(loaded, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks)
+
+
+def describe_replica(
+    rank_model: RankModel, config: ShardConfig, device: torch.device, parallel: ParallelState
+) -> shard_pb2.DescribeResponse:
+    """The replica's description, as the driver's Describe returns it: the model (as clients
+    see it), its KV cache, its ranks' devices, and the replica-wide bytes read per step and held
+    per token. Every rank of the replica calls it (the replica-wide figures are collectives)."""
+    weight_bytes = replica_sum(weight_bytes_per_step(rank_model.loaded.model), parallel)
+    kv_bytes_per_token = replica_sum(rank_model.runner.kv_cache.nbytes // (rank_model.num_blocks * config.replica.block_size), parallel)
+    devices = gather_device_names(device, parallel)
+    loaded, settings = rank_model.loaded, config.replica
+    model = inference_pb2.ModelInfoResponse(
+        model=loaded.name,
+        model_type=loaded.config.model_type,
+        vocab_size=loaded.config.vocab_size,
+        eos_token_ids=loaded.config.eos_token_ids,
+        dtype=settings.dtype,
+        tp=settings.tp,
+        pp=settings.pp,
+        replicas=1,
+        kv_capacity_tokens=[rank_model.num_blocks * settings.block_size],
+        devices=devices,
+        hidden_size=loaded.config.hidden_size,
+        quantization=settings.quantize,
+        weight_bytes_per_step=weight_bytes,
+        kv_bytes_per_token=kv_bytes_per_token,
+        num_hidden_layers=loaded.config.num_hidden_layers,
+        num_key_value_heads=loaded.config.num_key_value_heads,
+        head_dim=loaded.config.head_dim,
+    )
+    return shard_pb2.DescribeResponse(
+        model=model,
+        max_position_embeddings=loaded.config.max_position_embeddings,
+        tokenizer_json=loaded.tokenizer_json,
+        num_kv_blocks=rank_model.num_blocks,
+        block_size=settings.block_size,
+    )

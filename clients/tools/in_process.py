@@ -1,7 +1,7 @@
-"""The bench's in-process engine: the gateway's per-replica engine loop (scheduler, KV block
-accounting, output processor) driving a shard's step executor in the same process, with no gRPC
-on either side. Measured beside the server, it shows what the gateway round trip, the engine
-API's admission and the client streams cost (`shardgate bench --in-process`).
+"""The bench's in-process engine: the gateway's engine API (validation, admission, the replica's
+engine loop with its scheduler, KV block accounting and output processor) driving a shard's step
+executor in the same process, with no gRPC on either side. Measured beside the server, it shows
+what the gRPC hops and the client streams cost (`shardgate bench --in-process`).
 
 One replica of one rank (tp = pp = 1): model parallelism needs its processes."""
 
@@ -11,11 +11,18 @@ import asyncio
 import sys
 import time
 from argparse import Namespace
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from shardgate.clients.tools.bench_metrics import RequestRecord
 from shardgate.clients.tools.workload import WorkItem
+
+if TYPE_CHECKING:  # the server's modules load only when the harness is built
+    from shardgate.server.engine import Engine
+    from shardgate.server.engine_api import EngineAPI
 
 IN_PROCESS = "in-process engine"
 
@@ -37,52 +44,88 @@ class _DirectReplica:
         return self.executor.run(message)
 
 
-def build_engine(args: Namespace):
-    """An Engine over this process's own model, from the serve flags of the bench command."""
+@dataclass(frozen=True)
+class InProcessEngine:
+    """The engine API over one replica whose model runs in this process."""
+
+    api: EngineAPI
+    loop: Engine
+    """The replica's engine loop: run it while the API is used."""
+
+
+def build_engine(args: Namespace) -> InProcessEngine:
+    """The gateway's engine API over this process's own model, built from the serve flags of
+    the bench command the way `shardgate serve` builds it (the same shard config, model build
+    and replica description)."""
     from tokenizers import Tokenizer
 
     from shardgate.server.block_manager import BlockManager
     from shardgate.server.cli import config_from_args
+    from shardgate.server.embed_batcher import DynamicBatcher
     from shardgate.server.engine import Engine
+    from shardgate.server.engine_api import EngineAPI
     from shardgate.server.replicas.launcher import shard_config
+    from shardgate.server.replicas.supervisor import ReplicaSupervisor
     from shardgate.server.scheduler import Scheduler
+    from shardgate.server.telemetry import Telemetry
     from shardgate.shards.executor import StepExecutor
     from shardgate.shards.parallel import ParallelConfig, ParallelState
-    from shardgate.shards.rank_model import build_rank_model, resolve_device
+    from shardgate.shards.rank_model import build_rank_model, describe_replica, resolve_device
 
     if args.tp != 1 or args.pp != 1 or args.replicas != 1:
         raise ValueError("--in-process runs one replica of one rank: drop --tp, --pp and --replicas")
     gateway = config_from_args(args)
     config = shard_config(gateway.replica, gateway.scheduler, listen=IN_PROCESS)
     device = resolve_device(config.replica.device, 0)
-    rank_model = build_rank_model(config, device, ParallelState(ParallelConfig()))
-    executor = StepExecutor(rank_model.runner, ParallelState(ParallelConfig()))
-    scheduler = Scheduler(gateway.scheduler, BlockManager(rank_model.num_blocks, config.replica.block_size))
-    tokenizer = Tokenizer.from_str(rank_model.loaded.tokenizer_json)
-    return Engine(0, scheduler, _DirectReplica(executor), tokenizer, tuple(rank_model.loaded.config.eos_token_ids))
+    parallel = ParallelState(ParallelConfig())
+    rank_model = build_rank_model(config, device, parallel)
+    description = describe_replica(rank_model, config, device, parallel)
+    tokenizer = Tokenizer.from_str(description.tokenizer_json)
+    batcher = DynamicBatcher(gateway.embed, gateway.scheduler.priority_aging_s)
+    telemetry = Telemetry(gateway.telemetry)
+    engine = Engine(
+        0,
+        Scheduler(gateway.scheduler, BlockManager(description.num_kv_blocks, description.block_size)),
+        _DirectReplica(StepExecutor(rank_model.runner, parallel)),
+        tokenizer,
+        description.model.eos_token_ids,
+        batcher,
+        telemetry=telemetry.replica(0, 1),
+    )
+    api = EngineAPI(gateway, telemetry)
+
+    async def unchanged() -> None:
+        pass
+
+    api.attach([engine], batcher, tokenizer, [description], [ReplicaSupervisor(engine, gateway, unchanged)])
+    return InProcessEngine(api, engine)
 
 
-async def _timed(engine, item: WorkItem, index: int, ignore_eos: bool) -> RequestRecord:
-    from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
-    from shardgate.server.request import SamplingParams
-    from shardgate.server.validation import ValidRequest
+async def _timed(api: EngineAPI, item: WorkItem, index: int, ignore_eos: bool) -> RequestRecord:
+    """One greedy request through the engine API, timed as the bench's gRPC clients time theirs."""
+    from shardgate.proto import inference_pb2
+    from shardgate.server.validation import RequestError
 
-    params = SamplingParams(item.max_new_tokens, 0.0, 1.0, 0, 0, ignore_eos, False)
+    request = inference_pb2.GenerateRequest(
+        request_id=f"in-process-{index}",
+        prompt_token_ids=inference_pb2.TokenIds(ids=item.prompt_ids),
+        max_new_tokens=item.max_new_tokens,
+        temperature=0.0,
+        ignore_eos=ignore_eos,
+    )
     record = RequestRecord(start=time.perf_counter(), prompt_tokens=len(item.prompt_ids))
-    handle = engine.submit(ValidRequest(f"in-process-{index}", list(item.prompt_ids), params, []))
-    while True:
-        event = await handle.events.get()
-        if isinstance(event, TokenEvent):
-            record.token_times.append(time.perf_counter())
-        elif isinstance(event, ErrorEvent):
-            record.error = event.code.name
-        if isinstance(event, (FinishEvent, ErrorEvent)):
-            break
+    try:
+        async with aclosing(api.generate(request).outputs()) as outputs:
+            async for output in outputs:
+                now = time.perf_counter()
+                record.token_times += [now] * len(output.token_ids)
+    except RequestError as error:
+        record.error = error.code.name
     record.end = time.perf_counter()
     return record
 
 
-async def _closed_loop(engine, items: list[WorkItem], concurrency: int, ignore_eos: bool, progress: bool) -> list[RequestRecord]:
+async def _closed_loop(api: EngineAPI, items: list[WorkItem], concurrency: int, ignore_eos: bool, progress: bool) -> list[RequestRecord]:
     from shardgate.clients.tools.pool import closed_loop_map
 
     bar = tqdm(
@@ -90,7 +133,7 @@ async def _closed_loop(engine, items: list[WorkItem], concurrency: int, ignore_e
     )
 
     async def run(index: int) -> RequestRecord:
-        record = await _timed(engine, items[index], index, ignore_eos)
+        record = await _timed(api, items[index], index, ignore_eos)
         bar.update(1)
         return record
 
@@ -100,22 +143,22 @@ async def _closed_loop(engine, items: list[WorkItem], concurrency: int, ignore_e
 
 
 async def _run(
-    engine, levels: list[tuple[list[WorkItem], int]], ignore_eos: bool, warmup: int, progress: bool
+    engine: InProcessEngine, levels: list[tuple[list[WorkItem], int]], ignore_eos: bool, warmup: int, progress: bool
 ) -> list[list[RequestRecord]]:
-    loop = asyncio.create_task(engine.run(), name="in-process engine")
+    loop = asyncio.create_task(engine.loop.run(), name="in-process engine")
     try:
         results = []
         for items, concurrency in levels:
             for index, item in enumerate(items[:warmup]):  # as each server run warms up
-                await _timed(engine, WorkItem(item.prompt_ids, min(item.max_new_tokens, 8)), -1 - index, True)
-            results.append(await _closed_loop(engine, items, concurrency, ignore_eos, progress))
+                await _timed(engine.api, WorkItem(item.prompt_ids, min(item.max_new_tokens, 8)), -1 - index, True)
+            results.append(await _closed_loop(engine.api, items, concurrency, ignore_eos, progress))
         return results
     finally:
         loop.cancel()
 
 
 def run_in_process(
-    engine, levels: list[tuple[list[WorkItem], int]], ignore_eos: bool, warmup: int, progress: bool
+    engine: InProcessEngine, levels: list[tuple[list[WorkItem], int]], ignore_eos: bool, warmup: int, progress: bool
 ) -> list[list[RequestRecord]]:
     """Each level's workload (items, concurrency) in turn through an in-process engine
     (build_engine), closed loop; the records of each level."""

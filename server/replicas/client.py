@@ -1,4 +1,5 @@
-"""The gateway's handle on one replica: its description and the Step RPC to its driver."""
+"""The gateway's handle on one replica: its description (shard.proto's DescribeResponse, kept as
+the message) and the Step and Embed RPCs to its driver."""
 
 from __future__ import annotations
 
@@ -18,59 +19,6 @@ INTERNAL_CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    """What a replica reported about its model and cache when it started."""
-
-    model: str
-    model_type: str
-    vocab_size: int
-    max_position_embeddings: int
-    eos_token_ids: tuple[int, ...]
-    tokenizer_json: str
-    dtype: str
-    num_kv_blocks: int
-    block_size: int
-    devices: tuple[str, ...]
-    tp: int
-    pp: int
-    hidden_size: int
-    quantization: str
-    weight_bytes_per_step: int
-    kv_bytes_per_token: int
-    num_hidden_layers: int
-    num_key_value_heads: int
-    head_dim: int
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.num_kv_blocks * self.block_size
-
-    @classmethod
-    def from_proto(cls, message: shard_pb2.DescribeResponse) -> ReplicaInfo:
-        return cls(
-            model=message.model,
-            model_type=message.model_type,
-            vocab_size=message.vocab_size,
-            max_position_embeddings=message.max_position_embeddings,
-            eos_token_ids=tuple(message.eos_token_ids),
-            tokenizer_json=message.tokenizer_json,
-            dtype=message.dtype,
-            num_kv_blocks=message.num_kv_blocks,
-            block_size=message.block_size,
-            devices=tuple(message.devices),
-            tp=message.tp,
-            pp=message.pp,
-            hidden_size=message.hidden_size,
-            quantization=message.quantization,
-            weight_bytes_per_step=message.weight_bytes_per_step,
-            kv_bytes_per_token=message.kv_bytes_per_token,
-            num_hidden_layers=message.num_hidden_layers,
-            num_key_value_heads=message.num_key_value_heads,
-            head_dim=message.head_dim,
-        )
 
 
 @dataclass(frozen=True)
@@ -126,9 +74,9 @@ class ReplicaClient:
             self._channel = grpc.aio.secure_channel(target, credentials, options=INTERNAL_CHANNEL_OPTIONS)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
 
-    async def describe(self, timeout: float | None = None) -> ReplicaInfo:
-        response = await self._stub.Describe(shard_pb2.DescribeRequest(), timeout=timeout, wait_for_ready=True)
-        return ReplicaInfo.from_proto(response)
+    async def describe(self, timeout: float | None = None) -> shard_pb2.DescribeResponse:
+        """The replica's model, tokenizer and KV cache (see DescribeResponse in shard.proto)."""
+        return await self._stub.Describe(shard_pb2.DescribeRequest(), timeout=timeout, wait_for_ready=True)
 
     async def step(
         self, plan: StepPlan, timeout: float | None = None, metadata: tuple[tuple[str, str], ...] = (), report_timings: bool = False

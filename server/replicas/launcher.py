@@ -17,10 +17,11 @@ import time
 
 import grpc
 
+from shardgate.proto import shard_pb2
 from shardgate.proto.common import free_port
 from shardgate.proto.shard_config import BatchLimits, ReplicaSettings, ShardConfig, settings_of
 from shardgate.server.config import ReplicaConfig
-from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
+from shardgate.server.replicas.client import ReplicaClient
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class LocalReplica:
             # stops the shards in order; the shards also exit if the gateway dies.
             self.processes.append(subprocess.Popen(command, env=env, start_new_session=True))
 
-    async def wait_ready(self, client: ReplicaClient) -> ReplicaInfo:
+    async def wait_ready(self, client: ReplicaClient) -> shard_pb2.DescribeResponse:
         """Waits until the driver answers Describe; fails if a rank exits or time runs out."""
         deadline = time.monotonic() + self.config.start_timeout_s
         while True:

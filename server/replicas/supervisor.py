@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from shardgate.proto import shard_pb2
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.engine import Engine
-from shardgate.server.replicas.client import ReplicaClient, ReplicaInfo
+from shardgate.server.replicas.client import ReplicaClient
 from shardgate.server.replicas.launcher import LocalReplica
 from shardgate.server.scheduler import Scheduler
 
@@ -88,7 +89,7 @@ class ReplicaSupervisor:
             return True
         return False
 
-    async def _start(self) -> tuple[ReplicaClient, ReplicaInfo]:
+    async def _start(self) -> tuple[ReplicaClient, shard_pb2.DescribeResponse]:
         if self.replica is None:  # remote: reconnect to the same driver
             client = ReplicaClient(self.engine.replica.target, self._credentials)
             try:

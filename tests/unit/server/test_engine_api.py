@@ -8,13 +8,12 @@ import grpc
 import pytest
 from fake_replica import EmbeddingReplica, ScriptedReplica
 
-from shardgate.proto import inference_pb2
+from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import AdmissionConfig, GatewayConfig, SchedulerConfig, TelemetryConfig
 from shardgate.server.embed_batcher import DynamicBatcher
 from shardgate.server.engine import Engine
 from shardgate.server.engine_api import EngineAPI
-from shardgate.server.replicas.client import ReplicaInfo
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
 from shardgate.server.scheduler import Scheduler
@@ -24,26 +23,28 @@ from shardgate.shards.builtin import EOS_ID, builtin_tokenizer
 
 TOKENIZER = builtin_tokenizer()
 H_, I_ = TOKENIZER.token_to_id("H"), TOKENIZER.token_to_id("I")
-INFO = ReplicaInfo(
-    model="scripted",
-    model_type="scripted",
-    vocab_size=258,
+INFO = shard_pb2.DescribeResponse(
+    model=inference_pb2.ModelInfoResponse(
+        model="scripted",
+        model_type="scripted",
+        vocab_size=258,
+        eos_token_ids=[EOS_ID],
+        dtype="float32",
+        tp=1,
+        pp=1,
+        replicas=1,
+        kv_capacity_tokens=[256],
+        devices=["cpu"],
+        hidden_size=2,
+        quantization="none",
+        num_hidden_layers=1,
+        num_key_value_heads=1,
+        head_dim=2,
+    ),
     max_position_embeddings=1024,
-    eos_token_ids=(EOS_ID,),
     tokenizer_json=TOKENIZER.to_str(),
-    dtype="float32",
     num_kv_blocks=64,
     block_size=4,
-    devices=("cpu",),
-    tp=1,
-    pp=1,
-    hidden_size=2,
-    quantization="none",
-    weight_bytes_per_step=0,
-    kv_bytes_per_token=0,
-    num_hidden_layers=1,
-    num_key_value_heads=1,
-    head_dim=2,
 )
 
 
@@ -64,7 +65,7 @@ def serve(scenario, replicas, **config):
                 Scheduler(config.scheduler, BlockManager(INFO.num_kv_blocks, INFO.block_size)),
                 replica,
                 TOKENIZER,
-                INFO.eos_token_ids,
+                INFO.model.eos_token_ids,
                 batcher,
                 telemetry=telemetry.replica(index, 1),
             )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 from fake_replica import ScriptedReplica
 
-from shardgate.proto import shard_pb2, shard_pb2_grpc
+from shardgate.proto import inference_pb2, shard_pb2, shard_pb2_grpc
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig, SupervisionConfig
 from shardgate.server.engine import Engine
@@ -19,7 +19,9 @@ from shardgate.shards.builtin import EOS_ID, builtin_tokenizer
 
 class FakeDriver(shard_pb2_grpc.ShardServicer):
     async def Describe(self, request, context):
-        return shard_pb2.DescribeResponse(model="fake", num_kv_blocks=8, block_size=4, tokenizer_json=builtin_tokenizer().to_str())
+        return shard_pb2.DescribeResponse(
+            model=inference_pb2.ModelInfoResponse(model="fake"), num_kv_blocks=8, block_size=4, tokenizer_json=builtin_tokenizer().to_str()
+        )
 
 
 class FailedClient(ScriptedReplica):
@@ -69,8 +71,12 @@ def supervise(target: str, attempts: int, driver: bool):
         start = time.monotonic()
         engine.fail("test")
         if driver:
-            while supervisor.restarts == 0:
-                await asyncio.sleep(0.01)
+
+            async def restarted():
+                while supervisor.restarts == 0:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(restarted(), 10)
             task.cancel()
         else:
             await asyncio.wait_for(task, 10)  # run() returns once it gives up
