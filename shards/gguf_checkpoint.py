@@ -99,10 +99,6 @@ class GGUFCheckpoint:
             supported = ", ".join(t.name for t in SUPPORTED_TENSOR_TYPES)
             raise GGUFError(f"{self.path}: tensor {tensor.name} has type {tensor.tensor_type.name}; supported: {supported}")
 
-    @property
-    def architecture(self) -> str:
-        return str(self.metadata.get("general.architecture", ""))
-
     def tensor_names(self) -> list[str]:
         """The Hugging Face names of the tensors the file holds."""
         return list(self._tensors)
