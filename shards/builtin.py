@@ -85,7 +85,7 @@ def _checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def builtin_tokenizer() -> Tokenizer:
     """Byte-level tokenizer: token i < 256 is byte i; ``<s>`` is prepended on encode, as Llama does."""
-    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -96,7 +96,7 @@ def builtin_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte → printable character map, the alphabet of the ByteLevel pre-tokenizer."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping = {byte: chr(byte) for byte in printable}

@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         rank_model = build_rank_model(config, device, parallel)
-    except CapacityError as error:
+    except (CapacityError, ValueError, OSError) as error:
+        # A model that cannot be loaded (a bad checkpoint, an unsupported architecture or tensor
+        # type, a missing file) or served (no room for the KV cache): one line, no traceback.
         print(f"shard: {error}", file=sys.stderr)
         return 2
     description = describe_replica(rank_model, config, device, parallel)

@@ -1,4 +1,4 @@
-"""The architecture of a served model, read from a Hugging Face ``config.json``.
+"""The architecture of a served model, read from a Hugging Face ``config.json`` or a GGUF file's metadata.
 
 Kept free of torch so that anything (the gateway included) can read a config
 without pulling in the model runtime.
@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# GGUF ``general.architecture`` values read (a Mistral GGUF says llama).
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+_REQUIRED = object()
 
 # RoPE kinds shards.rope implements; "default" means plain rotary embedding.
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -168,6 +172,54 @@ class ModelConfig:
             sliding_window=_read_sliding_window(config, model_type),
         )
 
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any], tensor_names: list[str]) -> ModelConfig:
+        """Read a GGUF file's metadata (llama.cpp's key names) and its tensors' Hugging Face names.
+
+        ``general.architecture`` is ``llama`` (Llama and Mistral: llama.cpp runs Mistral as
+        Llama, with full attention) or ``qwen2``. The LM head is tied when the file has no
+        ``output.weight``. End-of-generation ids are the eos token and, where the file names
+        them, the end-of-turn and end-of-message tokens.
+        """
+        arch = metadata.get("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}")
+
+        def key(name: str, default: Any = _REQUIRED) -> Any:
+            value = metadata.get(f"{arch}.{name}", default)
+            if value is _REQUIRED:
+                raise ValueError(f"GGUF metadata lacks {arch}.{name}")
+            return value
+
+        hidden_size, num_heads = key("embedding_length"), key("attention.head_count")
+        head_dim = key("attention.key_length", None) or hidden_size // num_heads
+        rotary_dims = key("rope.dimension_count", head_dim)
+        if rotary_dims != head_dim:
+            raise ValueError(f"partial rotary embeddings ({rotary_dims} of {head_dim} dimensions) are not supported")
+        vocab_size = key("vocab_size", None) or len(metadata.get("tokenizer.ggml.tokens") or ()) or None
+        if vocab_size is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.vocab_size and tokenizer.ggml.tokens")
+        eos_ids = [metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=key("feed_forward_length"),
+            num_hidden_layers=key("block_count"),
+            num_attention_heads=num_heads,
+            num_key_value_heads=key("attention.head_count_kv", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling=_read_gguf_rope_scaling(key),
+            max_position_embeddings=key("context_length"),
+            tie_word_embeddings="lm_head.weight" not in tensor_names,
+            attention_bias=arch == "qwen2",
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
+            model_type=arch,
+            architecture=_DEFAULT_ARCHITECTURE[arch],
+        )
+
 
 _DEFAULT_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",
@@ -223,3 +275,17 @@ def _read_sliding_window(config: dict[str, Any], model_type: str) -> int | None:
     if model_type == "llama" or window is None or window >= config["max_position_embeddings"]:
         return None
     return window
+
+
+def _read_gguf_rope_scaling(key) -> dict[str, Any] | None:
+    """The rope scaling of a GGUF (``rope.scaling.*`` keys; ``key(name, default)`` reads one)."""
+    kind = key("rope.scaling.type", "none")
+    factor = key("rope.scaling.factor", None)
+    if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        original = key("rope.scaling.original_context_length")
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original}
+    raise ValueError(f"GGUF rope scaling {kind!r} is not supported")

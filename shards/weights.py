@@ -1,18 +1,23 @@
-"""Loading a model: a Hugging Face folder of safetensors, or ``builtin:tiny``.
+"""Loading a model: a Hugging Face folder of safetensors, a GGUF file, or ``builtin:tiny``.
 
 The model is built on the meta device (no memory), then each parameter is
 allocated on the target device and filled through its layer's ``weight_loader``
-from a lazy safetensors slice, so a rank reads only its own part of each tensor
-(its pipeline stage's layers, its tensor-parallel slice) and the weights exist
-once. Pickled checkpoints (``*.bin``) are never read.
+from a lazy slice (safetensors, or GGUF dequantized per slice: shards/gguf_checkpoint.py),
+so a rank reads only its own part of each tensor (its pipeline stage's layers, its
+tensor-parallel slice) and the weights exist once. Pickled checkpoints (``*.bin``) are
+never read. Each load logs its time and the process's peak memory.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import resource
+import sys
+import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,11 +25,16 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
-from shardgate.shards.builtin import BUILTIN_NAME, builtin_config, builtin_tensors, builtin_tokenizer
+from shardgate.shards.builtin import BOS_TOKEN, BUILTIN_NAME, EOS_TOKEN, builtin_config, builtin_tensors, builtin_tokenizer
+from shardgate.shards.gguf_checkpoint import GGUFCheckpoint, GGUFError, GGUFTensor
+from shardgate.shards.gguf_tokenizer import gguf_tokenizer
 from shardgate.shards.layers import TensorSource, default_weight_loader
 from shardgate.shards.llama import LlamaForCausalLM
 from shardgate.shards.model_config import ModelConfig
 from shardgate.shards.parallel import ParallelConfig, ParallelState
+from shardgate.shards.serving_defaults import ServingDefaults
+
+log = logging.getLogger("shardgate.shard")
 
 _INDEX_FILE = "model.safetensors.index.json"
 _SINGLE_FILE = "model.safetensors"
@@ -38,6 +48,8 @@ class LoadedModel:
     config: ModelConfig
     tokenizer_json: str  # the tokenizer.json text, handed to the gateway
     name: str
+    defaults: ServingDefaults = field(default_factory=ServingDefaults)
+    """Chat template, bos/eos text and sampling defaults, as the checkpoint states them."""
 
 
 class _SafetensorsSlice:
@@ -52,18 +64,41 @@ class _SafetensorsSlice:
 
 
 def load_model(source: str, dtype: torch.dtype, device: torch.device | str, parallel: ParallelState | None = None) -> LoadedModel:
-    """Load ``builtin:tiny`` or a local Hugging Face model folder: this rank's part of it."""
+    """Load ``builtin:tiny``, a local Hugging Face model folder or a ``.gguf`` file: this rank's part of it.
+
+    Raises ValueError / FileNotFoundError (GGUFError for a GGUF file that cannot be served)
+    with a message naming the source and the problem."""
     device = torch.device(device)
     parallel = parallel or ParallelState(ParallelConfig())
+    started = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if source == BUILTIN_NAME:
-        config = builtin_config()
-        tensors = builtin_tensors(config)
-        model = build_model(config, tensors, tensors.__getitem__, dtype, device, parallel)
-        return LoadedModel(model, config, builtin_tokenizer().to_str(), BUILTIN_NAME)
+        loaded = _load_builtin(dtype, device, parallel)
+    elif source.endswith(".gguf"):
+        loaded = _load_gguf(Path(source), dtype, device, parallel)
+    else:
+        loaded = _load_hf_folder(Path(source), dtype, device, parallel)
+    log.info(
+        "loaded %s (%s) in %.2f s; peak memory %s",
+        loaded.name,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+        _peak_memory(device),
+    )
+    return loaded
 
-    folder = Path(source)
+
+def _load_builtin(dtype: torch.dtype, device: torch.device, parallel: ParallelState) -> LoadedModel:
+    config = builtin_config()
+    tensors = builtin_tensors(config)
+    model = build_model(config, tensors, tensors.__getitem__, dtype, device, parallel)
+    return LoadedModel(model, config, builtin_tokenizer().to_str(), BUILTIN_NAME, ServingDefaults(bos_token=BOS_TOKEN, eos_token=EOS_TOKEN))
+
+
+def _load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device, parallel: ParallelState) -> LoadedModel:
     if not folder.is_dir():
-        raise FileNotFoundError(f"model source {source!r} is neither a folder nor {BUILTIN_NAME!r}")
+        raise FileNotFoundError(f"model source {str(folder)!r} is neither a folder, a .gguf file nor {BUILTIN_NAME!r}")
     config = ModelConfig.from_hf(_read_json(folder / "config.json"), _read_generation_config(folder))
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.is_file():
@@ -78,7 +113,43 @@ def load_model(source: str, dtype: torch.dtype, device: torch.device | str, para
                     raise ValueError(f"tensor {name!r} appears in more than one safetensors file of {folder}")
                 handle_of[name] = handle
         model = build_model(config, handle_of, lambda name: _SafetensorsSlice(handle_of[name], name), dtype, device, parallel)
-    return LoadedModel(model, config, tokenizer_path.read_text(encoding="utf-8"), folder.resolve().name)
+    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+    return LoadedModel(model, config, tokenizer_json, folder.resolve().name, ServingDefaults.from_hf_folder(folder))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, parallel: ParallelState) -> LoadedModel:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    checkpoint = GGUFCheckpoint(path)
+    names = checkpoint.tensor_names()
+    try:
+        config = ModelConfig.from_gguf(checkpoint.metadata, names)
+        tokenizer_json = gguf_tokenizer(checkpoint.metadata).to_str()
+    except ValueError as error:
+        raise GGUFError(f"{path}: {error}") from None
+    # llama.cpp interleaved the rotary halves of Llama's query and key heads; Qwen2's are as trained.
+    interleaved = {}
+    if config.model_type == "llama":
+        interleaved = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+
+    def read(name: str) -> GGUFTensor:
+        projection = name.split(".")[-2]
+        return checkpoint.tensor(name, interleaved.get(projection) if name.endswith(".weight") else None)
+
+    try:
+        model = build_model(config, names, read, dtype, device, parallel)
+    except ValueError as error:
+        raise GGUFError(f"{path}: {error}") from None
+    return LoadedModel(model, config, tokenizer_json, path.name, ServingDefaults.from_gguf(checkpoint.metadata))
+
+
+def _peak_memory(device: torch.device) -> str:
+    """The process's peak resident memory so far (and the device's peak allocation since the load began)."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
+    text = f"{rss_kib / 1024:.0f} MiB RSS"
+    if device.type == "cuda":
+        text += f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB {device}"
+    return text
 
 
 def build_model(

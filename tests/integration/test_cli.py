@@ -51,3 +51,11 @@ def test_info_shows_health_and_model_of_a_running_server(tiny_server):
     assert result.returncode == 0, result.stderr
     fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
     assert fields["health"] == "SERVING" and fields["model"] == "builtin:tiny" and fields["devices"] == "cpu"
+
+
+def test_serve_reports_a_bad_gguf_in_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_text("this is not a model\n")
+    result = shardgate("serve", "--port", "0", "--device", "cpu", "--model", str(bad), timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"shard: {bad}: not a GGUF file (it does not start with the GGUF magic number)\n" in result.stderr

@@ -136,7 +136,7 @@ def test_bfloat16_load(checkpoint):
 
 
 def test_bad_sources_are_reported(checkpoint, tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a folder nor 'builtin:tiny'"):
+    with pytest.raises(FileNotFoundError, match="neither a folder, a .gguf file nor 'builtin:tiny'"):
         load_model(str(tmp_path / "nowhere"), torch.float32, CPU)
     folder = checkpoint("qwen2")
     no_tokenizer = tmp_path / "no_tokenizer"
