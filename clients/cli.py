@@ -99,6 +99,8 @@ def info(args: argparse.Namespace) -> int:
     print(f"{'health':<22} {health}")
     if model is not None:
         for field in model.DESCRIPTOR.fields:
+            if field.has_presence and not model.HasField(field.name):
+                continue  # an optional field the model leaves unset (a sampling default it does not state)
             value = getattr(model, field.name)
             print(f"{field.name:<22} {', '.join(map(str, value)) if field.is_repeated else value}")
     return 0 if health == "SERVING" else 1
