@@ -3,11 +3,12 @@
 async with AsyncClient("127.0.0.1:50051") as client:
     async for delta in client.stream("Hello", max_new_tokens=16):
         print(delta.text, end="")
+    print((await client.chat([("user", "Hi!")])).text)
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardgate.clients.client import CLIENT_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, make_channel
 from shardgate.clients.connection import NO_RETRY, TLS, Retry, call_metadata
 from shardgate.clients.errors import from_rpc_error
-from shardgate.clients.messages import bidi_cancel, bidi_generate, build_embed_request, build_request
+from shardgate.clients.messages import Message, bidi_cancel, bidi_generate, build_embed_request, build_request, build_tokenize_request
 from shardgate.clients.results import Completion, Delta, Embeddings, ModelInfo, RequestFailed, bidi_event
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 
@@ -51,15 +52,25 @@ class AsyncClient:
             raise from_rpc_error(raw) from None
 
     async def generate(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Completion:
-        return Completion.from_proto(await self._unary(self._stub.Generate, build_request(prompt, **params), timeout, traceparent))
+        return await self._generate(build_request(prompt, **params), timeout, traceparent)
 
-    async def stream(
-        self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params
-    ) -> AsyncIterator[Delta]:
+    def stream(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> AsyncIterator[Delta]:
         """Token deltas as they are generated; cancelling the consuming task cancels the generation."""
-        call = self._stub.GenerateStream(
-            build_request(prompt, **params), timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent)
-        )
+        return self._stream(build_request(prompt, **params), timeout, traceparent)
+
+    def chat(
+        self, messages: Sequence[Message], *, stream: bool = False, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params
+    ) -> Awaitable[Completion] | AsyncIterator[Delta]:
+        """As Client.chat: `await client.chat(messages)` is the Completion; with stream=True,
+        `async for delta in client.chat(messages, stream=True)` the Deltas."""
+        request = build_request(messages=messages, **params)
+        return self._stream(request, timeout, traceparent) if stream else self._generate(request, timeout, traceparent)
+
+    async def _generate(self, request: inference_pb2.GenerateRequest, timeout, traceparent: str | None) -> Completion:
+        return Completion.from_proto(await self._unary(self._stub.Generate, request, timeout, traceparent))
+
+    async def _stream(self, request: inference_pb2.GenerateRequest, timeout, traceparent: str | None) -> AsyncIterator[Delta]:
+        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent))
         try:
             async for message in call:
                 yield Delta.from_proto(message)
@@ -75,9 +86,9 @@ class AsyncClient:
         """A multiplexed stream: start and cancel many generations on one call (never retried)."""
         return AsyncBidiStream(self._stub.GenerateBidi(timeout=self._timeout(timeout), metadata=call_metadata(self.token)))
 
-    async def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout=CLIENT_TIMEOUT) -> list[int]:
-        request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-        return list((await self._unary(self._stub.Tokenize, request, timeout)).token_ids)
+    async def tokenize(self, text: str | Sequence[Message], add_special_tokens: bool = False, *, timeout=CLIENT_TIMEOUT) -> list[int]:
+        """Token ids of a text, or of chat messages as a chat request's prompt."""
+        return list((await self._unary(self._stub.Tokenize, build_tokenize_request(text, add_special_tokens), timeout)).token_ids)
 
     async def server_status(self, *, timeout=CLIENT_TIMEOUT) -> inference_pb2.ServerStatusResponse:
         """Live state: queue, active requests, and per replica KV blocks, running, health."""

@@ -1,4 +1,4 @@
-"""The `shardgate` command: serve, generate, embed, info, batch, bench, tune, demo."""
+"""The `shardgate` command: serve, generate, chat, embed, info, batch, bench, tune, demo."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from shardgate.clients.client import Client
@@ -13,6 +14,7 @@ from shardgate.clients.errors import ShardgateError
 from shardgate.clients.tools.arguments import client_options, connection_arguments, generation_arguments, generation_params
 
 DEMO_PROMPT = "The quick brown fox"
+DEMO_QUESTION = "What is the capital of France?"
 
 
 def _print_generation(client: Client, prompt: str, params: dict, stream: bool) -> None:
@@ -47,6 +49,31 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat(args: argparse.Namespace) -> int:
+    """A conversation: one-shot with --message or piped stdin (the reply is printed), else
+    interactive. With --model it runs on a server of its own, started for the session."""
+    from shardgate.clients.tools.chat import ChatSession, run_interactive, run_once
+
+    message = args.message
+    if message is None and not sys.stdin.isatty():
+        message = sys.stdin.read().strip()
+        if not message:
+            return _fail(ValueError("no message on stdin"))
+    try:
+        with ExitStack() as stack:
+            address, options = args.addr, client_options(args)
+            if args.model is not None:
+                from shardgate.clients.tools.local_server import LocalServer
+
+                print(f"[starting a server on {args.model}]", file=sys.stderr)
+                address = stack.enter_context(LocalServer(["--model", args.model])).address
+            client = stack.enter_context(Client(address, **options))
+            session = ChatSession(client, args.system, generation_params(args))
+            return run_once(session, message) if message is not None else run_interactive(session)
+    except (RuntimeError, ShardgateError, ValueError) as error:
+        return _fail(error)
+
+
 def embed(args: argparse.Namespace) -> int:
     """Prints one JSON line per input: its index, token count and vector."""
     try:
@@ -72,6 +99,8 @@ def info(args: argparse.Namespace) -> int:
     print(f"{'health':<22} {health}")
     if model is not None:
         for field in model.DESCRIPTOR.fields:
+            if field.has_presence and not model.HasField(field.name):
+                continue  # an optional field the model leaves unset (a sampling default it does not state)
             value = getattr(model, field.name)
             print(f"{field.name:<22} {', '.join(map(str, value)) if field.is_repeated else value}")
     return 0 if health == "SERVING" else 1
@@ -112,18 +141,36 @@ def batch(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Starts a server on the built-in model, streams one generation from it, stops it."""
+    """Starts a server on the model, then asks it a question (a model with a chat template) or
+    streams a continuation of a prompt (one without); stops the server."""
     from shardgate.clients.tools.local_server import LocalServer
 
     try:
         with LocalServer(["--model", args.model]) as server, Client(server.address, timeout=60) as client:
             info = client.model_info()
             print(f"[serving {info.model} ({info.model_type}, {info.dtype}) on {server.address}]", file=sys.stderr)
-            print(args.prompt, end="")
-            _print_generation(client, args.prompt, generation_params(args), stream=True)
+            params = generation_params(args)
+            if info.has_chat_template:
+                _print_chat_answer(client, args.prompt or DEMO_QUESTION, params, greedy=not info.HasField("default_temperature"))
+            else:
+                prompt = args.prompt or DEMO_PROMPT
+                print(prompt, end="")
+                _print_generation(client, prompt, params, stream=True)
     except (RuntimeError, ShardgateError) as error:
         return _fail(error)
     return 0
+
+
+def _print_chat_answer(client: Client, question: str, params: dict, greedy: bool) -> None:
+    """Prints the question, then streams the model's answer (greedy unless the parameters or
+    the model's own defaults say otherwise)."""
+    print(f"> {question}")
+    if greedy:
+        params = {"temperature": 0.0, **params}
+    for delta in client.chat([("user", question)], stream=True, **params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     connection_arguments(gen)
     generation_arguments(gen)
     gen.set_defaults(func=generate)
+
+    cha = commands.add_parser("chat", help="talk with the model: interactive, or one-shot with --message or piped stdin")
+    cha.add_argument("-m", "--message", help="send this one message, print the reply and exit")
+    cha.add_argument("--system", help="system prompt that starts the conversation")
+    cha.add_argument("--model", help="start a server of its own on this model (instead of connecting to --addr)")
+    connection_arguments(cha)
+    generation_arguments(cha, max_new_tokens=512)
+    cha.set_defaults(func=chat)
 
     emb = commands.add_parser("embed", help="embed texts: one JSON line per input")
     emb.add_argument("inputs", nargs="+")
@@ -170,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_cli.add_parser(commands)
     tune_cli.add_parser(commands)
 
-    dem = commands.add_parser("demo", help="start a server on the built-in model and stream a generation")
-    dem.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
+    dem = commands.add_parser("demo", help="start a server on a model and ask it a question (or continue a prompt)")
+    dem.add_argument("prompt", nargs="?", help=f"the question (default {DEMO_QUESTION!r}); for a model without a chat template, the prompt")
     dem.add_argument("--model", default="builtin:tiny")
     generation_arguments(dem)
     dem.set_defaults(func=demo)

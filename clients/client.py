@@ -2,6 +2,7 @@
 
     with Client("127.0.0.1:50051") as client:
         print(client.generate("Hello", max_new_tokens=16).text)
+        print(client.chat([{"role": "user", "content": "Hi!"}]).text)
 
 Every failed call raises a `ShardgateError` subclass (see errors.py); `timeout` is the deadline
 in seconds of each call (the client's default, or per call), shared by its retries.
@@ -10,14 +11,14 @@ in seconds of each call (the client's default, or per call), shared by its retri
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardgate.clients.connection import NO_RETRY, TLS, Retry, call_metadata, channel_options
 from shardgate.clients.errors import ShardgateError, from_rpc_error
-from shardgate.clients.messages import bidi_cancel, bidi_generate, build_embed_request, build_request
+from shardgate.clients.messages import Message, bidi_cancel, bidi_generate, build_embed_request, build_request, build_tokenize_request
 from shardgate.clients.results import Completion, Delta, Embeddings, ModelInfo, RequestFailed, Usage, bidi_event
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 
@@ -84,14 +85,27 @@ class Client:
     def generate(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Completion:
         """The whole completion; params are build_request's (max_new_tokens, temperature, ...).
         `traceparent` puts the call in that trace instead of the current OpenTelemetry context."""
-        return Completion.from_proto(self._unary(self._stub.Generate, build_request(prompt, **params), timeout, traceparent))
+        return self._generate(build_request(prompt, **params), timeout, traceparent)
 
     def stream(self, prompt: str | list[int], *, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params) -> Iterator[Delta]:
         """Token deltas as they are generated; the last carries finish_reason and usage.
         Stopping the iteration early cancels the generation on the server."""
-        call = self._stub.GenerateStream(
-            build_request(prompt, **params), timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent)
-        )
+        return self._stream(build_request(prompt, **params), timeout, traceparent)
+
+    def chat(
+        self, messages: Sequence[Message], *, stream: bool = False, timeout=CLIENT_TIMEOUT, traceparent: str | None = None, **params
+    ) -> Completion | Iterator[Delta]:
+        """The model's reply to a conversation (dicts {"role", "content"} or (role, content)
+        pairs, oldest first), rendered with the model's chat template on the server: the whole
+        Completion, or with stream=True its Deltas as `stream` gives them. params as generate's."""
+        request = build_request(messages=messages, **params)
+        return self._stream(request, timeout, traceparent) if stream else self._generate(request, timeout, traceparent)
+
+    def _generate(self, request: inference_pb2.GenerateRequest, timeout, traceparent: str | None) -> Completion:
+        return Completion.from_proto(self._unary(self._stub.Generate, request, timeout, traceparent))
+
+    def _stream(self, request: inference_pb2.GenerateRequest, timeout, traceparent: str | None) -> Iterator[Delta]:
+        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout), metadata=call_metadata(self.token, traceparent))
         try:
             for message in call:
                 yield Delta.from_proto(message)
@@ -108,9 +122,9 @@ class Client:
         """A multiplexed stream: start and cancel many generations on one call (never retried)."""
         return BidiStream(self._stub, self._timeout(timeout), call_metadata(self.token))
 
-    def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout=CLIENT_TIMEOUT) -> list[int]:
-        request = inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-        return list(self._unary(self._stub.Tokenize, request, timeout).token_ids)
+    def tokenize(self, text: str | Sequence[Message], add_special_tokens: bool = False, *, timeout=CLIENT_TIMEOUT) -> list[int]:
+        """Token ids of a text, or of chat messages as a chat request's prompt."""
+        return list(self._unary(self._stub.Tokenize, build_tokenize_request(text, add_special_tokens), timeout).token_ids)
 
     def server_status(self, *, timeout=CLIENT_TIMEOUT) -> inference_pb2.ServerStatusResponse:
         """Live state: queue, active requests, and per replica KV blocks, running, health."""

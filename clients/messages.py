@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from shardgate.proto import inference_pb2
 
 POOLINGS = {"mean": inference_pb2.POOLING_MEAN, "last": inference_pb2.POOLING_LAST}
 
+Message = Mapping[str, str] | tuple[str, str]
+"""One turn of a conversation: {"role": ..., "content": ...} or (role, content)."""
+
+
+def chat_messages(messages: Sequence[Message]) -> inference_pb2.ChatMessages:
+    """The ChatMessages of a non-empty list of messages, each a {"role", "content"} mapping or a
+    (role, content) pair of strings; ValueError otherwise. (The server checks the roles.)"""
+    if isinstance(messages, (str, bytes, Mapping)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts or (role, content) pairs")
+    out = inference_pb2.ChatMessages()
+    for i, message in enumerate(messages):
+        if isinstance(message, Mapping):
+            role, content = message.get("role"), message.get("content")
+        elif isinstance(message, tuple) and len(message) == 2:
+            role, content = message
+        else:
+            raise ValueError(f"messages[{i}] must be a {{'role': ..., 'content': ...}} dict or a (role, content) pair, not {message!r}")
+        if not isinstance(role, str) or not role or not isinstance(content, str):
+            raise ValueError(f"messages[{i}] needs a non-empty string role and a string content, got {message!r}")
+        out.messages.add(role=role, content=content)
+    return out
+
 
 def build_request(
-    prompt: str | list[int],
+    prompt: str | list[int] | None = None,
     *,
+    messages: Sequence[Message] | None = None,
     max_new_tokens: int = 64,
     temperature: float | None = None,
     top_p: float | None = None,
-    top_k: int = 0,
+    top_k: int | None = None,
     seed: int | None = None,
     stop: list[str] | None = None,
     ignore_eos: bool = False,
@@ -22,18 +47,24 @@ def build_request(
     timeout_ms: int = 0,
     request_id: str = "",
 ) -> inference_pb2.GenerateRequest:
-    """A GenerateRequest; a prompt given as a list of ints is sent as token ids."""
+    """A GenerateRequest of a prompt or of chat messages (exactly one of them): a prompt given as
+    a list of ints is sent as token ids; messages (see chat_messages) are rendered by the
+    server with the model's chat template. Sampling parameters left None get the model's
+    defaults on the server."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
     message = inference_pb2.GenerateRequest(
         request_id=request_id,
         max_new_tokens=max_new_tokens,
-        top_k=top_k,
         stop=stop or [],
         ignore_eos=ignore_eos,
         logprobs=logprobs,
         priority=priority,
         timeout_ms=timeout_ms,
     )
-    if isinstance(prompt, str):
+    if messages is not None:
+        message.messages.CopyFrom(chat_messages(messages))
+    elif isinstance(prompt, str):
         message.prompt = prompt
     else:
         message.prompt_token_ids.ids.extend(prompt)
@@ -41,6 +72,8 @@ def build_request(
         message.temperature = temperature
     if top_p is not None:
         message.top_p = top_p
+    if top_k is not None:
+        message.top_k = top_k
     if seed is not None:
         message.seed = seed
     return message
@@ -66,6 +99,13 @@ def build_embed_request(
         priority=priority,
         timeout_ms=timeout_ms,
     )
+
+
+def build_tokenize_request(text: str | Sequence[Message], add_special_tokens: bool = False) -> inference_pb2.TokenizeRequest:
+    """A TokenizeRequest of a text, or of chat messages (rendered as a chat request's are)."""
+    if isinstance(text, str):
+        return inference_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+    return inference_pb2.TokenizeRequest(messages=chat_messages(text), add_special_tokens=add_special_tokens)
 
 
 def bidi_generate(request_id: str, prompt: str | list[int], **params) -> inference_pb2.GenerateBidiRequest:

@@ -92,7 +92,8 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
-        """Turns text into the model's token ids (no generation).
+        """Turns text, or chat messages rendered with the model's chat template, into the model's
+        token ids (no generation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

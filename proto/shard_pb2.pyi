@@ -20,18 +20,24 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "max_position_embeddings", "tokenizer_json", "num_kv_blocks", "block_size")
+    __slots__ = ("model", "max_position_embeddings", "tokenizer_json", "num_kv_blocks", "block_size", "chat_template", "bos_token", "eos_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: _inference_pb2.ModelInfoResponse
     max_position_embeddings: int
     tokenizer_json: str
     num_kv_blocks: int
     block_size: int
-    def __init__(self, model: _Optional[_Union[_inference_pb2.ModelInfoResponse, _Mapping]] = ..., max_position_embeddings: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    chat_template: str
+    bos_token: str
+    eos_token: str
+    def __init__(self, model: _Optional[_Union[_inference_pb2.ModelInfoResponse, _Mapping]] = ..., max_position_embeddings: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "logprobs")

@@ -12,6 +12,7 @@ All methods run on the event loop's thread, as the engine loops do.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.server.admission import Admission, QueueLoad, Ticket
+from shardgate.server.chat_template import ChatTemplate
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import Engine, RequestHandle
@@ -31,7 +33,9 @@ from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
 from shardgate.server.scheduler import SchedulerStatus
 from shardgate.server.telemetry import Telemetry
-from shardgate.server.validation import ModelLimits, RequestError, validate, validate_embed
+from shardgate.server.validation import ModelLimits, RequestError, SamplingDefaults, tokenize_chat, validate, validate_embed
+
+log = logging.getLogger("shardgate.server")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,14 @@ class EmbedOutput:
     @property
     def prompt_tokens(self) -> int:
         return sum(self.input_tokens)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    text: str
+    """What was tokenized: the text given, or the prompt the chat template made of the messages."""
+    token_ids: list[int]
+    tokens: list[str]
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,16 @@ def describe_model(
     return info
 
 
+def chat_template(description: shard_pb2.DescribeResponse) -> ChatTemplate | None:
+    """The model's chat template with its special tokens' text; None when it has none."""
+    if not description.chat_template:
+        return None
+    template = ChatTemplate(description.chat_template, description.bos_token or None, description.eos_token or None)
+    if template.compile_error is not None:
+        log.warning("chat requests will be refused: %s", template.compile_error)
+    return template
+
+
 class EngineAPI:
     """Exists before the model loads (every call then gets UNAVAILABLE); `attach` gives it the
     replicas' engines once they serve."""
@@ -224,6 +246,8 @@ class EngineAPI:
             max_context_tokens=max_context,
             max_embed_tokens=min(max_context, self.config.scheduler.max_batch_tokens),
         )
+        self.chat_template = chat_template(first)
+        self.sampling_defaults = SamplingDefaults.of_model(first.model)
         self.admission = Admission(self.config.admission, self._queue_load)
         self._attached = True
 
@@ -239,7 +263,7 @@ class EngineAPI:
         self.check_ready()
         try:
             with self.telemetry.tracer.start_as_current_span("validate"):
-                valid = validate(request, self.tokenizer, self.limits, self.config)
+                valid = validate(request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
             ticket = self.admission.admit(len(valid.prompt_ids))
         except RequestError as error:
             self.telemetry.request_rejected(request.request_id, error.code)
@@ -291,11 +315,15 @@ class EngineAPI:
         """Calls admitted and not yet ended (generations and embeddings)."""
         return self.admission.active if self._attached else 0
 
-    def tokenize(self, text: str, add_special_tokens: bool) -> tuple[list[int], list[str]]:
-        """The text's token ids and token strings."""
+    def tokenize(self, request: inference_pb2.TokenizeRequest) -> Tokenized:
+        """The request's text, or its messages as a generation request's are rendered and
+        tokenized, with its token ids and token strings; RequestError for bad messages."""
         self.check_ready()
-        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return encoding.ids, encoding.tokens
+        if request.WhichOneof("input") == "messages":
+            text, encoding = tokenize_chat(request.messages, self.chat_template, self.tokenizer)
+            return Tokenized(text, encoding.ids, encoding.tokens)
+        encoding = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return Tokenized(request.text, encoding.ids, encoding.tokens)
 
     def describe(self) -> inference_pb2.ModelInfoResponse:
         self.check_ready()

@@ -222,10 +222,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def Tokenize(self, request, context) -> inference_pb2.TokenizeResponse:
         try:
-            token_ids, tokens = self.api.tokenize(request.text, request.add_special_tokens)
+            tokenized = self.api.tokenize(request)
         except RequestError as error:
             await context.abort(error.code, str(error))
-        return inference_pb2.TokenizeResponse(token_ids=token_ids, tokens=tokens)
+        return inference_pb2.TokenizeResponse(token_ids=tokenized.token_ids, tokens=tokenized.tokens, text=tokenized.text)
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         try:

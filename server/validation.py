@@ -10,9 +10,10 @@ import secrets
 from dataclasses import dataclass
 
 import grpc
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from shardgate.proto import inference_pb2
+from shardgate.server.chat_template import ROLES, ChatTemplate, ChatTemplateError
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import Pooling
 from shardgate.server.priority import PRIORITY_LIMIT
@@ -42,6 +43,28 @@ class ModelLimits:
     """min(the model's positions, one replica's KV capacity)."""
     max_embed_tokens: int
     """Longest Embed input: min(max_context_tokens, the step token budget)."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for the sampling parameters it leaves unset: the model's defaults
+    where its checkpoint states them, else the API's (sample from the whole distribution)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def of_model(cls, info: inference_pb2.ModelInfoResponse) -> SamplingDefaults:
+        return cls(
+            temperature=info.default_temperature if info.HasField("default_temperature") else cls.temperature,
+            top_p=info.default_top_p if info.HasField("default_top_p") else cls.top_p,
+            top_k=info.default_top_k if info.HasField("default_top_k") else cls.top_k,
+        )
+
+
+API_DEFAULTS = SamplingDefaults()
+"""The API's own defaults, for a model whose checkpoint states none."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +127,37 @@ def validate_embed(message: inference_pb2.EmbedRequest, tokenizer: Tokenizer, li
     return ValidEmbed(request_id, inputs, _POOLINGS[message.pooling], message.normalize, priority, _timeout_s(message))
 
 
-def validate(message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig) -> ValidRequest:
-    request_id = _request_id(message)
+def render_chat(messages: inference_pb2.ChatMessages, template: ChatTemplate | None) -> str:
+    """The prompt the model's chat template makes of `messages` (ending with the start of the
+    assistant's turn); every refusal names `messages`."""
+    if template is None:
+        raise invalid("messages", "the model has no chat template; send a prompt instead")
+    if not messages.messages:
+        raise invalid("messages", "must not be empty")
+    for i, message in enumerate(messages.messages):
+        if not message.role:
+            raise invalid(f"messages[{i}].role", f"must be set (one of {', '.join(ROLES)})")
+        if message.role not in ROLES:
+            raise invalid(f"messages[{i}].role", f"unknown role {message.role!r}; expected one of {', '.join(ROLES)}")
+    try:
+        text = template.render([{"role": m.role, "content": m.content} for m in messages.messages])
+    except ChatTemplateError as error:
+        raise invalid("messages", str(error)) from None
+    if not text:
+        raise invalid("messages", "the chat template made an empty prompt of them")
+    return text
 
+
+def tokenize_chat(messages: inference_pb2.ChatMessages, template: ChatTemplate | None, tokenizer: Tokenizer) -> tuple[str, Encoding]:
+    """The rendered prompt and its encoding: tokenized without adding special tokens, since
+    the template writes the ones the model expects (as transformers' apply_chat_template)."""
+    text = render_chat(messages, template)
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def _prompt_ids(
+    message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limits: ModelLimits, template: ChatTemplate | None
+) -> list[int]:
     kind = message.WhichOneof("input")
     if kind == "prompt_token_ids":
         prompt_ids = list(message.prompt_token_ids.ids)
@@ -115,10 +166,26 @@ def validate(message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limit
         bad = next((t for t in prompt_ids if t >= limits.vocab_size), None)
         if bad is not None:
             raise invalid("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
-    else:
-        if not message.prompt:
-            raise invalid("prompt", "must not be empty")
-        prompt_ids = tokenizer.encode(message.prompt, add_special_tokens=True).ids
+        return prompt_ids
+    if kind == "messages":
+        return tokenize_chat(message.messages, template, tokenizer)[1].ids
+    if not message.prompt:
+        raise invalid("prompt", "must not be empty")
+    return tokenizer.encode(message.prompt, add_special_tokens=True).ids
+
+
+def validate(
+    message: inference_pb2.GenerateRequest,
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    config: GatewayConfig,
+    template: ChatTemplate | None = None,
+    defaults: SamplingDefaults = API_DEFAULTS,
+) -> ValidRequest:
+    """The request the engine runs; `template` renders messages (None: the model has none) and
+    `defaults` fill the sampling parameters the request leaves unset."""
+    request_id = _request_id(message)
+    prompt_ids = _prompt_ids(message, tokenizer, limits, template)
 
     limit = config.max_new_tokens_limit
     if not 1 <= message.max_new_tokens <= limit:
@@ -130,14 +197,15 @@ def validate(message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limit
             f"exceeds the model context ({limits.max_context_tokens} tokens)",
         )
 
-    temperature = message.temperature if message.HasField("temperature") else 1.0
+    temperature = message.temperature if message.HasField("temperature") else defaults.temperature
     if not math.isfinite(temperature) or temperature < 0:
         raise invalid("temperature", f"must be a finite number >= 0, got {temperature}")
-    top_p = message.top_p if message.HasField("top_p") else 1.0
+    top_p = message.top_p if message.HasField("top_p") else defaults.top_p
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise invalid("top_p", f"must be in (0, 1], got {top_p}")
-    if message.top_k < 0:
-        raise invalid("top_k", f"must be >= 0, got {message.top_k}")
+    top_k = message.top_k if message.HasField("top_k") else defaults.top_k
+    if top_k < 0:
+        raise invalid("top_k", f"must be >= 0, got {top_k}")
 
     stop = list(message.stop)
     if len(stop) > config.max_stop_strings:
@@ -152,7 +220,7 @@ def validate(message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limit
         max_new_tokens=message.max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        top_k=message.top_k,
+        top_k=top_k,
         seed=seed,
         ignore_eos=message.ignore_eos,
         logprobs=message.logprobs,

@@ -5,6 +5,7 @@ description of it for the gateway."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,12 +67,15 @@ def describe_replica(
     rank_model: RankModel, config: ShardConfig, device: torch.device, parallel: ParallelState
 ) -> shard_pb2.DescribeResponse:
     """The replica's description, as the driver's Describe returns it: the model (as clients
-    see it), its KV cache, its ranks' devices, and the replica-wide bytes read per step and held
-    per token. Every rank of the replica calls it (the replica-wide figures are collectives)."""
+    see it, with the sampling defaults its checkpoint states, those out of range left out), its
+    chat template and special tokens' text, its KV cache, its ranks' devices, and the
+    replica-wide bytes read per step and held per token. Every rank of the replica calls it
+    (the replica-wide figures are collectives)."""
     weight_bytes = replica_sum(weight_bytes_per_step(rank_model.loaded.model), parallel)
     kv_bytes_per_token = replica_sum(rank_model.runner.kv_cache.nbytes // (rank_model.num_blocks * config.replica.block_size), parallel)
     devices = gather_device_names(device, parallel)
     loaded, settings = rank_model.loaded, config.replica
+    defaults = loaded.defaults
     model = inference_pb2.ModelInfoResponse(
         model=loaded.name,
         model_type=loaded.config.model_type,
@@ -90,11 +94,21 @@ def describe_replica(
         num_hidden_layers=loaded.config.num_hidden_layers,
         num_key_value_heads=loaded.config.num_key_value_heads,
         head_dim=loaded.config.head_dim,
+        has_chat_template=bool(defaults.chat_template),
     )
+    if defaults.temperature is not None and math.isfinite(defaults.temperature) and defaults.temperature >= 0:
+        model.default_temperature = defaults.temperature
+    if defaults.top_p is not None and 0 < defaults.top_p <= 1:
+        model.default_top_p = defaults.top_p
+    if defaults.top_k is not None and defaults.top_k >= 0:
+        model.default_top_k = defaults.top_k
     return shard_pb2.DescribeResponse(
         model=model,
         max_position_embeddings=loaded.config.max_position_embeddings,
         tokenizer_json=loaded.tokenizer_json,
         num_kv_blocks=rank_model.num_blocks,
         block_size=settings.block_size,
+        chat_template=defaults.chat_template or "",
+        bos_token=defaults.bos_token or "",
+        eos_token=defaults.eos_token or "",
     )

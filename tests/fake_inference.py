@@ -113,6 +113,9 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
 
     def Tokenize(self, request, context):
         self._enter("Tokenize", request, context)
+        if request.WhichOneof("input") == "messages":  # "rendered" as role:content lines
+            text = "".join(f"{m.role}:{m.content}\n" for m in request.messages.messages)
+            return inference_pb2.TokenizeResponse(token_ids=[ord(c) for c in text], tokens=list(text), text=text)
         ids = [ord(c) for c in request.text]
         return inference_pb2.TokenizeResponse(token_ids=([1] if request.add_special_tokens else []) + ids, tokens=list(request.text))
 

@@ -44,7 +44,7 @@ def client_options(args: argparse.Namespace) -> dict:
 def generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int | None = 64) -> None:
     """build_request's parameters as flags; unset ones stay None (see generation_params)."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: server's 1.0)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 1.0)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)

@@ -23,6 +23,7 @@ from shardgate.clients import (
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    build_request,
 )
 
 
@@ -83,6 +84,52 @@ def test_tokenize_model_info_and_health(client):
     assert client.health() == "SERVING"
 
 
+CONVERSATION = [{"role": "system", "content": "Be brief."}, ("user", "Hi")]
+
+
+def test_chat_sends_the_messages_and_returns_a_completion_or_deltas(client, fake):
+    completion = client.chat(CONVERSATION, max_new_tokens=3, temperature=0)
+    assert isinstance(completion, Completion) and completion.text == "abc"
+    deltas = list(client.chat(CONVERSATION, stream=True, max_new_tokens=3))
+    assert all(isinstance(d, Delta) for d in deltas) and "".join(d.text for d in deltas) == "abc" and deltas[-1].finish_reason == "length"
+    assert fake.methods() == ["Generate", "GenerateStream"]
+    for call in fake.calls:
+        sent = call.request
+        assert sent.WhichOneof("input") == "messages" and sent.max_new_tokens == 3
+        assert [(m.role, m.content) for m in sent.messages.messages] == [("system", "Be brief."), ("user", "Hi")]
+    # Parameters left unset stay unset: the server fills them with the model's defaults.
+    assert fake.calls[0].request.HasField("temperature") and not fake.calls[1].request.HasField("temperature")
+    assert not any(call.request.HasField(name) for call in fake.calls for name in ("top_p", "top_k"))
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[], "hi", {"role": "user", "content": "hi"}, [{"role": "user"}], [("user",)], [{"role": "", "content": "x"}], [("user", 3)], ["hi"]],
+    ids=["empty", "a string", "one dict", "no content", "a 1-tuple", "empty role", "non-string content", "a bare string"],
+)
+def test_malformed_chat_messages_are_refused_before_any_call(client, fake, messages):
+    with pytest.raises(ValueError, match="messages"):
+        client.chat(messages)
+    with pytest.raises(ValueError, match="messages"):
+        client.chat(messages, stream=True)
+    assert fake.calls == []
+
+
+def test_build_request_takes_exactly_one_prompt_form_and_sends_top_k_only_when_given():
+    with pytest.raises(ValueError, match="exactly one of prompt and messages"):
+        build_request("hi", messages=[("user", "hi")])
+    with pytest.raises(ValueError, match="exactly one of prompt and messages"):
+        build_request()
+    assert not build_request("hi").HasField("top_k")
+    explicit_off = build_request("hi", top_k=0)
+    assert explicit_off.HasField("top_k") and explicit_off.top_k == 0
+
+
+def test_tokenize_takes_chat_messages(client, fake):
+    assert client.tokenize([("user", "a")]) == [ord(c) for c in "user:a\n"]
+    assert fake.calls[0].request.WhichOneof("input") == "messages"
+
+
 def test_bidi_stream_multiplexes_requests_with_per_request_failures(client):
     events = []
     with client.bidi() as stream:
@@ -112,6 +159,9 @@ def test_async_client_covers_every_method(server, fake, run_async):
     async def use(client):
         completion = await client.generate("hi", max_new_tokens=3)
         deltas = [d async for d in client.stream("hi", max_new_tokens=3)]
+        chat = await client.chat([("user", "hi")], max_new_tokens=3)
+        chat_deltas = [d async for d in client.chat([("user", "hi")], stream=True, max_new_tokens=3)]
+        chat_ids = await client.tokenize([("user", "hi")])
         embeddings = await client.embed(["ab"])
         ids = await client.tokenize("ab")
         info = await client.model_info()
@@ -121,15 +171,28 @@ def test_async_client_covers_every_method(server, fake, run_async):
         await bidi.generate("bad", "p", max_new_tokens=0)
         await bidi.done_writing()
         events = [e async for e in bidi]
-        return completion, deltas, embeddings, ids, info, health, events
+        return completion, deltas, (chat, chat_deltas, chat_ids), embeddings, ids, info, health, events
 
-    completion, deltas, embeddings, ids, info, health, events = run_async(server.address, use, timeout=10)
+    completion, deltas, chats, embeddings, ids, info, health, events = run_async(server.address, use, timeout=10)
     assert completion.text == "abc" and [d.token_ids for d in deltas] == [[5], [6], [7], []]
+    chat, chat_deltas, chat_ids = chats
+    assert chat.text == "abc" and [d.token_ids for d in chat_deltas] == [[5], [6], [7], []] and chat_ids == [ord(c) for c in "user:hi\n"]
+    assert [c.request.WhichOneof("input") for c in fake.calls[2:5]] == ["messages", "messages", "messages"]
     assert embeddings.vectors == [[2, 0, 0, 0]] and ids == [97, 98] and info.model == "fake" and health == "SERVING"
     assert [(e.request_id, e.token_ids) for e in events if isinstance(e, Delta)] == [("x", [0]), ("x", [1]), ("x", [])]
     [failed] = [e for e in events if isinstance(e, RequestFailed)]
     assert failed.request_id == "bad" and isinstance(failed.error, InvalidRequest)
-    assert fake.methods() == ["Generate", "GenerateStream", "Embed", "Tokenize", "ModelInfo", "GenerateBidi"]
+    assert fake.methods() == [
+        "Generate",
+        "GenerateStream",
+        "Generate",
+        "GenerateStream",
+        "Tokenize",
+        "Embed",
+        "Tokenize",
+        "ModelInfo",
+        "GenerateBidi",
+    ]
 
 
 # --- errors -------------------------------------------------------------------------------

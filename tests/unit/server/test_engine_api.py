@@ -52,8 +52,9 @@ async def _no_change() -> None:
     pass
 
 
-def serve(scenario, replicas, **config):
-    """Runs scenario(api, engines) against an attached engine API whose engine loops run."""
+def serve(scenario, replicas, info=INFO, **config):
+    """Runs scenario(api, engines) against an attached engine API whose engine loops run; every
+    replica describes itself as `info`."""
     config = GatewayConfig(scheduler=SchedulerConfig(decode_steps=1), **config)
     telemetry = Telemetry(TelemetryConfig())
 
@@ -72,7 +73,7 @@ def serve(scenario, replicas, **config):
             for index, replica in enumerate(replicas)
         ]
         api = EngineAPI(config, telemetry)
-        api.attach(engines, batcher, TOKENIZER, [INFO] * len(engines), [ReplicaSupervisor(e, config, _no_change) for e in engines])
+        api.attach(engines, batcher, TOKENIZER, [info] * len(engines), [ReplicaSupervisor(e, config, _no_change) for e in engines])
         loops = [asyncio.create_task(engine.run()) for engine in engines]
         try:
             return await asyncio.wait_for(scenario(api, engines), 10)
@@ -221,7 +222,7 @@ def test_draining_refuses_new_calls_and_abort_all_cancels_in_flight():
 
 def test_every_call_before_attach_is_unavailable():
     api = EngineAPI(GatewayConfig(), Telemetry(TelemetryConfig()))
-    for call in (lambda: api.generate(request()), api.describe, api.status, lambda: api.tokenize("a", False)):
+    for call in (lambda: api.generate(request()), api.describe, api.status, lambda: api.tokenize(inference_pb2.TokenizeRequest(text="a"))):
         with pytest.raises(RequestError, match="^the model is still loading$"):
             call()
     assert api.in_flight() == 0 and not api.serving
@@ -229,8 +230,77 @@ def test_every_call_before_attach_is_unavailable():
 
 def test_describe_and_tokenize():
     async def scenario(api, engines):
-        return api.describe(), api.tokenize("HI", add_special_tokens=False)
+        return api.describe(), api.tokenize(inference_pb2.TokenizeRequest(text="HI"))
 
-    description, (ids, tokens) = serve(scenario, [ScriptedReplica({}), ScriptedReplica({})])
+    description, tokenized = serve(scenario, [ScriptedReplica({}), ScriptedReplica({})])
     assert description.model == "scripted" and description.replicas == 2 and description.max_context_tokens == 256
-    assert list(description.kv_capacity_tokens) == [256, 256] and ids == [H_, I_] and tokens == ["H", "I"]
+    assert list(description.kv_capacity_tokens) == [256, 256]
+    assert (tokenized.text, tokenized.token_ids, tokenized.tokens) == ("HI", [H_, I_], ["H", "I"])
+    assert not description.has_chat_template and not description.HasField("default_temperature")
+
+
+# --- chat and the model's sampling defaults ------------------------------------------------
+
+BOS = TOKENIZER.token_to_id("<s>")
+CHAT_INFO = shard_pb2.DescribeResponse()
+CHAT_INFO.CopyFrom(INFO)
+CHAT_INFO.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+CHAT_INFO.bos_token = "<s>"
+CHAT_INFO.model.has_chat_template = True
+CHAT_INFO.model.default_temperature = 0.5
+CHAT_INFO.model.default_top_k = 3
+
+
+def chat(*contents: str, **fields) -> inference_pb2.GenerateRequest:
+    messages = [inference_pb2.ChatMessage(role="user", content=content) for content in contents]
+    return inference_pb2.GenerateRequest(messages=inference_pb2.ChatMessages(messages=messages), max_new_tokens=2, **fields)
+
+
+def test_a_chat_request_runs_the_rendered_prompt_with_the_models_defaults():
+    async def scenario(api, engines):
+        defaulted = await collect(api.generate(chat("H", "I")))
+        explicit = await collect(api.generate(chat("I", temperature=0.0, top_p=0.9, top_k=0)))
+        return defaulted, explicit
+
+    replica = ScriptedReplica({BOS: [H_]})
+    defaulted, explicit = serve(scenario, [replica], info=CHAT_INFO)
+    assert "".join(o.text for o in defaulted) == "HH" and explicit[-1].finish_reason is FinishReason.LENGTH
+    first, second = _first_chunks(replica)
+    # The template writes the BOS itself: the prompt has it once (no special tokens added on top).
+    assert first.prompt_ids == [BOS, H_, I_, ord(">")] and second.prompt_ids == [BOS, I_, ord(">")]
+    assert (first.params.temperature, first.params.top_p, first.params.top_k) == (0.5, 1.0, 3)
+    assert (second.params.temperature, second.params.top_p, second.params.top_k) == (0.0, pytest.approx(0.9), 0)
+
+
+def _first_chunks(replica: ScriptedReplica) -> list:
+    """Each request's first scheduled chunk's request, in order of arrival."""
+    requests = {}
+    for plan in replica.plans:
+        for chunk in plan.chunks:
+            requests.setdefault(chunk.request.request_id, chunk.request)
+    return list(requests.values())
+
+
+def test_tokenize_renders_messages_as_a_chat_request_would():
+    async def scenario(api, engines):
+        messages = chat("HI").messages
+        return api.tokenize(inference_pb2.TokenizeRequest(messages=messages, add_special_tokens=True))
+
+    tokenized = serve(scenario, [ScriptedReplica({})], info=CHAT_INFO)
+    assert tokenized.text == "<s>HI>" and tokenized.token_ids == [BOS, H_, I_, ord(">")]
+
+
+def test_messages_to_a_model_without_a_chat_template_are_invalid():
+    async def scenario(api, engines):
+        errors = []
+        for call in (lambda: api.generate(chat("HI")), lambda: api.tokenize(inference_pb2.TokenizeRequest(messages=chat("HI").messages))):
+            with pytest.raises(RequestError) as raised:
+                call()
+            errors.append(raised.value)
+        return errors, api.in_flight()
+
+    errors, in_flight = serve(scenario, [ScriptedReplica({})])
+    assert in_flight == 0
+    for error in errors:
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(error) == "messages: the model has no chat template; send a prompt instead"

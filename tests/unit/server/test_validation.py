@@ -8,9 +8,18 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
 from shardgate.proto import inference_pb2
+from shardgate.server.chat_template import ChatTemplate
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import Pooling
-from shardgate.server.validation import MAX_REQUEST_ID_CHARS, ModelLimits, RequestError, validate, validate_embed
+from shardgate.server.validation import (
+    API_DEFAULTS,
+    MAX_REQUEST_ID_CHARS,
+    ModelLimits,
+    RequestError,
+    SamplingDefaults,
+    validate,
+    validate_embed,
+)
 
 BOS = 256
 VOCAB = 300  # the model's vocabulary is larger than the tokenizer's 257 tokens, as real ones often are
@@ -34,6 +43,20 @@ TOKENIZER = byte_tokenizer()
 def check(**fields):
     fields.setdefault("max_new_tokens", 4)
     return validate(inference_pb2.GenerateRequest(**fields), TOKENIZER, LIMITS, CONFIG)
+
+
+CHAT = ChatTemplate(
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    "{% if messages[-1]['content'] == 'boom' %}{{ raise_exception('no booms') }}{% endif %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}",
+    bos_token="<s>",
+)
+
+
+def check_chat(*messages: tuple[str, str], template: ChatTemplate | None = CHAT, defaults=API_DEFAULTS, **fields):
+    fields.setdefault("max_new_tokens", 4)
+    chat = inference_pb2.ChatMessages(messages=[inference_pb2.ChatMessage(role=role, content=content) for role, content in messages])
+    return validate(inference_pb2.GenerateRequest(messages=chat, **fields), TOKENIZER, LIMITS, CONFIG, template, defaults)
 
 
 def check_embed(**fields):
@@ -80,6 +103,31 @@ def test_each_bad_generate_field_is_invalid_argument_naming_it(case):
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
+
+
+CHAT_REFUSALS = {
+    "a model without a chat template": (dict(messages=[("user", "hi")], template=None), "messages", "the model has no chat template"),
+    "no messages": (dict(messages=[]), "messages", "must not be empty"),
+    "an empty role": (dict(messages=[("user", "hi"), ("", "x")]), "messages[1].role", "must be set (one of system, user, assistant, tool)"),
+    "an unknown role": (
+        dict(messages=[("wizard", "hi")]),
+        "messages[0].role",
+        "unknown role 'wizard'; expected one of system, user, assistant, tool",
+    ),
+    "a template that raises": (dict(messages=[("user", "boom")]), "messages", "no booms"),
+    "a template that does not compile": (dict(messages=[("user", "hi")], template=ChatTemplate("{% if %}")), "messages", "not compile"),
+    "an empty rendered prompt": (dict(messages=[("user", "hi")], template=ChatTemplate("")), "messages", "empty prompt"),
+    "a rendered prompt over the context": (dict(messages=[("user", "x" * 60)]), "max_new_tokens", "exceeds the model context"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHAT_REFUSALS))
+def test_each_bad_chat_request_is_invalid_argument_naming_messages(case):
+    fields, field, words = CHAT_REFUSALS[case]
+    with pytest.raises(RequestError) as raised:
+        check_chat(*fields.pop("messages"), **fields)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and raised.value.field == field
+    assert str(raised.value).startswith(f"{field}: ") and words in str(raised.value)
 
 
 EMBED_REFUSALS = {
@@ -150,6 +198,27 @@ def test_sampling_settings_are_carried_and_defaults_filled():
     assert (plain.temperature, plain.top_p, plain.top_k) == (1.0, 1.0, 0)  # unset: sample from the whole distribution
     assert not plain.ignore_eos and not plain.logprobs
     assert 0 <= plain.seed < 2**63 and check(prompt="hi").params.seed != plain.seed  # unset: a fresh seed per request
+
+
+def test_messages_are_rendered_and_tokenized_without_adding_special_tokens():
+    valid = check_chat(("system", "be"), ("user", "hi"), ("assistant", "yo"), ("tool", "42"), ("user", ""))
+    rendered = "<s>[system]be[user]hi[assistant]yo[tool]42[user][assistant]"
+    assert valid.prompt_ids == TOKENIZER.encode(rendered, add_special_tokens=False).ids
+    assert valid.prompt_ids[0] == BOS and valid.prompt_ids.count(BOS) == 1  # the template's BOS, not one more
+
+
+def test_the_models_sampling_defaults_fill_only_unset_parameters():
+    model = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20)
+    plain = check_chat(("user", "hi"), defaults=model).params
+    assert (plain.temperature, plain.top_p, plain.top_k) == (0.6, pytest.approx(0.9), 20)
+    explicit = check_chat(("user", "hi"), defaults=model, temperature=0.0, top_p=1.0, top_k=0).params
+    assert (explicit.temperature, explicit.top_p, explicit.top_k) == (0.0, 1.0, 0)  # set, even to "off", beats the model's
+
+
+def test_sampling_defaults_of_a_model_info():
+    info = inference_pb2.ModelInfoResponse(default_temperature=0.0, default_top_k=40)
+    assert SamplingDefaults.of_model(info) == SamplingDefaults(temperature=0.0, top_p=1.0, top_k=40)
+    assert SamplingDefaults.of_model(inference_pb2.ModelInfoResponse()) == SamplingDefaults(1.0, 1.0, 0)  # the model says nothing
 
 
 def test_request_id_priority_and_deadline():
