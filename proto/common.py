@@ -16,6 +16,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of each weight and activation dtype a replica can run in (`--dtype`)."""
 DTYPES = tuple(DTYPE_BYTES)
 """The dtype names; the shards map each to the torch dtype of the same name."""
+DTYPE_CHOICES = ("auto", *DTYPES)
+"""What `--dtype` takes: a dtype name, or auto (the shard chooses one: shards/dtype_choice.py)."""
 
 QUANTIZATIONS = ("none", "int8")
 """Weight quantizations a replica can load with (`--quantize`)."""

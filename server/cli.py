@@ -10,6 +10,7 @@ import sys
 
 from shardgate.proto.common import TracingConfig
 from shardgate.proto.flags import add_flags, from_flags
+from shardgate.proto.models import SMOLLM2, SMOLLM2_INSTALL, TINY, smollm2_path
 from shardgate.server.config import GatewayConfig
 
 
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"shardgate serve: error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.replica.model == TINY and smollm2_path() is None:
+        logging.getLogger("shardgate.server").info("%s has random weights; for a real model (%s): %s", TINY, SMOLLM2, SMOLLM2_INSTALL)
     from shardgate.server.app import serve  # the gateway's dependencies load only for `serve`
 
     try:

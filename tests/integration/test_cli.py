@@ -24,7 +24,7 @@ def test_generate_reports_bad_input_as_a_status(tiny_server):
 
 
 def test_demo_starts_a_server_and_streams():
-    result = shardgate("demo", "--max-new-tokens", "8", "--ignore-eos")
+    result = shardgate("demo", "--model", "builtin:tiny", "--max-new-tokens", "8", "--ignore-eos")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The quick brown fox")
     assert "[serving builtin:tiny" in result.stderr and "8 generated tokens" in result.stderr
@@ -36,7 +36,8 @@ def test_serve_rejects_a_bad_flag_without_traceback():
 
 
 def test_serve_exits_naming_the_flag_when_the_kv_budget_does_not_fit():
-    result = shardgate("serve", "--port", "0", "--kv-cache-memory", "1e15", "--max-batch-tokens", "64", timeout=120)
+    flags = ("--port", "0", "--model", "builtin:tiny", "--kv-cache-memory", "1e15", "--max-batch-tokens", "64")
+    result = shardgate("serve", *flags, timeout=120)
     assert result.returncode != 0
     assert "lower --kv-cache-memory" in result.stderr and "Traceback" not in result.stderr
 
