@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config))
-    except RuntimeError as error:
-        logging.getLogger("shardgate.server").error("%s", error)
+    except RuntimeError as error:  # e.g. a replica that did not start: the reason, in one line
+        print(f"shardgate serve: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -2,6 +2,10 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+from tiny_gguf import write_gguf
 
 
 def shardgate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -54,9 +58,29 @@ def test_info_shows_health_and_model_of_a_running_server(tiny_server):
     assert fields["health"] == "SERVING" and fields["model"] == "builtin:tiny" and fields["devices"] == "cpu"
 
 
-def test_serve_reports_a_bad_gguf_in_one_line_naming_the_file(tmp_path):
-    bad = tmp_path / "model.gguf"
-    bad.write_text("this is not a model\n")
-    result = shardgate("serve", "--port", "0", "--device", "cpu", "--model", str(bad), timeout=120)
+def write_bad_gguf(path: Path, problem: str) -> Path:
+    if problem == "not GGUF":
+        path.write_text("this is not a model\n")
+    elif problem == "truncated":
+        whole = write_gguf(path.with_name("whole.gguf"), "Q8_0").read_bytes()
+        path.write_bytes(whole[: len(whole) - 1000])
+    else:
+        write_gguf(path, "F32", arch="phi3")  # the checks stop at the architecture
+    return path
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("not GGUF", "not a GGUF file (it does not start with the GGUF magic number)"),
+        ("truncated", "truncated or corrupt GGUF file"),
+        ("architecture", "GGUF architecture 'phi3' is not supported; supported: llama, qwen2"),
+    ],
+)
+def test_serve_reports_a_bad_gguf_in_one_line_naming_the_file(tmp_path, problem, message):
+    bad = write_bad_gguf(tmp_path / "model.gguf", problem)
+    result = shardgate("serve", "--port", "0", "--device", "cpu", "--tp", "2", "--model", str(bad), timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    assert f"shard: {bad}: not a GGUF file (it does not start with the GGUF magic number)\n" in result.stderr
+    # Both ranks fail alike; the user reads the reason once, and nothing else names the failure.
+    errors = [line for line in result.stderr.splitlines() if str(bad) in line or "error" in line.lower() or "exited" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"shardgate serve: error: {bad}: {message}"), result.stderr
