@@ -34,6 +34,12 @@ def test_demo_starts_a_server_and_streams():
     assert "[serving builtin:tiny" in result.stderr and "8 generated tokens" in result.stderr
 
 
+def test_demo_serves_builtin_smollm2_by_default_when_installed(smollm2_gguf):
+    result = shardgate("demo", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "[serving builtin:smollm2 (llama, " in result.stderr
+
+
 def test_serve_rejects_a_bad_flag_without_traceback():
     result = shardgate("serve", "--dtype", "float64", timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
