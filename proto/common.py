@@ -1,5 +1,5 @@
 """What the gateway, the shards and the clients agree on: dtype and quantization names, the
-internal message limit, the tracing switch, free ports.
+shard's error-line prefix, the internal message limit, the tracing switch, free ports.
 
 A leaf: it imports only the standard library (so the configs that use it import without any
 dependency), and nothing of the server, the shards or the clients. TLS credentials are in
@@ -16,9 +16,16 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of each weight and activation dtype a replica can run in (`--dtype`)."""
 DTYPES = tuple(DTYPE_BYTES)
 """The dtype names; the shards map each to the torch dtype of the same name."""
+DTYPE_CHOICES = ("auto", *DTYPES)
+"""What `--dtype` takes: a dtype name, or auto (the shard chooses one: shards/dtype_choice.py)."""
 
 QUANTIZATIONS = ("none", "int8")
 """Weight quantizations a replica can load with (`--quantize`)."""
+
+SHARD_ERROR_PREFIX = "shard: "
+"""How a shard process's stderr line starts when it states why the shard stops (one line, then
+exit code 2): the gateway holds such a line back from its own stderr and reports it once as the
+replica's failure (server/replicas/launcher.py)."""
 
 INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
 """Largest message either end of the gateway ↔ driver link sends or receives (the tokenizer

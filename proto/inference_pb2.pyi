@@ -158,7 +158,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "model_type", "vocab_size", "max_context_tokens", "max_new_tokens_limit", "dtype", "tp", "pp", "replicas", "kv_capacity_tokens", "devices", "eos_token_ids", "hidden_size", "max_embed_inputs", "quantization", "weight_bytes_per_step", "kv_bytes_per_token", "num_hidden_layers", "num_key_value_heads", "head_dim", "has_chat_template", "default_temperature", "default_top_p", "default_top_k")
+    __slots__ = ("model", "model_type", "vocab_size", "max_context_tokens", "max_new_tokens_limit", "dtype", "tp", "pp", "replicas", "kv_capacity_tokens", "devices", "eos_token_ids", "hidden_size", "max_embed_inputs", "quantization", "weight_bytes_per_step", "kv_bytes_per_token", "num_hidden_layers", "num_key_value_heads", "head_dim", "has_chat_template", "default_temperature", "default_top_p", "default_top_k", "dtype_reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class ModelInfoResponse(_message.Message):
     DEFAULT_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOP_P_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_type: str
     vocab_size: int
@@ -207,7 +208,8 @@ class ModelInfoResponse(_message.Message):
     default_temperature: float
     default_top_p: float
     default_top_k: int
-    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., dtype: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., replicas: _Optional[int] = ..., kv_capacity_tokens: _Optional[_Iterable[int]] = ..., devices: _Optional[_Iterable[str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., max_embed_inputs: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes_per_step: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ...) -> None: ...
+    dtype_reason: str
+    def __init__(self, model: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., dtype: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., replicas: _Optional[int] = ..., kv_capacity_tokens: _Optional[_Iterable[int]] = ..., devices: _Optional[_Iterable[str]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., max_embed_inputs: _Optional[int] = ..., quantization: _Optional[str] = ..., weight_bytes_per_step: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., num_hidden_layers: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ..., dtype_reason: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("request_id", "inputs", "pooling", "normalize", "priority", "timeout_ms")

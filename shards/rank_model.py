@@ -11,19 +11,16 @@ from dataclasses import dataclass
 import torch
 
 from shardgate.proto import inference_pb2, shard_pb2
-from shardgate.proto.common import DTYPES
 from shardgate.proto.shard_config import ShardConfig
+from shardgate.shards.dtype_choice import DtypeChoice, choose_dtype
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
 from shardgate.shards.parallel import ParallelState, agree_on_blocks, gather_device_names, replica_sum
 from shardgate.shards.quantization import quantize_model, weight_bytes_per_step
 from shardgate.shards.runner import ModelRunner
-from shardgate.shards.weights import LoadedModel, load_model
+from shardgate.shards.weights import LoadedModel, load_model, model_file
 
 log = logging.getLogger("shardgate.shard")
-
-TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
-"""The torch dtype of each dtype name (the names are torch's)."""
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -41,16 +38,21 @@ class RankModel:
     """This rank's part of the model, ready to run steps."""
 
     loaded: LoadedModel
+    dtype: DtypeChoice
+    """The dtype the weights and activations are in, and why (--dtype auto chooses)."""
     runner: ModelRunner
     num_blocks: int
     """KV cache blocks, agreed by every rank of the replica."""
 
 
 def build_rank_model(config: ShardConfig, device: torch.device, parallel: ParallelState) -> RankModel:
-    """Loads this rank's part of the model, profiles the largest step and allocates the KV cache
-    in what memory is left. Raises CapacityError when the cache gets less than one block."""
+    """Loads this rank's part of the model in the dtype --dtype chooses, profiles the largest step
+    and allocates the KV cache in what memory is left. Raises CapacityError when the cache gets
+    less than one block, FileNotFoundError / ValueError when the model cannot be loaded."""
     settings, limits = config.replica, config.limits
-    dtype = TORCH_DTYPES[settings.dtype]
+    choice = choose_dtype(settings.dtype, model_file(settings.model), device)
+    log.info("dtype %s (%s)", choice.name, choice.reason)
+    dtype = choice.torch_dtype
     loaded = load_model(settings.model, dtype, device, parallel)
     quantize_model(loaded.model, settings.quantize)
     profile = profile_step(loaded.model, loaded.config, limits.max_batch_tokens, limits.max_num_seqs, settings.block_size, dtype, device)
@@ -60,7 +62,7 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     if num_blocks < 1:
         raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than one KV block; raise it")
     kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device)
-    return RankModel(loaded, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks)
+    return RankModel(loaded, choice, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks)
 
 
 def describe_replica(
@@ -81,7 +83,8 @@ def describe_replica(
         model_type=loaded.config.model_type,
         vocab_size=loaded.config.vocab_size,
         eos_token_ids=loaded.config.eos_token_ids,
-        dtype=settings.dtype,
+        dtype=rank_model.dtype.name,
+        dtype_reason=rank_model.dtype.reason,
         tp=settings.tp,
         pp=settings.pp,
         replicas=1,

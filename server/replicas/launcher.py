@@ -1,7 +1,10 @@
 """Starts a replica's shard processes on this host, the way torchrun would, and stops them.
 
 Each shard process gets the replica's whole ShardConfig as one serialized message in a file
-(`--config`), and its place in the replica from torchrun's environment variables."""
+(`--config`), and its place in the replica from torchrun's environment variables. Their stderr
+comes through the gateway: every line is copied to the gateway's stderr as it comes, except the
+line in which a shard states why it stops (SHARD_ERROR_PREFIX), which becomes the message of
+the replica's failure, reported once (with tp × pp ranks, each would say the same)."""
 
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
 
 from shardgate.proto import shard_pb2
-from shardgate.proto.common import free_port
+from shardgate.proto.common import SHARD_ERROR_PREFIX, free_port
 from shardgate.proto.shard_config import BatchLimits, ReplicaSettings, ShardConfig, settings_of
 from shardgate.server.config import ReplicaConfig
 from shardgate.server.replicas.client import ReplicaClient
@@ -30,6 +34,32 @@ def shard_config(config: ReplicaConfig, batch_limits: BatchLimits, listen: str, 
     """What each shard process of a replica is told: its settings, the largest step the gateway
     will send, and where the driver listens."""
     return ShardConfig(settings_of(ReplicaSettings, config), settings_of(BatchLimits, batch_limits), listen, parent_pid)
+
+
+class _RankStderr:
+    """A shard process's stderr, copied to the gateway's stderr line by line by a thread of its
+    own, except the shard's stop line, which is kept as `error`."""
+
+    def __init__(self, stream) -> None:
+        self.error: str | None = None
+        """Why the shard stopped, as it said (without the prefix); None if it did not say."""
+        self._thread = threading.Thread(target=self._copy, args=(stream,), name="shard-stderr", daemon=True)
+        self._thread.start()
+
+    def _copy(self, stream) -> None:
+        with stream:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode(errors="replace")
+                if line.startswith(SHARD_ERROR_PREFIX):
+                    self.error = line.removeprefix(SHARD_ERROR_PREFIX).rstrip()
+                else:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+
+    def final_error(self, timeout: float = 2.0) -> str | None:
+        """The stop line of a shard that has exited, once its stderr is read to the end."""
+        self._thread.join(timeout)
+        return self.error
 
 
 class LocalReplica:
@@ -47,6 +77,7 @@ class LocalReplica:
         self._dir = tempfile.mkdtemp(prefix=f"shardgate-replica{index}-")
         self.target = f"unix://{os.path.join(self._dir, 'driver.sock')}"
         self.processes: list[subprocess.Popen] = []
+        self._stderr: list[_RankStderr] = []
 
     def start(self) -> None:
         master_port = free_port()
@@ -68,15 +99,31 @@ class LocalReplica:
             )
             # A session of their own: the terminal's Ctrl-C goes to the gateway, which then
             # stops the shards in order; the shards also exit if the gateway dies.
-            self.processes.append(subprocess.Popen(command, env=env, start_new_session=True))
+            process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+            self.processes.append(process)
+            self._stderr.append(_RankStderr(process.stderr))
+
+    def exit_reason(self, while_starting: bool = False) -> str | None:
+        """Why the replica's processes stopped, once one has exited (else None): the first stop
+        line a shard wrote, or which rank exited with which code when none wrote one."""
+        exited = [rank for rank, process in enumerate(self.processes) if process.poll() is not None]
+        if not exited:
+            return None
+        for rank in exited:
+            error = self._stderr[rank].final_error()
+            if error is not None:
+                return error
+        rank = exited[0]
+        when = " while starting" if while_starting else ""
+        return f"replica {self.index} rank {rank} exited with code {self.processes[rank].returncode}{when}"
 
     async def wait_ready(self, client: ReplicaClient) -> shard_pb2.DescribeResponse:
-        """Waits until the driver answers Describe; fails if a rank exits or time runs out."""
+        """Waits until the driver answers Describe; fails (exit_reason) if a rank exits, or if time runs out."""
         deadline = time.monotonic() + self.config.start_timeout_s
         while True:
-            for rank, process in enumerate(self.processes):
-                if process.poll() is not None:
-                    raise RuntimeError(f"replica {self.index} rank {rank} exited with code {process.returncode} while starting")
+            reason = await asyncio.to_thread(self.exit_reason, True)
+            if reason is not None:
+                raise RuntimeError(reason)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RuntimeError(f"replica {self.index} did not start within {self.config.start_timeout_s:.0f} s")
@@ -88,12 +135,11 @@ class LocalReplica:
             await asyncio.sleep(0.1)
 
     async def wait_lost(self) -> None:
-        """Raises RuntimeError once any rank has exited (the replica is lost)."""
+        """Raises RuntimeError (exit_reason) once any rank has exited (the replica is lost)."""
         loop = asyncio.get_running_loop()
-        exits = {loop.run_in_executor(None, process.wait): rank for rank, process in enumerate(self.processes)}
-        done, _ = await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
-        rank = exits[done.pop()]
-        raise RuntimeError(f"replica {self.index} rank {rank} exited with code {self.processes[rank].returncode}")
+        exits = [loop.run_in_executor(None, process.wait) for process in self.processes]
+        await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+        raise RuntimeError(await asyncio.to_thread(self.exit_reason))
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every rank, SIGKILL what is left after timeout, remove the socket folder."""

