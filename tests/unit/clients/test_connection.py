@@ -178,7 +178,9 @@ def test_client_deadline_reaches_the_server_and_expires(server, fake):
     fake.stall = True
     with Client(server.address, timeout=0.3) as client, pytest.raises(DeadlineExceeded):
         client.generate("hi")
-    assert 0 < fake.calls[0].time_remaining <= 0.3
+    # gRPC rounds the timeout it puts on the wire up (grpc-timeout has a few significant digits), so
+    # the server may see a hair more than the client asked for.
+    assert 0 < fake.calls[0].time_remaining <= 0.32
 
 
 def test_per_call_timeout_overrides_the_clients(server, fake):
