@@ -256,24 +256,26 @@ class EngineAPI:
         """Some replica can serve."""
         return self._attached and self.router.serving
 
-    def generate(self, request: inference_pb2.GenerateRequest, deadline: float | None = None) -> Generation:
+    def generate(self, request: inference_pb2.GenerateRequest, deadline: float | None = None, protocol: str = "grpc") -> Generation:
         """Validates, admits and submits a request at once (no await between the admission
         check and the enqueue); raises RequestError when it is refused. `deadline` is the
-        transport's, as time.monotonic(); the request's own timeout_ms also applies."""
+        transport's, as time.monotonic(); the request's own timeout_ms also applies.
+        `protocol` names the frontend (grpc, openai, kserve) for the metrics."""
         self.check_ready()
         try:
             with self.telemetry.tracer.start_as_current_span("validate"):
                 valid = validate(request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
             ticket = self.admission.admit(len(valid.prompt_ids))
         except RequestError as error:
-            self.telemetry.request_rejected(request.request_id, error.code)
+            self.telemetry.request_rejected(request.request_id, error.code, protocol)
             raise
         try:
             handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline))
         except RequestError as error:
             ticket.release()
-            self.telemetry.request_rejected(request.request_id, error.code)
+            self.telemetry.request_rejected(request.request_id, error.code, protocol)
             raise
+        handle.request.protocol = protocol
         call_span = trace.get_current_span().get_span_context()
         if call_span.is_valid:
             handle.request.span_context = call_span

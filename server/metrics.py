@@ -30,7 +30,7 @@ STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STEP_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 COMMUNICATION = ("all_reduce", "all_gather", "pp_send", "pp_recv")
-GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_request_model")
+GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_request_model", "protocol")
 
 
 class Metrics:
@@ -70,8 +70,8 @@ class Metrics:
         )
         self.responses = Counter(
             "shardgate_responses",
-            "Generate and GenerateStream calls by final gRPC status (validation failures included).",
-            ["code"],
+            "Generation requests by final status as a gRPC code (validation failures included) and frontend protocol.",
+            ["code", "protocol"],
             registry=registry,
         )
         self.step_duration = Histogram(
@@ -109,7 +109,7 @@ class Metrics:
         )
 
     def request_finished(self, model: str, request: Request, times: RequestTimes) -> None:
-        genai = (GENAI_OPERATION, model)
+        genai = (GENAI_OPERATION, model, request.protocol)
         self.request_duration.labels(*genai).observe(times.duration_s)
         if times.ttft_s is not None:
             self.time_to_first_token.labels(*genai).observe(times.ttft_s)
@@ -122,8 +122,8 @@ class Metrics:
         if request.finish_reason is not None:
             self.finished.labels(request.finish_reason.value).inc()
 
-    def response(self, code: grpc.StatusCode) -> None:
-        self.responses.labels(code.name).inc()
+    def response(self, code: grpc.StatusCode, protocol: str) -> None:
+        self.responses.labels(code.name, protocol).inc()
 
     def step_finished(
         self, replica: int, shape: StepShape, wall_s: float, device_seconds: float, cost: float, ranks: Sequence[shard_pb2.RankTiming]

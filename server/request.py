@@ -83,6 +83,8 @@ class Request:
     span_context: SpanContext | None = None
     """The gRPC server span of the call, when traced: parent of the request's stage spans,
     target of the step spans' links."""
+    protocol: str = "grpc"
+    """The frontend the request came in by (grpc, openai, kserve): a metrics label."""
 
     @property
     def num_tokens(self) -> int:

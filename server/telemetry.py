@@ -99,9 +99,9 @@ class Telemetry:
     def cost(self, device_seconds: float) -> float:
         return price(device_seconds, self.config.device_cost_per_hour)
 
-    def request_rejected(self, request_id: str, code: grpc.StatusCode) -> None:
+    def request_rejected(self, request_id: str, code: grpc.StatusCode, protocol: str) -> None:
         """A generation request refused before it reached a replica."""
-        self.metrics.response(code)
+        self.metrics.response(code, protocol)
         request_log.info("%s", json.dumps({"request_id": request_id, "status": code.name, "trace_id": _trace_id(trace.get_current_span())}))
 
     def request_finished(self, request: Request, replica: int, code: grpc.StatusCode, server_span: trace.Span) -> None:
@@ -114,7 +114,7 @@ class Telemetry:
             record_request_spans(self.tracer, server_span, request, now)
             server_span.set_attributes(request_attributes(request, self.model, replica, times, cost))
         self.metrics.request_finished(self.model, request, times)
-        self.metrics.response(code)
+        self.metrics.response(code, request.protocol)
         line = {
             "request_id": request.request_id,
             "status": code.name,

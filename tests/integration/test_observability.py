@@ -28,7 +28,7 @@ STREAM = "/shardgate.v1.Inference/GenerateStream"
 DRIVER_STEP = "shardgate.shard.v1.Shard/Step"
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 LAYERS = 4  # builtin:tiny
-MODEL_LABELS = {"gen_ai_operation_name": "text_completion", "gen_ai_request_model": "builtin:tiny"}
+MODEL_LABELS = {"gen_ai_operation_name": "text_completion", "gen_ai_request_model": "builtin:tiny", "protocol": "grpc"}
 
 
 @dataclass
@@ -228,7 +228,8 @@ def test_metrics_move_by_the_requests_made(observed):
         return delta(before, after, name, **labels)
 
     prompt = sum(u.prompt_tokens for u in usages)
-    assert moved("shardgate_responses_total", code="OK") == 2 and moved("shardgate_responses_total", code="INVALID_ARGUMENT") == 1
+    assert moved("shardgate_responses_total", code="OK", protocol="grpc") == 2
+    assert moved("shardgate_responses_total", code="INVALID_ARGUMENT", protocol="grpc") == 1
     assert moved("shardgate_requests_finished_total", reason="length") == 2
     assert moved("shardgate_prompt_tokens_total") == prompt and moved("shardgate_generation_tokens_total") == 8
     for histogram in (
@@ -278,7 +279,7 @@ def test_gauges_show_a_running_request_and_counters_its_cancellation(observed):
     [line] = observed.log_lines("cancelled-1")
     after = observed.scrape()
     assert line["status"] == "CANCELLED" and line["finish_reason"] == "cancelled"
-    assert delta(before, after, "shardgate_responses_total", code="CANCELLED") == 1
+    assert delta(before, after, "shardgate_responses_total", code="CANCELLED", protocol="grpc") == 1
     assert delta(before, after, "shardgate_requests_finished_total", reason="cancelled") == 1
     assert delta(before, after, "shardgate_generation_tokens_total") == line["completion_tokens"] >= 1
     assert value(after, "shardgate_requests_running", replica=0) == 0 and value(after, "shardgate_kv_cache_usage_ratio", replica=0) == 0

@@ -125,10 +125,10 @@ def test_a_finished_request_gets_its_spans_metrics_and_one_log_line(caplog):
         0.005
     )
     metrics = telemetry.metrics
-    assert sample(metrics, "shardgate_responses_total", code="OK") == 1
+    assert sample(metrics, "shardgate_responses_total", code="OK", protocol="grpc") == 1
     assert sample(metrics, "shardgate_requests_finished_total", reason="length") == 1
     assert sample(metrics, "shardgate_prompt_tokens_total") == 5 and sample(metrics, "shardgate_generation_tokens_total") == 2
-    genai = dict(gen_ai_operation_name="text_completion", gen_ai_request_model="m")
+    genai = dict(gen_ai_operation_name="text_completion", gen_ai_request_model="m", protocol="grpc")
     assert sample(metrics, "gen_ai_server_time_per_output_token_seconds_count", **genai) == 1
     [record] = caplog.records
     line = json.loads(record.getMessage())
@@ -142,9 +142,9 @@ def test_without_tracing_a_finished_request_still_counts_and_logs(caplog):
     scheduler, [request], _ = scheduled(1)
     with caplog.at_level(logging.INFO, logger="shardgate.requests"):
         telemetry.request_finished(finish(scheduler, request), 0, grpc.StatusCode.CANCELLED, telemetry.tracer.start_span("call"))
-        telemetry.request_rejected("bad-1", grpc.StatusCode.INVALID_ARGUMENT)
-    assert sample(telemetry.metrics, "shardgate_responses_total", code="CANCELLED") == 1
-    assert sample(telemetry.metrics, "shardgate_responses_total", code="INVALID_ARGUMENT") == 1
+        telemetry.request_rejected("bad-1", grpc.StatusCode.INVALID_ARGUMENT, "grpc")
+    assert sample(telemetry.metrics, "shardgate_responses_total", code="CANCELLED", protocol="grpc") == 1
+    assert sample(telemetry.metrics, "shardgate_responses_total", code="INVALID_ARGUMENT", protocol="grpc") == 1
     lines = [json.loads(r.getMessage()) for r in caplog.records]
     assert [(line["request_id"], line["status"], line["trace_id"]) for line in lines] == [
         ("r1", "CANCELLED", ""),
