@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,7 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from servers import launch_server, wait_until
 
+from shardgate.clients.errors import InvalidRequest, Unavailable
+from shardgate.clients.tools.protocol_kserve import KServeDriver
+from shardgate.clients.tools.workload import WorkItem
 from shardgate.proto import inference_pb2, kserve_v2_pb2, kserve_v2_pb2_grpc
+from shardgate.proto.common import free_port
 from shardgate.proto.kserve_tensors import BOOL, BYTES, decode_raw, encode_raw
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -260,3 +265,37 @@ def test_the_readme_example_runs_as_written(triton_python, tiny_server):
     done = subprocess.run([str(triton_python), "-c", script], capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"live True ready True\ninfer: {text}\nstream: {text}\n"
+
+
+@dataclass(frozen=True)
+class TextItem(WorkItem):
+    """A work item with its prompt's text, as the bench hands the KServe driver."""
+
+    prompt_text: str = ""
+
+
+def test_the_bench_driver_streams_token_counts_that_sum_to_the_output_length(tiny_server):
+    async def run() -> tuple[list[int], list[int], Exception]:
+        async with KServeDriver(tiny_server.address, {"timeout": 60, "token": None, "tls": None}) as driver:
+            counts = [n async for n in driver.stream(TextItem([1, 2], 17, prompt_text=PROMPT), ignore_eos=True)]
+            short = [n async for n in driver.stream(TextItem([1, 2], 1, prompt_text="x"), ignore_eos=True)]
+            with pytest.raises(InvalidRequest) as error:
+                [n async for n in driver.stream(TextItem([1, 2], 100000, prompt_text="x"), ignore_eos=True)]
+            with pytest.raises(ValueError, match="no prompt_text"):
+                [n async for n in driver.stream(WorkItem([1, 2], 4), ignore_eos=True)]
+            return counts, short, error.value
+
+    counts, short, error = asyncio.run(run())
+    assert sum(counts) == 17 and all(n > 0 for n in counts) and len(counts) > 1
+    assert short == [1]
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("max_new_tokens: must be in [1, 4096], got 100000")
+
+
+def test_the_bench_driver_reports_a_refused_connection_as_unavailable():
+    async def run() -> None:
+        async with KServeDriver(f"127.0.0.1:{free_port()}", {"timeout": 5}):
+            pass
+
+    with pytest.raises(Unavailable):
+        asyncio.run(run())
