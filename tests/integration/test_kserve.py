@@ -19,9 +19,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from servers import launch_server, wait_until
+from servers import launch_server, start_server, wait_until
 
-from shardgate.clients.errors import InvalidRequest, Unavailable
+from shardgate.clients.errors import InvalidRequest, Unauthenticated, Unavailable
 from shardgate.clients.tools.protocol_kserve import KServeDriver
 from shardgate.clients.tools.workload import WorkItem
 from shardgate.proto import inference_pb2, kserve_v2_pb2, kserve_v2_pb2_grpc
@@ -299,3 +299,22 @@ def test_the_bench_driver_reports_a_refused_connection_as_unavailable():
 
     with pytest.raises(Unavailable):
         asyncio.run(run())
+
+
+def test_api_keys_apply_to_kserve_calls(tmp_path):
+    """The bench driver's token gets through; without it, UNAUTHENTICATED (every KServe method
+    needs the key: test_security.py checks each method reflection lists)."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text("kserve-key\n")
+    server = start_server(tmp_path, "--kv-cache-memory", str(16 << 20), "--api-key-file", str(keys))
+
+    async def stream(token: str | None) -> list[int]:
+        async with KServeDriver(server.address, {"timeout": 60, "token": token}) as driver:
+            return [n async for n in driver.stream(TextItem([1], 3, prompt_text=PROMPT), ignore_eos=True)]
+
+    try:
+        assert sum(asyncio.run(stream("kserve-key"))) == 3
+        with pytest.raises(Unauthenticated):
+            asyncio.run(stream(None))
+    finally:
+        server.stop()
