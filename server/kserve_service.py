@@ -141,8 +141,14 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
     def _start(
         self, request: kserve_v2_pb2.ModelInferRequest, deadline: float | None, streaming_call: bool
     ) -> tuple[LLMRequest, Generation]:
-        """Reads the request and submits it to the engine; RequestError if either refuses it."""
-        llm = read_request(request, self.model(), streaming_call)
+        """Reads the request and submits it to the engine; RequestError if either refuses it (a
+        request that does not translate counts in the metrics as one the engine refused)."""
+        model = self.model()
+        try:
+            llm = read_request(request, model, streaming_call)
+        except RequestError as error:
+            self.api.telemetry.request_rejected(request.id, error.code, PROTOCOL)
+            raise
         return llm, self.api.generate(llm.generate, deadline, protocol=PROTOCOL)
 
     async def _responses(self, llm: LLMRequest, generation: Generation, on_stream: bool) -> AsyncIterator[kserve_v2_pb2.ModelInferResponse]:

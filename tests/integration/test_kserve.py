@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,5 +317,24 @@ def test_api_keys_apply_to_kserve_calls(tmp_path):
         assert sum(asyncio.run(stream("kserve-key"))) == 3
         with pytest.raises(Unauthenticated):
             asyncio.run(stream(None))
+    finally:
+        server.stop()
+
+
+def test_kserve_requests_are_counted_under_their_protocol(tmp_path):
+    metrics_port = free_port()
+    server = start_server(tmp_path, "--kv-cache-memory", str(16 << 20), "--metrics-port", str(metrics_port))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = kserve_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+            assert [r.error_message for r in stub.ModelStreamInfer(iter([stream_request("count me", 3)]), timeout=60)][0] == ""
+            bad = stream_request("bad", 3)
+            bad.raw_input_contents[2] = encode_raw(BYTES, [b'{"best_of": 2}'])
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(bad, timeout=60)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        kserve = [line for line in scraped.splitlines() if 'protocol="kserve"' in line and not line.startswith("#")]
+        assert any('code="OK"' in line and line.endswith(" 1.0") for line in kserve), kserve
+        assert any('code="INVALID_ARGUMENT"' in line and line.endswith(" 1.0") for line in kserve), kserve
     finally:
         server.stop()
