@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from otlp_receiver import otlp_receiver
 from servers import launch_server, start_server, wait_until
 
 from shardgate.clients.errors import InvalidRequest, Unauthenticated, Unavailable
@@ -39,6 +41,7 @@ SERVICE = "inference.GRPCInferenceService"
 MODEL = "builtin:tiny"
 PROMPT = "The KServe protocol"
 GREEDY = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+SERVER_SPAN = 2  # opentelemetry.proto.trace.v1.Span.SpanKind
 
 
 @pytest.fixture(scope="module")
@@ -321,20 +324,36 @@ def test_api_keys_apply_to_kserve_calls(tmp_path):
         server.stop()
 
 
-def test_kserve_requests_are_counted_under_their_protocol(tmp_path):
-    metrics_port = free_port()
-    server = start_server(tmp_path, "--kv-cache-memory", str(16 << 20), "--metrics-port", str(metrics_port))
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = kserve_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
-            assert [r.error_message for r in stub.ModelStreamInfer(iter([stream_request("count me", 3)]), timeout=60)][0] == ""
-            bad = stream_request("bad", 3)
-            bad.raw_input_contents[2] = encode_raw(BYTES, [b'{"best_of": 2}'])
-            with pytest.raises(grpc.RpcError):
-                stub.ModelInfer(bad, timeout=60)
-        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        kserve = [line for line in scraped.splitlines() if 'protocol="kserve"' in line and not line.startswith("#")]
-        assert any('code="OK"' in line and line.endswith(" 1.0") for line in kserve), kserve
-        assert any('code="INVALID_ARGUMENT"' in line and line.endswith(" 1.0") for line in kserve), kserve
-    finally:
-        server.stop()
+def test_kserve_requests_are_traced_and_counted_under_their_protocol(tmp_path, monkeypatch):
+    """The server span of a KServe call joins the caller's trace, with the request's stages
+    under it; the metrics count its requests (refusals included) under protocol="kserve"."""
+    with otlp_receiver() as (endpoint, spans):
+        for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        metrics_port = free_port()
+        server = start_server(tmp_path, "--kv-cache-memory", str(16 << 20), "--metrics-port", str(metrics_port))
+        try:
+            trace_id, caller_span_id = secrets.token_hex(16), secrets.token_hex(8)
+            with grpc.insecure_channel(server.address) as channel:
+                stub = kserve_v2_pb2_grpc.GRPCInferenceServiceStub(channel)
+                traced = stub.ModelStreamInfer(
+                    iter([stream_request("count me", 3)]), timeout=60, metadata=[("traceparent", f"00-{trace_id}-{caller_span_id}-01")]
+                )
+                assert all(not response.error_message for response in traced)
+                bad = stream_request("bad", 3)
+                bad.raw_input_contents[2] = encode_raw(BYTES, [b'{"best_of": 2}'])
+                with pytest.raises(grpc.RpcError):
+                    stub.ModelInfer(bad, timeout=60)
+            method = "/inference.GRPCInferenceService/ModelStreamInfer"
+            received = spans.wait_for(lambda received: any(s.name == method and s.trace_id == trace_id for s in received))
+            [call] = [s for s in received if s.name == method and s.trace_id == trace_id]
+            assert call.parent_span_id == caller_span_id and call.kind == SERVER_SPAN
+            spans.wait_for(lambda received: any(s.parent_span_id == call.span_id for s in received))  # its request's stages
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            kserve = [line for line in scraped.splitlines() if 'protocol="kserve"' in line and not line.startswith("#")]
+            assert any('code="OK"' in line and line.endswith(" 1.0") for line in kserve), kserve
+            assert any('code="INVALID_ARGUMENT"' in line and line.endswith(" 1.0") for line in kserve), kserve
+        finally:
+            server.stop()
