@@ -14,7 +14,7 @@ import grpc_tools
 from grpc_tools import protoc
 
 PROTO_DIR = Path(__file__).resolve().parent
-PROTOS = ("config.proto", "inference.proto", "shard.proto")
+PROTOS = ("config.proto", "inference.proto", "kserve_v2.proto", "shard.proto")
 # The .proto files are compiled as if they lived at shardgate/proto/, so the generated
 # modules import each other as `shardgate.proto.x_pb2`, the installed name.
 VIRTUAL_DIR = "shardgate/proto"

@@ -1,6 +1,8 @@
 """Wires the gateway: start the replicas, build an engine per replica, serve gRPC until a signal.
 
-Health (grpc.health.v1, for "" and shardgate.v1.Inference) says NOT_SERVING while the replicas
+The KServe v2 service (kserve_service.py) shares the port, interceptors and engine API with
+the native one. Health (grpc.health.v1, for "", shardgate.v1.Inference and
+inference.GRPCInferenceService) says NOT_SERVING while the replicas
 load and warm up, SERVING once they answer, and NOT_SERVING again while the server drains
 (SIGINT/SIGTERM: new calls get UNAVAILABLE, in-flight ones get --drain-timeout to finish) or
 while no replica can serve (each failed replica is restarted by its supervisor; see
@@ -20,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
-from shardgate.proto import inference_pb2, inference_pb2_grpc, shard_pb2
+from shardgate.proto import inference_pb2, inference_pb2_grpc, kserve_v2_pb2, kserve_v2_pb2_grpc, shard_pb2
 from shardgate.proto.tls import channel_credentials, server_credentials
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
@@ -28,6 +30,7 @@ from shardgate.server.embed_batcher import DynamicBatcher
 from shardgate.server.engine import Engine
 from shardgate.server.engine_api import EngineAPI
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
+from shardgate.server.kserve_service import KServeService
 from shardgate.server.replicas.client import ReplicaClient
 from shardgate.server.replicas.launcher import LocalReplica
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
@@ -37,6 +40,7 @@ from shardgate.server.telemetry import Telemetry
 
 log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+KSERVE_SERVICE_NAME = kserve_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 # A client that vanishes without closing its connection is noticed by keepalive pings, and its
@@ -79,14 +83,15 @@ def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None
 async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGINT or SIGTERM, then drains."""
     telemetry = Telemetry.start(config.telemetry, config.host)
-    server, port = build_server(config, telemetry.server_interceptors(SERVICE_NAME))
+    tracing = telemetry.server_interceptors(SERVICE_NAME) + telemetry.server_interceptors(KSERVE_SERVICE_NAME)
+    server, port = build_server(config, tracing)
     api = EngineAPI(config, telemetry)
-    service = InferenceService(api)
-    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(api), server)
+    kserve_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(api), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await _set_health(health_servicer, serving=False)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
 
     local = [LocalReplica(config.replica, config.scheduler, index) for index in range(config.replicas)]
@@ -162,7 +167,7 @@ async def serve(config: GatewayConfig) -> None:
 
 async def _set_health(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
         await health_servicer.set(name, status)
 
 

@@ -122,6 +122,11 @@ class Generation:
     def request_id(self) -> str:
         return self._handle.request.request_id
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in the request's prompt, as it was tokenized."""
+        return len(self._handle.request.prompt_ids)
+
     async def outputs(self) -> AsyncIterator[GenerateOutput]:
         """The request's outputs up to the one with its finish reason; a request the server
         cannot finish raises RequestError after the outputs it made (a request that ends
