@@ -24,7 +24,7 @@ from shardgate.server.kserve_llm import (
     model_metadata,
     read_request,
 )
-from shardgate.server.service import _call_deadline
+from shardgate.server.service import call_deadline
 from shardgate.server.validation import RequestError
 
 PROTOCOL = "kserve"
@@ -72,7 +72,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context) -> kserve_v2_pb2.ModelInferResponse:
         try:
-            llm, generation = self._start(request, _call_deadline(context), streaming_call=False)
+            llm, generation = self._start(request, call_deadline(context), streaming_call=False)
             async with aclosing(self._responses(llm, generation, on_stream=False)) as responses:
                 return await anext(responses)  # not streamed: the one response
         except RequestError as error:
@@ -86,7 +86,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
             self.api.check_ready()  # a stream opened while the engine cannot serve ends at once
         except RequestError as error:
             await context.abort(error.code, str(error))
-        deadline = _call_deadline(context)
+        deadline = call_deadline(context)
         out: asyncio.Queue = asyncio.Queue()
         live: set[Generation] = set()
         relays: set[asyncio.Task] = set()

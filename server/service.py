@@ -49,7 +49,7 @@ def _stream_message(output: GenerateOutput) -> inference_pb2.GenerateStreamRespo
     return message
 
 
-def _call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The call's gRPC deadline, as time.monotonic()."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -75,7 +75,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _start(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Generation:
         try:
-            return self.api.generate(request, _call_deadline(context))
+            return self.api.generate(request, call_deadline(context))
         except RequestError as error:
             await context.abort(error.code, str(error))
 
@@ -143,7 +143,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     raise invalid("request_id", "must be set on a multiplexed stream")
                 if request_id in live:
                     raise invalid("request_id", f"{request_id!r} is already live on this stream")
-                generation = self.api.generate(message, _call_deadline(context))
+                generation = self.api.generate(message, call_deadline(context))
             except RequestError as error:
                 fail(request_id, error.code, str(error))
                 return
@@ -184,7 +184,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def Embed(self, request, context) -> inference_pb2.EmbedResponse:
         try:
-            result = await self.api.embed(request, _call_deadline(context))
+            result = await self.api.embed(request, call_deadline(context))
         except RequestError as error:
             await context.abort(error.code, str(error))
         return inference_pb2.EmbedResponse(
