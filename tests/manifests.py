@@ -7,15 +7,19 @@ run those exact lines on this host."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -151,3 +155,39 @@ class Local:
 
     def unused(self) -> set[str]:
         return ({*self.values} | {f"env {name}" for name in self.env}) - self._used
+
+
+def health_status(port: int, service: str) -> int | None:
+    """What a gRPC probe sees: the grpc.health.v1 status of a service on 127.0.0.1:port, or
+    None while nothing answers there."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return None
+            raise
+
+
+def grpc_probe_serving(probe: dict, local: Local) -> bool:
+    """Whether a container's `grpc:` probe succeeds here (its port mapped to the local one)."""
+    port = int(local.swap(str(probe["grpc"]["port"])))
+    return health_status(port, probe["grpc"].get("service", "")) == health_pb2.HealthCheckResponse.SERVING
+
+
+def exec_probe_succeeds(probe: dict, local: Local, env: Mapping[str, str]) -> bool:
+    """Whether a container's `exec:` probe succeeds here (its words mapped to local values)."""
+    argv, _ = local.command({"name": "probe", "command": probe["exec"]["command"]}, [])
+    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, timeout=probe.get("timeoutSeconds", 1) + 10).returncode == 0
+
+
+def wait_for_probe(succeeds: Callable[[], bool], processes: Mapping[str, subprocess.Popen], logs: Path, timeout: float = 300) -> None:
+    """Polls a probe until it succeeds, failing (with the logs under `logs`) when one of the
+    processes exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not succeeds():
+        exited = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
+        if exited or time.monotonic() > deadline:
+            text = "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}" for path in sorted(logs.glob("*.log")))
+            raise AssertionError(f"probe never succeeded ({'exited: ' + str(exited) if exited else 'timed out'}):\n{text}")
+        time.sleep(0.5)
