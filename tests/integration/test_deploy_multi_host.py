@@ -78,8 +78,7 @@ def test_leaderworkerset_group_serves_as_two_torchrun_nodes(tmp_path):
         return Local(
             values=values,
             env={"SHARDGATE_MODEL": "builtin:tiny", "SHARDGATE_GPUS_PER_POD": "1"},
-            downward={"POD_NAME": f"shardgate-0-{worker_index}" if worker_index else "shardgate-0", "POD_NAMESPACE": "inference"}
-            | {"NODE_NAME": f"node-{worker_index}"},
+            downward={"POD_NAME": f"shardgate-0-{worker_index}", "POD_NAMESPACE": "inference", "NODE_NAME": f"node-{worker_index}"},
             injected={"LWS_LEADER_ADDRESS": "127.0.0.1", "LWS_GROUP_SIZE": str(size), "LWS_WORKER_INDEX": str(worker_index)},
         )
 
