@@ -44,7 +44,7 @@ def test_each_overlay_renders_its_resources(rendered):
     single_host = ["Deployment", "PodDisruptionBudget", "Service", "Service"]
     assert kinds["cpu"] == single_host  # no CRD needed
     assert kinds["gpu"] == kinds["spot"] == sorted([*single_host, "ServiceMonitor"])
-    assert kinds["multi-host"] == ["LeaderWorkerSet", "PodDisruptionBudget", "Service", "Service", "ServiceMonitor"]
+    assert kinds["multi-host"] == ["LeaderWorkerSet", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service", "ServiceMonitor"]
 
 
 def test_images_are_built_by_the_dockerfiles(rendered):
@@ -117,6 +117,18 @@ def test_multi_host_replica_is_one_torchrun_job(rendered):
     assert flag(gateway["args"], "--replica-tls-key") == flag(driver["command"], "--tls-key")
     probe = driver["startupProbe"]["exec"]["command"]
     assert probe[-1] == flag(driver["command"], "--listen").rsplit(":", 1)[1]
+
+
+def test_multi_host_ranks_admit_only_the_apps_pods(rendered):
+    docs = rendered["multi-host"]
+    policy = only(docs, "NetworkPolicy")["spec"]
+    pods = pod_templates(docs).values()
+    assert all(policy["podSelector"]["matchLabels"].items() <= t["metadata"]["labels"].items() for t in pods)
+    peers, public = policy["ingress"]
+    assert all(peers["from"][0]["podSelector"]["matchLabels"].items() <= t["metadata"]["labels"].items() for t in pods)
+    assert "from" not in public  # from anywhere: the gateway's ports only
+    gateway_ports = {p["containerPort"] for _, _, c in gateways(docs) for p in c["ports"]}
+    assert {p["port"] for p in public["ports"]} == gateway_ports
 
 
 def test_services_and_monitors_select_the_gateways(rendered):
