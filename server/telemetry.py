@@ -89,14 +89,14 @@ class Telemetry:
     def tracing(self) -> bool:
         return self.tracer_provider is not None
 
-    def server_interceptors(self, service: str) -> list[grpc.aio.ServerInterceptor]:
-        """The gRPC instrumentation that makes each call of `service` a server span, joined to
-        the caller's trace by its traceparent metadata (none when tracing is off)."""
+    def server_interceptors(self, *services: str) -> list[grpc.aio.ServerInterceptor]:
+        """The gRPC instrumentation that makes each call of the `services` a server span, joined
+        to the caller's trace by the global propagator (none when tracing is off)."""
         if not self.tracing:
             return []
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-        return [aio_server_interceptor(self.tracer_provider, filter_=filters.service_name(service))]
+        return [aio_server_interceptor(self.tracer_provider, filter_=filters.any_of(*map(filters.service_name, services)))]
 
     @property
     def model(self) -> str:
