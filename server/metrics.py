@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Plat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from shardgate.proto import shard_pb2
-from shardgate.server.measures import ReplicaStatus, RequestTimes, StepShape
+from shardgate.server.measures import GENAI_EMBEDDINGS, ReplicaStatus, RequestTimes, StepShape
 from shardgate.server.request import Request
 
 # OpenTelemetry GenAI semantic conventions, advised bucket boundaries (seconds).
@@ -151,9 +151,9 @@ class Metrics:
         )
         self.cost = counter("shardgate_cost", "Device time priced at --device-cost-per-hour (its currency).", ("replica",))
 
-    def request_finished(self, operation: str, request: Request, times: RequestTimes) -> None:
+    def request_finished(self, request: Request, times: RequestTimes) -> None:
         model = self.model
-        genai = (model, operation, model, request.protocol)
+        genai = (model, request.operation, model, request.protocol)
         self.request_duration.labels(*genai).observe(times.duration_s)
         if times.ttft_s is not None:
             self.time_to_first_token.labels(*genai).observe(times.ttft_s)
@@ -175,8 +175,8 @@ class Metrics:
         if request.finish_reason is not None:
             self.finished.labels(model, request.finish_reason.value).inc()
 
-    def embed_finished(self, operation: str, protocol: str, input_tokens: int, duration_s: float, ok: bool) -> None:
-        self.request_duration.labels(self.model, operation, self.model, protocol).observe(duration_s)
+    def embed_finished(self, protocol: str, input_tokens: int, duration_s: float, ok: bool) -> None:
+        self.request_duration.labels(self.model, GENAI_EMBEDDINGS, self.model, protocol).observe(duration_s)
         if ok:
             self.embed_input_tokens.labels(self.model).inc(input_tokens)
 

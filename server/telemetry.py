@@ -138,7 +138,7 @@ class Telemetry:
         if span.is_recording():
             record_request_spans(self.tracer, span, request, now)
             span.set_attributes(request_attributes(request, self.model, replica, times, cost))
-        self.metrics.request_finished(request.operation, request, times)
+        self.metrics.request_finished(request, times)
         self.metrics.response(request.operation, code, request.protocol)
         line = {
             "request_id": request.request_id,
@@ -167,7 +167,7 @@ class Telemetry:
         """An Embed call ended (`code` is its status); ends its span."""
         if span.is_recording():
             span.set_attributes({"gen_ai.response.id": request_id, "gen_ai.usage.input_tokens": input_tokens})
-        self.metrics.embed_finished(GENAI_EMBEDDINGS, protocol, input_tokens, duration_s, code is grpc.StatusCode.OK)
+        self.metrics.embed_finished(protocol, input_tokens, duration_s, code is grpc.StatusCode.OK)
         self.metrics.response(GENAI_EMBEDDINGS, code, protocol)
         line = {"request_id": request_id, "operation": GENAI_EMBEDDINGS, "status": code.name, "protocol": protocol}
         self._log({**line, "prompt_tokens": input_tokens, "duration_s": duration_s}, span)
