@@ -37,7 +37,8 @@ LOG_FORMATS = ("text", "json")
 """What `--log-format` takes, in the gateway and the shards (shardgate.proto.logs)."""
 
 TRACES_EXPORTERS = ("otlp", "console", "none")
-"""What OTEL_TRACES_EXPORTER may list (comma-separated)."""
+"""What OTEL_TRACES_EXPORTER may list (comma-separated), besides the name of any other installed
+span exporter (entry-point group opentelemetry_traces_exporter)."""
 OTLP_PROTOCOLS = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
 """OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL values → the OTLP exporter's entry-point name."""
 
@@ -79,8 +80,8 @@ class TracingConfig:
             raise ValueError(f"{protocol_variable}={protocol!r} is not one of {', '.join(OTLP_PROTOCOLS)}")
         listed = [name.strip() for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if name.strip()]
         for name in listed:
-            if name not in TRACES_EXPORTERS:
-                raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not one of {', '.join(TRACES_EXPORTERS)}")
+            if name not in TRACES_EXPORTERS and not entry_points(group="opentelemetry_traces_exporter", name=name):
+                raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not one of {', '.join(TRACES_EXPORTERS)} or an installed span exporter")
         if not listed and (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
             listed = ["otlp"]
         if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or "none" in listed:

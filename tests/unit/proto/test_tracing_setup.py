@@ -27,6 +27,7 @@ GRPC, HTTP = "otlp_proto_grpc", "otlp_proto_http"
         ),
         ({"OTEL_TRACES_EXPORTER": "console"}, ("console",)),
         ({"OTEL_TRACES_EXPORTER": "otlp, console"}, (GRPC, "console")),
+        ({"OTEL_TRACES_EXPORTER": "otlp_proto_http"}, (HTTP,)),  # an installed exporter, by its entry-point name
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4317", "OTEL_SDK_DISABLED": "True"}, ()),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4317", "OTEL_TRACES_EXPORTER": "none"}, ()),
         ({"OTEL_PROPAGATORS": "tracecontext,baggage", "OTEL_TRACES_EXPORTER": "console"}, ("console",)),
