@@ -57,7 +57,7 @@ def init_tracing(
     if wrap_sampler is not None:
         provider.sampler = wrap_sampler(provider.sampler)
     for name in config.exporters:
-        [exporter] = entry_points(group="opentelemetry_traces_exporter", name=name)
+        exporter = next(iter(entry_points(group="opentelemetry_traces_exporter", name=name)))  # present: TracingConfig checked
         provider.add_span_processor(BatchSpanProcessor(exporter.load()()))
     trace.set_tracer_provider(provider)
     return provider
