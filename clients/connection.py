@@ -13,7 +13,7 @@ from shardgate.proto.tls import channel_credentials
 
 try:  # optional: with opentelemetry-api installed, calls carry the caller's trace context
     from opentelemetry import propagate as _otel_propagate
-except ImportError:
+except (ImportError, ValueError):  # ValueError: OTEL_PROPAGATORS names a propagator not installed (`serve` reports it)
     _otel_propagate = None
 
 

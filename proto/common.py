@@ -1,5 +1,5 @@
 """What the gateway, the shards and the clients agree on: dtype and quantization names, the
-shard's error-line prefix, the internal message limit, the tracing switch, free ports.
+shard's error-line prefix, the internal message limit, the tracing exporters (OTEL_* checked), free ports.
 
 A leaf: it imports only the standard library (so the configs that use it import without any
 dependency), and nothing of the server, the shards or the clients. TLS credentials are in
@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of each weight and activation dtype a replica can run in (`--dtype`)."""
@@ -32,31 +33,75 @@ INTERNAL_MESSAGE_BYTES = 256 * 1024 * 1024
 travels in Describe, and a large tokenizer.json alone is several MB)."""
 
 
+LOG_FORMATS = ("text", "json")
+"""What `--log-format` takes, in the gateway and the shards (shardgate.proto.logs)."""
+
+TRACES_EXPORTERS = ("otlp", "console", "none")
+"""What OTEL_TRACES_EXPORTER may list (comma-separated), besides the name of any other installed
+span exporter (entry-point group opentelemetry_traces_exporter)."""
+OTLP_PROTOCOLS = {"grpc": "otlp_proto_grpc", "http/protobuf": "otlp_proto_http"}
+"""OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL values → the OTLP exporter's entry-point name."""
+
+
 @dataclass(frozen=True)
 class TracingConfig:
-    """Whether a process exports spans, from the standard OpenTelemetry environment.
+    """Which span exporters a process runs, from the standard OpenTelemetry environment.
 
-    Only the switch is read here; the SDK reads the other OTEL_* variables itself (service
-    name, resource attributes, sampler, batch processor, exporter headers and TLS). The set-up
-    that uses it is shardgate.proto.tracing.
+    OTEL_TRACES_EXPORTER lists them (otlp, console, none); unset, a process exports over OTLP
+    only when an endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT or its _TRACES_ variant), so a
+    server started without OTEL_* exports nothing. otlp is OTLP/gRPC or OTLP/HTTP (protobuf) as
+    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, else OTEL_EXPORTER_OTLP_PROTOCOL, says (default grpc).
+    OTEL_SDK_DISABLED=true turns tracing off. Each exporter is the one its package registers
+    under that name (entry-point group opentelemetry_traces_exporter, as the SDK's own
+    auto-configuration loads them) and reads its other variables itself (endpoint, headers,
+    TLS, timeout); the SDK reads the service name, resource attributes, sampler and batching;
+    opentelemetry.propagate reads OTEL_PROPAGATORS, checked here so that a bad name is a clear
+    startup error. The set-up that uses this is shardgate.proto.tracing.
     """
 
-    endpoint: str = ""
-    """OTLP/gRPC collector (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT); empty: no tracing."""
-    disabled: bool = False
-    """OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none: no tracing, whatever the endpoint."""
+    exporters: tuple[str, ...] = ()
+    """Entry-point names of the span exporters (otlp_proto_grpc, otlp_proto_http, console); empty: no tracing."""
 
     @property
     def enabled(self) -> bool:
-        return bool(self.endpoint) and not self.disabled
+        return bool(self.exporters)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> TracingConfig:
-        return cls(
-            endpoint=environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
-            disabled=environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-            or environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none",
+        """Raises ValueError naming the variable whose value is not valid (or whose exporter or
+        propagator is not installed)."""
+        _check_propagators(environ.get("OTEL_PROPAGATORS", ""))
+        protocol_variable = next(
+            (name for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") if environ.get(name, "").strip()),
+            None,
         )
+        protocol = environ[protocol_variable].strip() if protocol_variable else "grpc"
+        if protocol not in OTLP_PROTOCOLS:
+            raise ValueError(f"{protocol_variable}={protocol!r} is not one of {', '.join(OTLP_PROTOCOLS)}")
+        listed = [name.strip() for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if name.strip()]
+        for name in listed:
+            if name not in TRACES_EXPORTERS and not entry_points(group="opentelemetry_traces_exporter", name=name):
+                raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not one of {', '.join(TRACES_EXPORTERS)} or an installed span exporter")
+        if not listed and (environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+            listed = ["otlp"]
+        if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or "none" in listed:
+            return cls()
+        exporters = tuple(dict.fromkeys(OTLP_PROTOCOLS[protocol] if name == "otlp" else name for name in listed))
+        for exporter in exporters:
+            if not entry_points(group="opentelemetry_traces_exporter", name=exporter):
+                package = "opentelemetry-exporter-" + exporter.replace("_", "-") if exporter.startswith("otlp") else "opentelemetry-sdk"
+                variable = protocol_variable or "OTEL_TRACES_EXPORTER"
+                raise ValueError(f"{variable}: the {exporter} span exporter is not installed (pip install {package})")
+        return cls(exporters)
+
+
+def _check_propagators(value: str) -> None:
+    """OTEL_PROPAGATORS names installed propagators (entry-point group opentelemetry_propagator),
+    or none; opentelemetry.propagate would otherwise fail with a traceback when first imported."""
+    for name in (name.strip() for name in value.split(",")):
+        if name and name.lower() != "none" and not entry_points(group="opentelemetry_propagator", name=name):
+            installed = sorted(point.name for point in entry_points(group="opentelemetry_propagator"))
+            raise ValueError(f"OTEL_PROPAGATORS: {name!r} is not an installed propagator ({', '.join(installed)}, none)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

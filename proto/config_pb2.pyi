@@ -34,7 +34,7 @@ class BatchLimits(_message.Message):
     def __init__(self, max_batch_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class ShardConfig(_message.Message):
-    __slots__ = ("replica", "limits", "listen", "parent_pid", "tls_cert", "tls_key", "tls_client_ca")
+    __slots__ = ("replica", "limits", "listen", "parent_pid", "tls_cert", "tls_key", "tls_client_ca", "log_format")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class ShardConfig(_message.Message):
     TLS_CERT_FIELD_NUMBER: _ClassVar[int]
     TLS_KEY_FIELD_NUMBER: _ClassVar[int]
     TLS_CLIENT_CA_FIELD_NUMBER: _ClassVar[int]
+    LOG_FORMAT_FIELD_NUMBER: _ClassVar[int]
     replica: ReplicaSettings
     limits: BatchLimits
     listen: str
@@ -49,4 +50,5 @@ class ShardConfig(_message.Message):
     tls_cert: str
     tls_key: str
     tls_client_ca: str
-    def __init__(self, replica: _Optional[_Union[ReplicaSettings, _Mapping]] = ..., limits: _Optional[_Union[BatchLimits, _Mapping]] = ..., listen: _Optional[str] = ..., parent_pid: _Optional[int] = ..., tls_cert: _Optional[str] = ..., tls_key: _Optional[str] = ..., tls_client_ca: _Optional[str] = ...) -> None: ...
+    log_format: str
+    def __init__(self, replica: _Optional[_Union[ReplicaSettings, _Mapping]] = ..., limits: _Optional[_Union[BatchLimits, _Mapping]] = ..., listen: _Optional[str] = ..., parent_pid: _Optional[int] = ..., tls_cert: _Optional[str] = ..., tls_key: _Optional[str] = ..., tls_client_ca: _Optional[str] = ..., log_format: _Optional[str] = ...) -> None: ...

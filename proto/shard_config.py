@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
-from shardgate.proto.common import DTYPE_CHOICES, QUANTIZATIONS
+from shardgate.proto.common import DTYPE_CHOICES, LOG_FORMATS, QUANTIZATIONS
 from shardgate.proto.flags import flag
 from shardgate.proto.models import default_model
 
@@ -93,9 +93,11 @@ class ShardConfig:
     tls_cert: str | None = flag(None, "PEM certificate of a TCP --listen address (mutual TLS with the next two)")
     tls_key: str | None = flag(None, "PEM private key of --tls-cert")
     tls_client_ca: str | None = flag(None, "PEM CA that signed the gateway's client certificate")
+    log_format: str = flag("text", "text (default) or json: one JSON object per line, with trace and span ids")
 
     def __post_init__(self) -> None:
         _require(bool(self.listen), "--listen is required")
+        _require(self.log_format in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         _require(self.parent_pid >= 0, "parent_pid must be >= 0")
         tls = (self.tls_cert, self.tls_key, self.tls_client_ca)
         _require(all(tls) or not any(tls), "--tls-cert, --tls-key and --tls-client-ca go together (mutual TLS)")

@@ -106,20 +106,30 @@ class StepResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[SampledToken, _Mapping]]] = ..., rank_timings: _Optional[_Iterable[_Union[RankTiming, _Mapping]]] = ...) -> None: ...
 
 class RankTiming(_message.Message):
-    __slots__ = ("rank", "forward_s", "all_reduce_s", "all_gather_s", "pp_send_s", "pp_recv_s")
+    __slots__ = ("rank", "forward_s", "all_reduce_s", "all_gather_s", "pp_send_s", "pp_recv_s", "weights_bytes", "kv_cache_bytes", "activation_peak_bytes", "device_memory_free_bytes", "device_memory_total_bytes")
     RANK_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     ALL_REDUCE_S_FIELD_NUMBER: _ClassVar[int]
     ALL_GATHER_S_FIELD_NUMBER: _ClassVar[int]
     PP_SEND_S_FIELD_NUMBER: _ClassVar[int]
     PP_RECV_S_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     forward_s: float
     all_reduce_s: float
     all_gather_s: float
     pp_send_s: float
     pp_recv_s: float
-    def __init__(self, rank: _Optional[int] = ..., forward_s: _Optional[float] = ..., all_reduce_s: _Optional[float] = ..., all_gather_s: _Optional[float] = ..., pp_send_s: _Optional[float] = ..., pp_recv_s: _Optional[float] = ...) -> None: ...
+    weights_bytes: int
+    kv_cache_bytes: int
+    activation_peak_bytes: int
+    device_memory_free_bytes: int
+    device_memory_total_bytes: int
+    def __init__(self, rank: _Optional[int] = ..., forward_s: _Optional[float] = ..., all_reduce_s: _Optional[float] = ..., all_gather_s: _Optional[float] = ..., pp_send_s: _Optional[float] = ..., pp_recv_s: _Optional[float] = ..., weights_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_peak_bytes: _Optional[int] = ..., device_memory_free_bytes: _Optional[int] = ..., device_memory_total_bytes: _Optional[int] = ...) -> None: ...
 
 class EmbedInput(_message.Message):
     __slots__ = ("token_ids", "block_ids", "pooling", "normalize")

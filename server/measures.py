@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardgate.server.request import Request
-from shardgate.server.scheduler import StepPlan
+from shardgate.server.scheduler import SchedulerStatus, StepPlan
 
 GENAI_OPERATION = "text_completion"
-"""gen_ai.operation.name of a generation request (GenAI semantic conventions)."""
+"""gen_ai.operation.name of a generation request with a prompt (GenAI semantic conventions)."""
+GENAI_CHAT = "chat"
+"""gen_ai.operation.name of a generation request with chat messages."""
+GENAI_EMBEDDINGS = "embeddings"
+"""gen_ai.operation.name of an Embed call."""
+GENAI_PROVIDER = "shardgate"
+"""gen_ai.provider.name of every span: the model is served here, not by a hosted provider."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,10 @@ class RequestTimes:
     """Arrival until its first token."""
     tpot_s: float | None
     """Mean time per output token after the first (needs two tokens)."""
+    prefill_s: float | None
+    """First step until the first token."""
+    decode_s: float | None
+    """First token until the end."""
 
     @classmethod
     def of(cls, request: Request, now: float) -> RequestTimes:
@@ -33,6 +43,8 @@ class RequestTimes:
             queue_s=None if request.first_scheduled is None else request.first_scheduled - request.arrival,
             ttft_s=None if first_token is None else first_token - request.arrival,
             tpot_s=(end - first_token) / (n - 1) if first_token is not None and n > 1 else None,
+            prefill_s=None if first_token is None or request.first_scheduled is None else first_token - request.first_scheduled,
+            decode_s=None if first_token is None else end - first_token,
         )
 
 
@@ -63,3 +75,13 @@ class StepShape:
         else:
             phase = "mixed"
         return cls(phase, len(plan.chunks), tokens, tokens - decode, decode)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    state: SchedulerStatus
+    """Its queue and KV cache."""
+    forward_passes: int
+    embed_forward_passes: int
+    healthy: bool
+    restarts: int

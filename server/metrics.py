@@ -1,10 +1,15 @@
 """The gateway's Prometheus metrics, in a registry of their own, served as text on --metrics-port.
 
-The request latency histograms follow the OpenTelemetry GenAI semantic conventions: their
-names (gen_ai.server.request.duration → gen_ai_server_request_duration_seconds) and their
-advised bucket boundaries. Request metrics are recorded when a request ends; step metrics when
-a step returns; the replicas' queue and KV-cache state is read from the schedulers when the
-endpoint is scraped, so it costs the engine nothing.
+Every series of ours carries a `model` label (the served model), so one dashboard serves many
+deployments. Names follow Prometheus conventions (base units in the name, `_total` on counters)
+and, for the request latencies, the OpenTelemetry GenAI semantic conventions: their names
+(gen_ai.server.request.duration → gen_ai_server_request_duration_seconds), attributes and
+advised bucket boundaries. The README maps each series to its vLLM and TGI counterpart.
+
+Request metrics are recorded when a request ends; step and per-rank metrics when a step
+returns; the replicas' queue, KV-cache and health state is read when the endpoint is scraped,
+so it costs the engine nothing. The registry also holds prometheus_client's process and
+platform collectors (process_*, python_info).
 """
 
 from __future__ import annotations
@@ -13,13 +18,12 @@ from collections.abc import Callable, Sequence
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from shardgate.proto import shard_pb2
-from shardgate.server.measures import GENAI_OPERATION, RequestTimes, StepShape
+from shardgate.server.measures import GENAI_EMBEDDINGS, ReplicaStatus, RequestTimes, StepShape
 from shardgate.server.request import Request
-from shardgate.server.scheduler import Scheduler
 
 # OpenTelemetry GenAI semantic conventions, advised bucket boundaries (seconds).
 REQUEST_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -27,18 +31,33 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 # Steps and their parts: from a fraction of a millisecond (a small decode) to seconds.
 STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# Tokens per request (the GenAI conventions' advice for gen_ai.client.token.usage).
+REQUEST_TOKENS_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STEP_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 COMMUNICATION = ("all_reduce", "all_gather", "pp_send", "pp_recv")
-GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_request_model", "protocol")
+GENAI_LABELS = ("model", "gen_ai_operation_name", "gen_ai_request_model", "protocol")
+RANK_MEMORY = ("weights", "kv_cache", "activation_peak")
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        self.model = ""
+        """The served model: the `model` label of every series (set once the replicas describe it)."""
+
+        def histogram(name: str, help: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, help, ["model", *labels], buckets=buckets, registry=registry)
+
+        def counter(name: str, help: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(name, help, ["model", *labels], registry=registry)
+
         self.request_duration = Histogram(
             "gen_ai_server_request_duration_seconds",
-            "Generation requests from arrival to their last token (or end).",
+            "Requests (generations and Embed calls) from arrival to their last token (or end).",
             GENAI_LABELS,
             buckets=REQUEST_DURATION_BUCKETS,
             registry=registry,
@@ -57,93 +76,135 @@ class Metrics:
             buckets=TPOT_BUCKETS,
             registry=registry,
         )
-        self.queue_time = Histogram(
-            "shardgate_request_queue_time_seconds",
-            "Arrival until a request's first step.",
-            buckets=REQUEST_DURATION_BUCKETS,
-            registry=registry,
+        self.inter_token_latency = histogram(
+            "shardgate_inter_token_latency_seconds",
+            "Time between a request's consecutive tokens reaching the gateway (one observation per token after the first).",
+            (),
+            INTER_TOKEN_BUCKETS,
         )
-        self.prompt_tokens = Counter("shardgate_prompt_tokens", "Prompt tokens of ended requests.", registry=registry)
-        self.generation_tokens = Counter("shardgate_generation_tokens", "Tokens generated for ended requests.", registry=registry)
-        self.finished = Counter(
-            "shardgate_requests_finished", "Generation requests that reached a replica, by finish reason.", ["reason"], registry=registry
+        self.queue_time = histogram(
+            "shardgate_request_queue_time_seconds", "Arrival until a request's first step.", (), REQUEST_DURATION_BUCKETS
         )
-        self.responses = Counter(
+        self.prefill_time = histogram(
+            "shardgate_request_prefill_time_seconds", "A request's first step until its first token.", (), REQUEST_DURATION_BUCKETS
+        )
+        self.decode_time = histogram(
+            "shardgate_request_decode_time_seconds", "A request's first token until its end.", (), REQUEST_DURATION_BUCKETS
+        )
+        self.request_prompt_tokens = histogram(
+            "shardgate_request_prompt_tokens", "Prompt tokens per ended generation request.", (), REQUEST_TOKENS_BUCKETS
+        )
+        self.request_generation_tokens = histogram(
+            "shardgate_request_generation_tokens", "Generated tokens per ended generation request.", (), REQUEST_TOKENS_BUCKETS
+        )
+        self.prompt_tokens = counter("shardgate_prompt_tokens", "Prompt tokens of ended generation requests.")
+        self.generation_tokens = counter("shardgate_generation_tokens", "Tokens generated for ended requests.")
+        self.embed_input_tokens = counter("shardgate_embed_input_tokens", "Input tokens of Embed calls that succeeded.")
+        self.finished = counter(
+            "shardgate_requests_finished", "Generation requests that reached a replica, by finish reason.", ("finished_reason",)
+        )
+        self.responses = counter(
             "shardgate_responses",
-            "Generation requests by final status as a gRPC code (validation failures included) and frontend protocol.",
-            ["code", "protocol"],
-            registry=registry,
+            "Requests by operation, final status as a gRPC code (validation failures included) and frontend protocol.",
+            ("gen_ai_operation_name", "code", "protocol"),
         )
-        self.step_duration = Histogram(
+        self.step_duration = histogram(
             "shardgate_step_duration_seconds",
             "Wall time of batch steps, seen from the gateway.",
-            ["replica", "phase"],
-            buckets=STEP_SECONDS_BUCKETS,
-            registry=registry,
+            ("replica", "phase"),
+            STEP_SECONDS_BUCKETS,
         )
-        self.step_batch_size = Histogram(
-            "shardgate_step_batch_size", "Sequences in a batch step.", ["replica"], buckets=BATCH_SIZE_BUCKETS, registry=registry
-        )
-        self.step_tokens = Histogram(
-            "shardgate_step_tokens", "Tokens computed in a batch step.", ["replica"], buckets=STEP_TOKENS_BUCKETS, registry=registry
-        )
-        self.rank_forward = Histogram(
+        self.step_batch_size = histogram("shardgate_step_batch_size", "Sequences in a batch step.", ("replica",), BATCH_SIZE_BUCKETS)
+        self.step_tokens = histogram("shardgate_step_tokens", "Tokens computed in a batch step.", ("replica",), STEP_TOKENS_BUCKETS)
+        self.rank_forward = histogram(
             "shardgate_rank_forward_seconds",
             "A shard rank's part of a step (its layers, transfers, sampling).",
-            ["replica", "rank"],
-            buckets=STEP_SECONDS_BUCKETS,
-            registry=registry,
+            ("replica", "rank"),
+            STEP_SECONDS_BUCKETS,
         )
-        self.rank_communication = Histogram(
+        self.rank_communication = histogram(
             "shardgate_rank_communication_seconds",
             "A shard rank's time in one kind of communication during a step.",
-            ["replica", "rank", "op"],
-            buckets=STEP_SECONDS_BUCKETS,
+            ("replica", "rank", "op"),
+            STEP_SECONDS_BUCKETS,
+        )
+        self.rank_memory = Gauge(
+            "shardgate_rank_memory_bytes",
+            "A shard rank's memory by use: weights, kv_cache, activation_peak (the most a step needed above those two).",
+            ["model", "replica", "rank", "kind"],
             registry=registry,
         )
-        self.device_seconds = Counter(
-            "shardgate_device_seconds", "Device time of batch steps: wall time × the replica's devices.", ["replica"], registry=registry
+        self.device_memory_free = Gauge(
+            "shardgate_rank_device_memory_free_bytes",
+            "Free memory of a shard rank's device after its last step (CUDA's figure; on CPU the host's MemAvailable).",
+            ["model", "replica", "rank"],
+            registry=registry,
         )
-        self.cost = Counter(
-            "shardgate_cost", "Device time priced at --device-cost-per-hour (its currency).", ["replica"], registry=registry
+        self.device_memory_total = Gauge(
+            "shardgate_rank_device_memory_total_bytes",
+            "Total memory of a shard rank's device (on CPU the host's MemTotal).",
+            ["model", "replica", "rank"],
+            registry=registry,
         )
+        self.device_seconds = counter(
+            "shardgate_device_seconds", "Device time of batch steps: wall time × the replica's devices.", ("replica",)
+        )
+        self.cost = counter("shardgate_cost", "Device time priced at --device-cost-per-hour (its currency).", ("replica",))
 
-    def request_finished(self, model: str, request: Request, times: RequestTimes) -> None:
-        genai = (GENAI_OPERATION, model, request.protocol)
+    def request_finished(self, request: Request, times: RequestTimes) -> None:
+        model = self.model
+        genai = (model, request.operation, model, request.protocol)
         self.request_duration.labels(*genai).observe(times.duration_s)
         if times.ttft_s is not None:
             self.time_to_first_token.labels(*genai).observe(times.ttft_s)
         if times.tpot_s is not None:
             self.time_per_output_token.labels(*genai).observe(times.tpot_s)
         if times.queue_s is not None:
-            self.queue_time.observe(times.queue_s)
-        self.prompt_tokens.inc(len(request.prompt_ids))
-        self.generation_tokens.inc(len(request.output_ids))
+            self.queue_time.labels(model).observe(times.queue_s)
+        if times.prefill_s is not None:
+            self.prefill_time.labels(model).observe(times.prefill_s)
+        if times.decode_s is not None:
+            self.decode_time.labels(model).observe(times.decode_s)
+        inter_token = self.inter_token_latency.labels(model)
+        for gap in request.token_gaps:
+            inter_token.observe(gap)
+        self.request_prompt_tokens.labels(model).observe(len(request.prompt_ids))
+        self.request_generation_tokens.labels(model).observe(len(request.output_ids))
+        self.prompt_tokens.labels(model).inc(len(request.prompt_ids))
+        self.generation_tokens.labels(model).inc(len(request.output_ids))
         if request.finish_reason is not None:
-            self.finished.labels(request.finish_reason.value).inc()
+            self.finished.labels(model, request.finish_reason.value).inc()
 
-    def response(self, code: grpc.StatusCode, protocol: str) -> None:
-        self.responses.labels(code.name, protocol).inc()
+    def embed_finished(self, protocol: str, input_tokens: int, duration_s: float, ok: bool) -> None:
+        self.request_duration.labels(self.model, GENAI_EMBEDDINGS, self.model, protocol).observe(duration_s)
+        if ok:
+            self.embed_input_tokens.labels(self.model).inc(input_tokens)
+
+    def response(self, operation: str, code: grpc.StatusCode, protocol: str) -> None:
+        self.responses.labels(self.model, operation, code.name, protocol).inc()
 
     def step_finished(
         self, replica: int, shape: StepShape, wall_s: float, device_seconds: float, cost: float, ranks: Sequence[shard_pb2.RankTiming]
     ) -> None:
-        label = str(replica)
-        self.step_duration.labels(label, shape.phase).observe(wall_s)
-        self.step_batch_size.labels(label).observe(shape.batch_size)
-        self.step_tokens.labels(label).observe(shape.tokens)
-        self.device_seconds.labels(label).inc(device_seconds)
-        self.cost.labels(label).inc(cost)
+        model, label = self.model, str(replica)
+        self.step_duration.labels(model, label, shape.phase).observe(wall_s)
+        self.step_batch_size.labels(model, label).observe(shape.batch_size)
+        self.step_tokens.labels(model, label).observe(shape.tokens)
+        self.device_seconds.labels(model, label).inc(device_seconds)
+        self.cost.labels(model, label).inc(cost)
         for timing in ranks:
             rank = str(timing.rank)
-            self.rank_forward.labels(label, rank).observe(timing.forward_s)
+            self.rank_forward.labels(model, label, rank).observe(timing.forward_s)
             for op in COMMUNICATION:
-                self.rank_communication.labels(label, rank, op).observe(getattr(timing, f"{op}_s"))
+                self.rank_communication.labels(model, label, rank, op).observe(getattr(timing, f"{op}_s"))
+            for kind in RANK_MEMORY:
+                self.rank_memory.labels(model, label, rank, kind).set(getattr(timing, f"{kind}_bytes"))
+            self.device_memory_free.labels(model, label, rank).set(timing.device_memory_free_bytes)
+            self.device_memory_total.labels(model, label, rank).set(timing.device_memory_total_bytes)
 
-    def watch(self, schedulers: Callable[[], Sequence[Scheduler]]) -> None:
-        """Exposes each replica's scheduler state (index = replica); `schedulers` gives the
-        current ones at each scrape (a restarted replica gets a new scheduler)."""
-        self.registry.register(_ReplicaState(schedulers))
+    def watch(self, replicas: Callable[[], Sequence[ReplicaStatus]]) -> None:
+        """Exposes each replica's state (index = replica); `replicas` gives it at each scrape."""
+        self.registry.register(_ReplicaState(lambda: self.model, replicas))
 
     def serve(self, host: str, port: int) -> WSGIServer:
         """Serves /metrics in a daemon thread until `shutdown()`."""
@@ -155,31 +216,38 @@ class Metrics:
 
 
 class _ReplicaState:
-    """Requests running and waiting, KV-cache use, preemptions and prefix-cache lookups of each replica, read from
-    the schedulers at scrape time (plain reads of sizes and counters; the engine is not
-    stopped)."""
+    """Requests running and waiting, KV-cache use, preemptions, prefix-cache lookups, health and
+    restarts of each replica, read at scrape time (plain reads of sizes and counters; the engine
+    is not stopped)."""
 
-    def __init__(self, schedulers: Callable[[], Sequence[Scheduler]]) -> None:
-        self.schedulers = schedulers
+    def __init__(self, model: Callable[[], str], replicas: Callable[[], Sequence[ReplicaStatus]]) -> None:
+        self.model = model
+        self.replicas = replicas
 
     def collect(self):
-        running = GaugeMetricFamily("shardgate_requests_running", "Requests in the running batch.", labels=["replica"])
-        waiting = GaugeMetricFamily("shardgate_requests_waiting", "Requests queued (new or preempted).", labels=["replica"])
-        kv_usage = GaugeMetricFamily("shardgate_kv_cache_usage_ratio", "Fraction of the KV-cache blocks in use (0-1).", labels=["replica"])
-        preemptions = CounterMetricFamily("shardgate_preemptions", "Running requests preempted to free KV blocks.", labels=["replica"])
+        labels = ["model", "replica"]
+        running = GaugeMetricFamily("shardgate_requests_running", "Requests in the running batch.", labels=labels)
+        waiting = GaugeMetricFamily("shardgate_requests_waiting", "Requests queued (new or preempted).", labels=labels)
+        kv_usage = GaugeMetricFamily("shardgate_kv_cache_usage_ratio", "Fraction of the KV-cache blocks in use (0-1).", labels=labels)
+        preemptions = CounterMetricFamily("shardgate_preemptions", "Running requests preempted to free KV blocks.", labels=labels)
         prefix_queries = CounterMetricFamily(
-            "shardgate_prefix_cache_queries", "Tokens of started requests looked up in the prefix cache.", labels=["replica"]
+            "shardgate_prefix_cache_query_tokens", "Tokens of started requests looked up in the prefix cache.", labels=labels
         )
         prefix_hits = CounterMetricFamily(
-            "shardgate_prefix_cache_hits", "Tokens of started requests whose KV came from the prefix cache.", labels=["replica"]
+            "shardgate_prefix_cache_hit_tokens", "Tokens of started requests whose KV came from the prefix cache.", labels=labels
         )
-        for index, scheduler in enumerate(self.schedulers()):
-            label = [str(index)]
-            status = scheduler.status()
+        healthy = GaugeMetricFamily("shardgate_replica_healthy", "1 while the replica serves, 0 while it is down.", labels=labels)
+        restarts = CounterMetricFamily("shardgate_replica_restarts", "Restarts of a failed replica.", labels=labels)
+        model = self.model()
+        for index, replica in enumerate(self.replicas()):
+            label = [model, str(index)]
+            status = replica.state
             running.add_metric(label, status.running)
             waiting.add_metric(label, status.waiting)
             kv_usage.add_metric(label, status.kv_usage)
             preemptions.add_metric(label, status.preemptions)
             prefix_queries.add_metric(label, status.prefix_query_tokens)
             prefix_hits.add_metric(label, status.prefix_hit_tokens)
-        yield from (running, waiting, kv_usage, preemptions, prefix_queries, prefix_hits)
+            healthy.add_metric(label, int(replica.healthy))
+            restarts.add_metric(label, replica.restarts)
+        yield from (running, waiting, kv_usage, preemptions, prefix_queries, prefix_hits, healthy, restarts)

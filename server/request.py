@@ -75,16 +75,21 @@ class Request:
     num_preemptions: int = 0
     first_scheduled: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
+    """time.monotonic() when its latest token reached the gateway."""
+    token_gaps: list[float] = field(default_factory=list)
+    """Seconds between consecutive tokens reaching the gateway (the inter-token latency metric)."""
     finished_at: float | None = None
     """time.monotonic() when the request ended (finished, cancelled or failed)."""
     finish_reason: FinishReason | None = None
     device_seconds: float = 0.0
     """Its share of the device time of the steps it was in (server/cost.py)."""
     span_context: SpanContext | None = None
-    """The gRPC server span of the call, when traced: parent of the request's stage spans,
-    target of the step spans' links."""
+    """The request's span, when traced: parent of its stage spans, target of the step spans' links."""
     protocol: str = "grpc"
     """The frontend the request came in by (grpc, openai, kserve): a metrics label."""
+    operation: str = "text_completion"
+    """Its gen_ai.operation.name: text_completion, or chat for chat messages (a metrics label)."""
 
     @property
     def num_tokens(self) -> int:

@@ -224,6 +224,9 @@ class Scheduler:
                     request.output_logprobs.append(logprob)
                 if request.first_token is None:
                     request.first_token = now
+                else:
+                    request.token_gaps.append(now - request.last_token)
+                request.last_token = now
                 updated.append(request)
         return updated
 

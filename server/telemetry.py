@@ -1,9 +1,11 @@
 """What the engine loops and the engine API report, and where it goes: spans, metrics, cost, logs.
 
 Each replica's engine calls its `ReplicaTelemetry` around every step (`step_started`,
-`step_finished`, `step_failed`); the engine API calls `Telemetry.request_finished` once per
-generation request with its final status, or `request_rejected` for one refused at validation.
-The rest of the gateway knows nothing of OpenTelemetry or Prometheus.
+`step_finished`, `step_failed`); the engine API opens each request's span with
+`Telemetry.start_request` and calls `request_finished` once per generation request with its
+final status, `request_rejected` for one refused before it reached a replica, and
+`embed_finished` once per Embed call. The rest of the gateway knows nothing of Prometheus, and
+of OpenTelemetry only the span it passes back here.
 
 With tracing off the tracer is OpenTelemetry's no-op one, no gRPC instrumentation is
 installed, and the engine opens no step spans.
@@ -25,14 +27,23 @@ from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace import StatusCode as SpanStatusCode
 
 from shardgate.proto import shard_pb2
-from shardgate.proto.tracing import TRACEPARENT, init_tracing, traceparent
+from shardgate.proto.tracing import init_tracing, inject_metadata, trace_ids
 from shardgate.server.config import TelemetryConfig
 from shardgate.server.cost import price, share_device_time
-from shardgate.server.measures import RequestTimes, StepShape
+from shardgate.server.measures import GENAI_EMBEDDINGS, ReplicaStatus, RequestTimes, StepShape
 from shardgate.server.metrics import Metrics
-from shardgate.server.request import Request
-from shardgate.server.scheduler import Scheduler, StepPlan
-from shardgate.server.tracing import StepSampler, record_request_spans, records_step, request_attributes, start_step_span
+from shardgate.server.request import Request, SamplingParams
+from shardgate.server.scheduler import StepPlan
+from shardgate.server.tracing import (
+    StepSampler,
+    end_request_span,
+    record_request_spans,
+    records_step,
+    request_attributes,
+    request_parameters,
+    start_request_span,
+    start_step_span,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -51,7 +62,7 @@ class StepRecord:
     span: trace.Span | None
     """The step's span, when the step is traced."""
     metadata: tuple[tuple[str, str], ...]
-    """gRPC metadata for the Step call: the step span's traceparent, when traced."""
+    """gRPC metadata for the Step call: the step span's context as the global propagator writes it, when traced."""
     report_timings: bool
     """Ask every rank for its timings (for the per-rank metrics)."""
 
@@ -64,7 +75,6 @@ class Telemetry:
         self.tracer_provider = tracer_provider
         self.tracer = tracer_provider.get_tracer("shardgate.server") if tracer_provider is not None else trace.NoOpTracer()
         self.metrics = Metrics()
-        self.model = ""
         self._metrics_server: WSGIServer | None = None
 
     @classmethod
@@ -79,19 +89,23 @@ class Telemetry:
     def tracing(self) -> bool:
         return self.tracer_provider is not None
 
-    def server_interceptors(self, service: str) -> list[grpc.aio.ServerInterceptor]:
-        """The gRPC instrumentation that makes each call of `service` a server span, joined to
-        the caller's trace by its traceparent metadata (none when tracing is off)."""
+    def server_interceptors(self, *services: str) -> list[grpc.aio.ServerInterceptor]:
+        """The gRPC instrumentation that makes each call of the `services` a server span, joined
+        to the caller's trace by the global propagator (none when tracing is off)."""
         if not self.tracing:
             return []
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-        return [aio_server_interceptor(self.tracer_provider, filter_=filters.service_name(service))]
+        return [aio_server_interceptor(self.tracer_provider, filter_=filters.any_of(*map(filters.service_name, services)))]
 
-    def attach(self, model: str, schedulers: Callable[[], Sequence[Scheduler]]) -> None:
-        """The served model (for GenAI attributes) and the replicas' schedulers (for gauges)."""
-        self.model = model
-        self.metrics.watch(schedulers)
+    @property
+    def model(self) -> str:
+        return self.metrics.model
+
+    def attach(self, model: str, replicas: Callable[[], Sequence[ReplicaStatus]]) -> None:
+        """The served model (for GenAI attributes and the `model` label) and the replicas' state (for gauges)."""
+        self.metrics.model = model
+        self.metrics.watch(replicas)
 
     def replica(self, index: int, num_devices: int) -> ReplicaTelemetry:
         return ReplicaTelemetry(self, index, num_devices)
@@ -99,29 +113,43 @@ class Telemetry:
     def cost(self, device_seconds: float) -> float:
         return price(device_seconds, self.config.device_cost_per_hour)
 
-    def request_rejected(self, request_id: str, code: grpc.StatusCode, protocol: str) -> None:
-        """A generation request refused before it reached a replica."""
-        self.metrics.response(code, protocol)
-        request_log.info("%s", json.dumps({"request_id": request_id, "status": code.name, "trace_id": _trace_id(trace.get_current_span())}))
+    def start_request(self, operation: str, protocol: str) -> trace.Span:
+        """A request's span, in the current context (the caller's: e.g. the gRPC server span)."""
+        return start_request_span(self.tracer, operation, self.model, protocol)
 
-    def request_finished(self, request: Request, replica: int, code: grpc.StatusCode, server_span: trace.Span) -> None:
+    def request_validated(self, span: trace.Span, params: SamplingParams, stop: list[str]) -> None:
+        if span.is_recording():
+            span.set_attributes(request_parameters(params, stop))
+
+    def request_rejected(
+        self, request_id: str, operation: str, protocol: str, error_code: grpc.StatusCode, message: str, span: trace.Span
+    ) -> None:
+        """A request refused before it reached a replica (or an Embed call that failed); ends its span."""
+        self.metrics.response(operation, error_code, protocol)
+        self._log({"request_id": request_id, "operation": operation, "status": error_code.name, "protocol": protocol}, span)
+        end_request_span(span, error_code, message)
+
+    def request_finished(self, request: Request, replica: int, code: grpc.StatusCode, span: trace.Span) -> None:
         """A generation request served by replica `replica` ended (normally, failed, or
-        cancelled: `code` is its status)."""
+        cancelled: `code` is its status); ends its span."""
         now = time.monotonic()
         times = RequestTimes.of(request, now)
         cost = self.cost(request.device_seconds)
-        if server_span.is_recording():
-            record_request_spans(self.tracer, server_span, request, now)
-            server_span.set_attributes(request_attributes(request, self.model, replica, times, cost))
-        self.metrics.request_finished(self.model, request, times)
-        self.metrics.response(code, request.protocol)
+        if span.is_recording():
+            record_request_spans(self.tracer, span, request, now)
+            span.set_attributes(request_attributes(request, self.model, replica, times, cost))
+        self.metrics.request_finished(request, times)
+        self.metrics.response(request.operation, code, request.protocol)
         line = {
             "request_id": request.request_id,
+            "operation": request.operation,
             "status": code.name,
+            "protocol": request.protocol,
             "finish_reason": request.finish_reason.value if request.finish_reason else None,
             "replica": replica,
             "prompt_tokens": len(request.prompt_ids),
             "completion_tokens": len(request.output_ids),
+            "cached_tokens": request.num_cached_tokens,
             "preemptions": request.num_preemptions,
             "queue_s": times.queue_s,
             "ttft_s": times.ttft_s,
@@ -129,9 +157,27 @@ class Telemetry:
             "duration_s": times.duration_s,
             "device_seconds": request.device_seconds,
             "cost": cost,
-            "trace_id": _trace_id(server_span),
         }
-        request_log.info("%s", json.dumps(line))
+        self._log(line, span)
+        end_request_span(span, code)
+
+    def embed_finished(
+        self, request_id: str, protocol: str, input_tokens: int, duration_s: float, code: grpc.StatusCode, message: str, span: trace.Span
+    ) -> None:
+        """An Embed call ended (`code` is its status); ends its span."""
+        if span.is_recording():
+            span.set_attributes({"gen_ai.response.id": request_id, "gen_ai.usage.input_tokens": input_tokens})
+        self.metrics.embed_finished(protocol, input_tokens, duration_s, code is grpc.StatusCode.OK)
+        self.metrics.response(GENAI_EMBEDDINGS, code, protocol)
+        line = {"request_id": request_id, "operation": GENAI_EMBEDDINGS, "status": code.name, "protocol": protocol}
+        self._log({**line, "prompt_tokens": input_tokens, "duration_s": duration_s}, span)
+        end_request_span(span, code, message)
+
+    def _log(self, fields: dict, span: trace.Span) -> None:
+        """One line per request on the shardgate.requests logger: its fields as JSON (text
+        logs), or as the JSON line itself (--log-format json)."""
+        fields["trace_id"], fields["span_id"] = trace_ids(span)
+        request_log.info("%s", json.dumps(fields), extra={"fields": fields})
 
     def close(self) -> None:
         """Stops the metrics endpoint and flushes the spans not yet exported."""
@@ -156,7 +202,7 @@ class ReplicaTelemetry:
         span, metadata = None, ()
         if telemetry.tracing and records_step(telemetry.config.trace_steps, plan):
             span = start_step_span(telemetry.tracer, plan, shape, self.index)
-            metadata = ((TRACEPARENT, traceparent(span)),)
+            metadata = inject_metadata(trace.set_span_in_context(span))
         return StepRecord(plan, shape, time.monotonic(), span, metadata, telemetry.config.metrics_port > 0)
 
     def step_finished(self, step: StepRecord, response: shard_pb2.StepResponse) -> None:
@@ -174,8 +220,3 @@ class ReplicaTelemetry:
         if step.span is not None:
             step.span.set_status(SpanStatus(SpanStatusCode.ERROR, message))
             step.span.end()
-
-
-def _trace_id(span: trace.Span) -> str:
-    context = span.get_span_context()
-    return f"{context.trace_id:032x}" if context.is_valid else ""

@@ -17,7 +17,7 @@ from shardgate.proto import shard_pb2, shard_pb2_grpc
 from shardgate.proto.common import INTERNAL_MESSAGE_BYTES
 from shardgate.proto.shard_config import ShardConfig
 from shardgate.proto.tls import server_credentials
-from shardgate.proto.tracing import context_from_metadata
+from shardgate.proto.tracing import extract_metadata
 from shardgate.shards.executor import StepExecutor
 
 log = logging.getLogger("shardgate.shard")
@@ -65,7 +65,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     def Step(self, request: shard_pb2.StepRequest, context) -> shard_pb2.StepResponse:
         # The gateway's step span, when it traces this step and this process exports spans.
-        parent = context_from_metadata(context.invocation_metadata()) if self.executor.tracer is not None else None
+        parent = extract_metadata(context.invocation_metadata()) if self.executor.tracer is not None else None
         try:
             return self.main_thread.call(self.executor.run, request, parent)
         except ValueError as error:

@@ -6,12 +6,13 @@ no pickle). Every rank applies the same plan to its own sequence table and runs 
 model; the last stage's tp-rank 0 sends the sampled tokens (or pooled embeddings) back to the
 driver when the driver is not on that stage.
 
-Tracing: when the gateway's Step call carries a traceparent, the driver opens a span for the
-step and writes its traceparent into the plan before broadcasting it, and every rank records
+Tracing: when the gateway's Step call carries a trace context (in the headers of the global
+propagator), the driver opens a span for the step and writes its W3C traceparent into the plan
+before broadcasting it, and every rank records
 its forward as a child span (with its rank, tp rank, pipeline stage and communication times).
 Timings: when the plan asks for them, or is traced, the driver gathers each rank's forward and
-communication seconds (five float64s per rank) on the control group after the step; so a
-traced step's span also lasts until every rank is done.
+communication seconds and its memory (ten float64s per rank) on the control group after the
+step; so a traced step's span also lasts until every rank is done.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from shardgate.proto import shard_pb2
-from shardgate.proto.tracing import context_from_traceparent, traceparent
+from shardgate.proto.tracing import SHARD_STEP_RPC, context_from_traceparent, traceparent
 from shardgate.shards.embedding import EmbedInput, embed
 from shardgate.shards.faults import FaultInjector
+from shardgate.shards.memory import RankMemory
 from shardgate.shards.parallel import ParallelState
 from shardgate.shards.runner import ModelRunner, SampleResult, SeqChunk
 from shardgate.shards.sequences import SequenceTable
@@ -37,6 +39,9 @@ from shardgate.shards.timing import KINDS, CommTimer
 
 log = logging.getLogger(__name__)
 _STOP = -1
+STEP_SPAN = "shardgate.shard.v1.Shard/Step"
+"""The driver's span of a Step call, named as the RPC semantic conventions name a server span."""
+STEP_ID = "shardgate.step.id"
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,16 @@ class RankTime:
 
 class StepExecutor:
     def __init__(
-        self, runner: ModelRunner, parallel: ParallelState, tracer: trace.Tracer | None = None, faults: FaultInjector | None = None
+        self,
+        runner: ModelRunner,
+        parallel: ParallelState,
+        tracer: trace.Tracer | None = None,
+        faults: FaultInjector | None = None,
+        memory: RankMemory | None = None,
     ) -> None:
         self.runner = runner
+        self.memory = memory
+        """What this rank reports of its memory with its timings (zeros when None)."""
         self.parallel = parallel
         self.tracer = tracer
         """None when this process exports no spans."""
@@ -69,7 +81,7 @@ class StepExecutor:
         span = None
         if parent is not None and self.tracer is not None:
             span = self.tracer.start_span(
-                "shardgate.shard.v1.Shard/Step", parent, kind=trace.SpanKind.SERVER, attributes={"shardgate.step.id": request.step_id}
+                STEP_SPAN, parent, kind=trace.SpanKind.SERVER, attributes={**SHARD_STEP_RPC, STEP_ID: request.step_id}
             )
             request.traceparent = traceparent(span)
         else:
@@ -184,22 +196,23 @@ class StepExecutor:
         """This rank's forward span, beneath the driver's span of the step."""
         parallel = self.parallel
         attributes = {
-            "shard.rank": parallel.rank,
-            "tp.rank": parallel.tp_rank,
-            "pp.stage": parallel.pp_stage,
-            "shardgate.step.id": request.step_id,
-            "shard.tokens": sum(len(chunk.token_ids) for chunk in chunks),
+            "shardgate.shard.rank": parallel.rank,
+            "shardgate.shard.tp_rank": parallel.tp_rank,
+            "shardgate.shard.pp_stage": parallel.pp_stage,
+            STEP_ID: request.step_id,
+            "shardgate.shard.tokens": sum(len(chunk.token_ids) for chunk in chunks),
         }
         for kind in KINDS:
-            attributes[f"shard.{kind}.seconds"] = forward.timer.seconds[kind]
-            attributes[f"shard.{kind}.count"] = forward.timer.counts[kind]
+            attributes[f"shardgate.shard.{kind}.seconds"] = forward.timer.seconds[kind]
+            attributes[f"shardgate.shard.{kind}.count"] = forward.timer.counts[kind]
         span = self.tracer.start_span("forward", context_from_traceparent(request.traceparent), attributes=attributes, start_time=start_ns)
         span.end(end_time=start_ns + int(forward.forward_s * 1e9))
 
     def _gather_timings(self, time_spent: RankTime) -> list[shard_pb2.RankTiming]:
-        """Every rank's timings, in rank order, on the driver (others send theirs and get [])."""
+        """Every rank's timings and memory, in rank order, on the driver (others send theirs and get [])."""
         seconds = time_spent.timer.seconds
-        row = torch.tensor([time_spent.forward_s, *(seconds[kind] for kind in KINDS)], dtype=torch.float64)
+        memory = (self.memory.weights_bytes, self.memory.kv_cache_bytes, *self.memory.sample()) if self.memory else (0,) * 5
+        row = torch.tensor([time_spent.forward_s, *(seconds[kind] for kind in KINDS), *memory], dtype=torch.float64)
         rows = [row]
         if self._distributed:
             rows = [torch.empty_like(row) for _ in range(self.parallel.config.world_size)] if self.parallel.is_driver else None
@@ -208,9 +221,21 @@ class StepExecutor:
             return []
         return [
             shard_pb2.RankTiming(
-                rank=rank, forward_s=forward_s, all_reduce_s=all_reduce, all_gather_s=all_gather, pp_send_s=send, pp_recv_s=recv
+                rank=rank,
+                forward_s=forward_s,
+                all_reduce_s=all_reduce,
+                all_gather_s=all_gather,
+                pp_send_s=send,
+                pp_recv_s=recv,
+                weights_bytes=int(weights),
+                kv_cache_bytes=int(kv_cache),
+                activation_peak_bytes=int(activation),
+                device_memory_free_bytes=int(free),
+                device_memory_total_bytes=int(total),
             )
-            for rank, (forward_s, all_reduce, all_gather, send, recv) in enumerate(r.tolist() for r in rows)
+            for rank, (forward_s, all_reduce, all_gather, send, recv, weights, kv_cache, activation, free, total) in enumerate(
+                r.tolist() for r in rows
+            )
         ]
 
     def _broadcast(self, data: bytes | None, stop: bool = False) -> bytes | None:

@@ -23,12 +23,13 @@ import torch
 
 from shardgate.proto.common import SHARD_ERROR_PREFIX, TracingConfig
 from shardgate.proto.flags import add_flags, from_flags
+from shardgate.proto.logs import configure_logging
 from shardgate.proto.shard_config import ShardConfig
 from shardgate.proto.tracing import init_tracing
 from shardgate.shards import driver
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.faults import FaultInjector
-from shardgate.shards.memory import CapacityError
+from shardgate.shards.memory import CapacityError, RankMemory
 from shardgate.shards.parallel import ParallelConfig, init_parallel
 from shardgate.shards.rank_model import build_rank_model, describe_replica, resolve_device
 
@@ -103,13 +104,13 @@ def watch_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         process = ShardProcess.from_environ(parse_args(argv), os.environ)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # a bad flag, config file or OTEL_* variable: one line, no traceback
         stop_with(error)
         return 2
     config = process.config
+    configure_logging(logging.INFO, config.log_format)
     if config.parent_pid:
         watch_parent(config.parent_pid)
     if "OMP_NUM_THREADS" not in os.environ:
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     description = describe_replica(rank_model, config, device, parallel)
     provider = init_tracing(process.tracing, "shardgate-shard")
     tracer = provider.get_tracer("shardgate.shards") if provider is not None else None
-    executor = StepExecutor(rank_model.runner, parallel, tracer, faults)
+    memory = RankMemory(rank_model.loaded.model, rank_model.runner.kv_cache.nbytes, rank_model.step_peak_bytes, device)
+    executor = StepExecutor(rank_model.runner, parallel, tracer, faults, memory)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", process.rank, parallel.tp_rank, parallel.pp_stage)
         executor.follow()

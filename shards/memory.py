@@ -48,13 +48,45 @@ class MemoryProfile:
 
 
 def free_memory(device: torch.device) -> int:
+    return device_memory(device)[0]
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes: CUDA's figures for a GPU; the host's MemAvailable and MemTotal on CPU."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)
+    found = {}
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            key, _, rest = line.partition(":")
+            if key in ("MemAvailable", "MemTotal"):
+                found[key] = int(rest.split()[0]) * 1024
+    page = os.sysconf("SC_PAGE_SIZE")
+    return (
+        found.get("MemAvailable", os.sysconf("SC_AVPHYS_PAGES") * page),
+        found.get("MemTotal", os.sysconf("SC_PHYS_PAGES") * page),
+    )
+
+
+class RankMemory:
+    """This rank's memory as its timed steps report it (RankTiming's memory fields)."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache_bytes: int, step_peak_bytes: int, device: torch.device) -> None:
+        """Made once the KV cache is allocated: what is allocated then is the baseline a step's
+        activations come on top of."""
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        self.weights_bytes = sum(t.nbytes for t in tensors.values())
+        self.kv_cache_bytes = kv_cache_bytes
+        self.activation_peak_bytes = step_peak_bytes
+        self.device = device
+        self._baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+    def sample(self) -> tuple[int, int, int]:
+        """(activation peak, device free, device total) bytes, now (after a step)."""
+        if self.device.type == "cuda":
+            seen = torch.cuda.max_memory_allocated(self.device) - self._baseline
+            self.activation_peak_bytes = max(self.activation_peak_bytes, seen)
+        return (self.activation_peak_bytes, *device_memory(self.device))
 
 
 def profile_step(

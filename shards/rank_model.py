@@ -43,6 +43,8 @@ class RankModel:
     runner: ModelRunner
     num_blocks: int
     """KV cache blocks, agreed by every rank of the replica."""
+    step_peak_bytes: int
+    """Memory the largest step needed above the weights, as profiled at start."""
 
 
 def build_rank_model(config: ShardConfig, device: torch.device, parallel: ParallelState) -> RankModel:
@@ -62,7 +64,7 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     if num_blocks < 1:
         raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than one KV block; raise it")
     kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device)
-    return RankModel(loaded, choice, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks)
+    return RankModel(loaded, choice, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks, profile.step_peak_bytes)
 
 
 def describe_replica(

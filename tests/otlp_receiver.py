@@ -1,13 +1,17 @@
-"""An OTLP/gRPC trace receiver on loopback: a real `TraceService` server that keeps what it is
-sent, for tests and the tracing benchmark (the exporters under test are the real ones)."""
+"""OTLP trace receivers on loopback that keep what they are sent, for tests and the tracing
+benchmark (the exporters under test are the real ones): a real OTLP/gRPC `TraceService` server,
+and an OTLP/HTTP one (POST /v1/traces, a binary-protobuf ExportTraceServiceRequest, perhaps
+gzipped) on the standard library's HTTP server."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -51,6 +55,10 @@ class SpanStore(trace_service_pb2_grpc.TraceServiceServicer):
         self._changed = threading.Condition()
 
     def Export(self, request, context):
+        self.add(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         received = []
         for resource_spans in request.resource_spans:
             service = _attributes(resource_spans.resource.attributes).get("service.name", "")
@@ -73,7 +81,6 @@ class SpanStore(trace_service_pb2_grpc.TraceServiceServicer):
         with self._changed:
             self._spans.extend(received)
             self._changed.notify_all()
-        return trace_service_pb2.ExportTraceServiceResponse()
 
     @property
     def spans(self) -> list[ReceivedSpan]:
@@ -100,3 +107,38 @@ def otlp_receiver() -> Iterator[tuple[str, SpanStore]]:
         yield f"http://127.0.0.1:{port}", store
     finally:
         server.stop(0)
+
+
+@contextlib.contextmanager
+def otlp_http_receiver() -> Iterator[tuple[str, SpanStore]]:
+    """(endpoint for OTEL_EXPORTER_OTLP_ENDPOINT with OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf,
+    the store of received spans)."""
+    store = SpanStore()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            if self.path != "/v1/traces" or self.headers.get("Content-Type") != "application/x-protobuf":
+                self.send_error(404 if self.path != "/v1/traces" else 415)
+                return
+            store.add(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+            reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, format, *args) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="otlp-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", store
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -30,10 +30,14 @@ from shardgate.server.replicas.client import ReplicaClient
 log = logging.getLogger(__name__)
 
 
-def shard_config(config: ReplicaConfig, batch_limits: BatchLimits, listen: str, parent_pid: int = 0) -> ShardConfig:
+def shard_config(
+    config: ReplicaConfig, batch_limits: BatchLimits, listen: str, parent_pid: int = 0, log_format: str = "text"
+) -> ShardConfig:
     """What each shard process of a replica is told: its settings, the largest step the gateway
-    will send, and where the driver listens."""
-    return ShardConfig(settings_of(ReplicaSettings, config), settings_of(BatchLimits, batch_limits), listen, parent_pid)
+    will send, where the driver listens, and how it logs (as the gateway does)."""
+    return ShardConfig(
+        settings_of(ReplicaSettings, config), settings_of(BatchLimits, batch_limits), listen, parent_pid, log_format=log_format
+    )
 
 
 class _RankStderr:
@@ -66,8 +70,9 @@ class LocalReplica:
     """The shard processes of one replica on this host; rank 0 (the driver) listens on a unix
     socket that only the gateway uses."""
 
-    def __init__(self, config: ReplicaConfig, batch_limits: BatchLimits, index: int = 0, start: int = 0) -> None:
+    def __init__(self, config: ReplicaConfig, batch_limits: BatchLimits, index: int = 0, start: int = 0, log_format: str = "text") -> None:
         self.config = config
+        self.log_format = log_format
         self.batch_limits = batch_limits
         """The largest step the gateway will send: the shards profile memory at it."""
         self.index = index
@@ -81,7 +86,7 @@ class LocalReplica:
 
     def start(self) -> None:
         master_port = free_port()
-        config = shard_config(self.config, self.batch_limits, self.target, parent_pid=os.getpid())
+        config = shard_config(self.config, self.batch_limits, self.target, parent_pid=os.getpid(), log_format=self.log_format)
         config_path = os.path.join(self._dir, "shard-config.pb")
         with open(config_path, "wb") as file:
             file.write(config.to_bytes())

@@ -97,7 +97,13 @@ class ReplicaSupervisor:
             except grpc.aio.AioRpcError:
                 await client.close()
                 raise
-        replica = LocalReplica(self.config.replica, self.config.scheduler, self.engine.index, start=self.restarts + 1)
+        replica = LocalReplica(
+            self.config.replica,
+            self.config.scheduler,
+            self.engine.index,
+            start=self.restarts + 1,
+            log_format=self.config.telemetry.log_format,
+        )
         client = ReplicaClient(replica.target)
         self.replica = replica
         replica.start()

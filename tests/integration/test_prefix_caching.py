@@ -52,8 +52,8 @@ def test_shared_prefixes_give_the_same_tokens_with_and_without_prefix_caching(tm
     finally:
         server.stop()
     assert cached[0] == 0 and all(c % 16 == 0 for c in cached) and sum(c >= 80 for c in cached[1:]) >= 4
-    assert samples["shardgate_prefix_cache_hits_total"] >= sum(cached)  # recomputations after preemptions hit too
-    assert samples["shardgate_prefix_cache_queries_total"] >= sum(len(p) for p in PROMPTS)
+    assert samples["shardgate_prefix_cache_hit_tokens_total"] >= sum(cached)  # recomputations after preemptions hit too
+    assert samples["shardgate_prefix_cache_query_tokens_total"] >= sum(len(p) for p in PROMPTS)
     assert preemptions > 0 and free_blocks == 24  # every block back: free or evictable
 
     server = start_server(tmp_path, *flags, "--no-prefix-caching")

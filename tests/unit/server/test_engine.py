@@ -359,7 +359,7 @@ def test_steps_are_traced_for_sampled_requests_and_charged_to_them():
     assert [dict(m).get("traceparent", "")[3:35] for m in replica.metadata] == [f"{s.context.trace_id:032x}" for s in steps] + ["", ""]
     charged = traced.request.device_seconds + untraced.request.device_seconds
     assert traced.request.device_seconds > 0 and untraced.request.device_seconds > 0
-    busy = telemetry.metrics.registry.get_sample_value("shardgate_device_seconds_total", {"replica": "0"})
+    busy = telemetry.metrics.registry.get_sample_value("shardgate_device_seconds_total", {"model": "", "replica": "0"})
     assert charged == pytest.approx(busy)
 
 

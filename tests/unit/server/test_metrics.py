@@ -15,7 +15,8 @@ from shardgate.server.telemetry import Telemetry
 
 def test_metrics_are_served_as_prometheus_text():
     metrics = Metrics()
-    metrics.prompt_tokens.inc(7)
+    metrics.model = "m"
+    metrics.prompt_tokens.labels("m").inc(7)
     port = free_port()
     server = metrics.serve("127.0.0.1", port)
     try:
@@ -23,8 +24,10 @@ def test_metrics_are_served_as_prometheus_text():
     finally:
         server.shutdown()
         server.server_close()
-    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples["shardgate_prompt_tokens_total"] == 7
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    prompt_tokens = samples["shardgate_prompt_tokens_total"]
+    assert (prompt_tokens.value, prompt_tokens.labels) == (7, {"model": "m"})
+    assert samples["process_resident_memory_bytes"].value > 0 and "python_info" in samples  # process and platform collectors
 
 
 def test_a_taken_metrics_port_is_a_clear_error():

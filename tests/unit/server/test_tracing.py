@@ -2,6 +2,7 @@
 
 import time
 
+import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
@@ -11,7 +12,16 @@ from span_capture import capture_spans
 from shardgate.server.measures import RequestTimes, StepShape
 from shardgate.server.request import FinishReason, Request, SamplingParams
 from shardgate.server.scheduler import ScheduledChunk, StepPlan
-from shardgate.server.tracing import StepSampler, record_request_spans, records_step, request_attributes, start_step_span
+from shardgate.server.tracing import (
+    StepSampler,
+    end_request_span,
+    record_request_spans,
+    records_step,
+    request_attributes,
+    request_parameters,
+    start_request_span,
+    start_step_span,
+)
 
 PARAMS = SamplingParams(16, 0.7, 0.9, 40, 1234, False, False)
 
@@ -103,30 +113,42 @@ def test_request_attributes_follow_the_genai_conventions():
     request.num_preemptions = 1
     request.device_seconds = 0.125
     attributes = request_attributes(request, "m", replica=2, times=RequestTimes.of(request, time.monotonic()), cost=0.5)
-    latencies = {name: attributes.pop(name) for name in list(attributes) if name.startswith("gen_ai.latency.")}
+    latencies = {name: attributes.pop(name) for name in list(attributes) if name.startswith("shardgate.latency.")}
     assert latencies == pytest.approx(
         {
-            "gen_ai.latency.e2e": 1.5,
-            "gen_ai.latency.time_in_queue": 0.25,
-            "gen_ai.latency.time_to_first_token": 0.75,
-            "gen_ai.latency.time_per_output_token": 0.25,
+            "shardgate.latency.e2e": 1.5,
+            "shardgate.latency.time_in_queue": 0.25,
+            "shardgate.latency.time_to_first_token": 0.75,
+            "shardgate.latency.time_per_output_token": 0.25,
         },
         abs=1e-6,
     )
     assert attributes == {
-        "gen_ai.operation.name": "text_completion",
-        "gen_ai.request.model": "m",
+        "gen_ai.response.id": "r1",
+        "gen_ai.response.model": "m",
+        "gen_ai.usage.input_tokens": 3,
+        "gen_ai.usage.output_tokens": 4,
+        "gen_ai.response.finish_reasons": ["length"],
+        "shardgate.preemptions": 1,
+        "shardgate.cached_tokens": 0,
+        "shardgate.replica": 2,
+        "shardgate.device_seconds": 0.125,
+        "shardgate.cost": 0.5,
+    }
+    assert request_parameters(PARAMS, ["END"]) == {
         "gen_ai.request.max_tokens": 16,
         "gen_ai.request.temperature": 0.7,
         "gen_ai.request.top_p": 0.9,
         "gen_ai.request.top_k": 40,
         "gen_ai.request.seed": 1234,
-        "gen_ai.response.id": "r1",
-        "gen_ai.usage.input_tokens": 3,
-        "gen_ai.usage.output_tokens": 4,
-        "gen_ai.response.finish_reasons": ["length"],
-        "shardgate.preemptions": 1,
-        "shardgate.replica": 2,
-        "shardgate.device_seconds": 0.125,
-        "shardgate.cost": 0.5,
+        "gen_ai.request.stop_sequences": ["END"],
     }
+
+
+def test_a_request_span_is_named_by_its_operation_and_model():
+    provider, exporter = capture_spans()
+    span = start_request_span(provider.get_tracer("test"), "text_completion", "builtin:tiny", "grpc")
+    end_request_span(span, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+    [ended] = exporter.get_finished_spans()
+    assert ended.name == "text_completion builtin:tiny" and ended.attributes["error.type"] == "DEADLINE_EXCEEDED"
+    assert ended.attributes["gen_ai.provider.name"] == "shardgate" and ended.status.description == "deadline passed"

@@ -9,6 +9,7 @@ from shardgate.proto import shard_pb2
 from shardgate.proto.tracing import context_from_traceparent
 from shardgate.shards.executor import StepExecutor
 from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.memory import RankMemory
 from shardgate.shards.runner import ModelRunner
 from shardgate.shards.weights import load_model
 
@@ -43,9 +44,15 @@ def test_a_traced_step_has_a_driver_span_over_each_ranks_forward(runner):
     assert driver.context.trace_id == forward.context.trace_id == int(CALLER.split("-")[1], 16)
     assert forward.name == "forward" and forward.parent.span_id == driver.context.span_id
     assert driver.start_time <= forward.start_time <= forward.end_time <= driver.end_time
+    assert (driver.attributes["rpc.system"], driver.attributes["rpc.service"], driver.attributes["rpc.method"]) == (
+        "grpc",
+        "shardgate.shard.v1.Shard",
+        "Step",
+    )
     attributes = forward.attributes
-    assert (attributes["shard.rank"], attributes["tp.rank"], attributes["pp.stage"], attributes["shard.tokens"]) == (0, 0, 0, 3)
-    assert attributes["shard.all_reduce.count"] == 0  # one rank: no collectives
+    ranks = ("shardgate.shard.rank", "shardgate.shard.tp_rank", "shardgate.shard.pp_stage", "shardgate.shard.tokens")
+    assert tuple(attributes[name] for name in ranks) == (0, 0, 0, 3)
+    assert attributes["shardgate.shard.all_reduce.count"] == 0  # one rank: no collectives
     [timing] = response.rank_timings  # a traced step waits for every rank's timings
     assert timing.rank == 0 and 0 < timing.forward_s <= (driver.end_time - driver.start_time) / 1e9
     assert forward.end_time - forward.start_time == pytest.approx(timing.forward_s * 1e9, abs=1000)
@@ -119,3 +126,13 @@ def test_a_multi_step_plan_of_anything_but_decodes_is_rejected(runner):
     request.num_steps = 2
     with pytest.raises(ValueError, match="single-token decodes only"):
         executor.run(request)
+
+
+def test_timings_carry_the_ranks_memory(runner):
+    memory = RankMemory(runner.model, runner.kv_cache.nbytes, 12345, CPU)
+    executor = StepExecutor(runner, runner.parallel, memory=memory)
+    [timing] = executor.run(plan(report_timings=True)).rank_timings
+    assert timing.weights_bytes == sum(p.nbytes for p in runner.model.parameters()) + sum(b.nbytes for b in runner.model.buffers())
+    assert timing.kv_cache_bytes == runner.kv_cache.nbytes > 0
+    assert timing.activation_peak_bytes == 12345  # on CPU: the profiled step's peak
+    assert 0 < timing.device_memory_free_bytes < timing.device_memory_total_bytes  # the host's
