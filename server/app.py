@@ -83,7 +83,7 @@ def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None
 async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGINT or SIGTERM, then drains."""
     telemetry = Telemetry.start(config.telemetry, config.host)
-    tracing = telemetry.server_interceptors(SERVICE_NAME) + telemetry.server_interceptors(KSERVE_SERVICE_NAME)
+    tracing = telemetry.server_interceptors(SERVICE_NAME, KSERVE_SERVICE_NAME)
     server, port = build_server(config, tracing)
     api = EngineAPI(config, telemetry)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(api), server)

@@ -281,6 +281,13 @@ class EngineAPI:
             handle.request.span_context = span.get_span_context()
         return Generation(self, handle, ticket, span)
 
+    def refused(self, request_id: str, error: RequestError, protocol: str) -> None:
+        """Records a generation request its frontend refused before handing it over (one that does
+        not translate to a GenerateRequest): its span, metrics and log line are those of a request
+        the engine API refused."""
+        span = self.telemetry.start_request(GENAI_OPERATION, protocol)
+        self.telemetry.request_rejected(request_id, GENAI_OPERATION, protocol, error.code, str(error), span)
+
     async def embed(self, request: inference_pb2.EmbedRequest, deadline: float | None = None, protocol: str = "grpc") -> EmbedOutput:
         """Embeds the request's inputs (batched with other calls); raises RequestError when it
         is refused or fails. Cancelling the awaiting task ends the call. Its span (operation

@@ -147,7 +147,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             llm = read_request(request, model, streaming_call)
         except RequestError as error:
-            self.api.telemetry.request_rejected(request.id, error.code, PROTOCOL)
+            self.api.refused(request.id, error, PROTOCOL)
             raise
         return llm, self.api.generate(llm.generate, deadline, protocol=PROTOCOL)
 
