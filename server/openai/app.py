@@ -206,6 +206,9 @@ class OpenAIFrontend:
         except RequestError as error:
             yield responses.error_event(from_request_error(error, plan.renames))
             return
+        except Exception as error:  # noqa: BLE001 - the stream still ends with an error, not a cut
+            yield responses.error_event(_internal(error, "stream"))
+            return
         if include_usage:
             yield writer.usage_chunk(choices, plan.prompt_of_choice)
         yield "[DONE]"
@@ -305,12 +308,15 @@ async def _client_gone(request: Request, error: _ClientGone) -> Response:
     return Response(status_code=499)  # nobody reads it
 
 
-async def _internal_error(request: Request, error: Exception) -> Response:
+def _internal(error: Exception, where: str) -> OpenAIError:
     """No traceback or path leaves the server: the caller gets an error id, the log the details."""
     error_id = secrets.token_hex(6)
-    log.error("error %s in %s %s", error_id, request.method, request.url.path, exc_info=error)
-    body = OpenAIError(500, f"internal error (id {error_id}); the server log has the details", "server_error")
-    return await _error_response(request, body)
+    log.error("error %s in %s", error_id, where, exc_info=error)
+    return OpenAIError(500, f"internal error (id {error_id}); the server log has the details", "server_error")
+
+
+async def _internal_error(request: Request, error: Exception) -> Response:
+    return await _error_response(request, _internal(error, f"{request.method} {request.url.path}"))
 
 
 class _Server(uvicorn.Server):
