@@ -1,4 +1,5 @@
-"""Wires the gateway: start the replicas, build an engine per replica, serve gRPC until a signal.
+"""Wires the gateway: start the replicas, build an engine per replica, serve gRPC (and, with
+--http-port, the OpenAI-compatible HTTP API on the same loop: server/openai/) until a signal.
 
 Health (grpc.health.v1, for "" and shardgate.v1.Inference) says NOT_SERVING while the replicas
 load and warm up, SERVING once they answer, and NOT_SERVING again while the server drains
