@@ -319,6 +319,22 @@ async def _internal_error(request: Request, error: Exception) -> Response:
     return await _error_response(request, _internal(error, f"{request.method} {request.url.path}"))
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket created with proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on
+    connections of such sockets, and without it each small SSE write can wait for the client's
+    delayed ACK (~40 ms a chunk)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Server(uvicorn.Server):
     """The gateway owns SIGINT/SIGTERM (it drains first): uvicorn must not take them."""
 
@@ -342,8 +358,7 @@ class HttpServer:
         keys = ApiKeys.from_file(security.api_key_file) if security.api_key_file else None
         app = OpenAIFrontend(api, config, keys).asgi_app()
         try:
-            family = socket.getaddrinfo(config.host, config.http.port, type=socket.SOCK_STREAM)[0][0]
-            sock = socket.create_server((config.host, config.http.port), family=family)
+            sock = _listen(config.host, config.http.port)
         except OSError as error:
             raise RuntimeError(f"cannot serve HTTP on {config.host}:{config.http.port}: {error.strerror or error}") from None
         uv_config = uvicorn.Config(
