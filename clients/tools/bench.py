@@ -85,9 +85,6 @@ class ServerRun:
     model: str
     dtype: str
     device: str
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    """The workload drew its prompt ids from the vocabulary without these: the baseline draws the same."""
     weight_bytes_per_step: int
     kv_bytes_per_token: int
     kv_theory_bytes_per_token: int
@@ -136,8 +133,6 @@ async def bench_server(
         info.model,
         info.dtype,
         info.devices[0] if info.devices else "cpu",
-        info.vocab_size,
-        tuple(info.eos_token_ids),
         info.weight_bytes_per_step,
         info.kv_bytes_per_token,
         2 * info.num_hidden_layers * info.num_key_value_heads * info.head_dim * DTYPE_BYTES[info.dtype],
