@@ -187,3 +187,26 @@ def test_a_stream_closed_early_frees_its_kv(oai, native, model):
     stream.close()
     wait_until(lambda: native.server_status().active_requests == 0, what="the request was aborted")
     wait_until(lambda: native.server_status().replicas[0].free_kv_blocks == baseline, what="its KV blocks were freed")
+
+
+def test_n_streamed_choices_interleave_and_fill_the_context_without_max_tokens(oai, model):
+    chunks = list(
+        oai.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Tell me everything"}],
+            temperature=0,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert texts[0] == texts[1] and finishes == {0: "length", 1: "length"}  # greedy: the same, each ended once
+    usage = chunks[-1].usage  # no max_tokens: each choice gets all the context the prompt leaves (256 positions)
+    assert usage.prompt_tokens + usage.completion_tokens // 2 == 256
