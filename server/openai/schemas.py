@@ -104,6 +104,9 @@ class CompletionRequest(_Generate):
 
 
 class ContentPart(BaseModel):
+    """A part of a message's content; other keys are allowed so that a non-text part (an image)
+    is refused by its type, naming it, rather than as an unknown argument."""
+
     type: str
     text: str | None = None
 
