@@ -27,6 +27,7 @@ _INTERNAL = (500, "server_error", None)
 
 # The native API's field (its first part) → the OpenAI parameter that sets it.
 _PARAMS = {
+    "max_new_tokens": "max_tokens",
     "prompt_token_ids": "prompt",
     "inputs": "input",
     "request_id": None,  # made by the frontend, never the caller's
@@ -67,12 +68,18 @@ def _rename(field: str, renames: Mapping[str, str]) -> tuple[str | None, str]:
     return param, (param or "") + field[len(name) :]
 
 
+def _renamed(detail: str, field: str, param: str | None) -> str:
+    """The message's own mentions of the native field in the parameter's name."""
+    first = _FIRST_PART.match(field)
+    return detail if param is None or first is None else detail.replace(first.group(0), param)
+
+
 def from_request_error(error: RequestError, renames: Mapping[str, str] | None = None) -> OpenAIError:
     """The engine API's refusal as an OpenAI error. A RESOURCE_EXHAUSTED's field is a server
     bound (max_queue_tokens), not a parameter: it stays in the message only."""
     status, type, code = _STATUSES.get(error.code, _INTERNAL)
     if error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field is not None:
         param, path = _rename(error.field, renames or {})
-        detail = str(error).removeprefix(f"{error.field}: ")
+        detail = _renamed(str(error).removeprefix(f"{error.field}: "), error.field, param)
         return OpenAIError(status, f"{path}: {detail}" if param else detail, type, param, code)
     return OpenAIError(status, str(error), type, None, code)

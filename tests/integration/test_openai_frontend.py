@@ -193,7 +193,7 @@ def test_n_streamed_choices_interleave_and_fill_the_context_without_max_tokens(o
     chunks = list(
         oai.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": "Tell me everything"}],
+            messages=[{"role": "user", "content": "Tell me everything about the quick brown fox " * 5}],  # ~190 of 256 positions
             temperature=0,
             n=2,
             stream=True,

@@ -63,6 +63,8 @@ def test_too_many_choices_are_refused_naming_n():
 def test_engine_fields_become_openai_params():
     error = from_request_error(invalid("max_new_tokens", "must be in [1, 8], got 9"), {"max_new_tokens": "max_completion_tokens"})
     assert (error.status, error.param, error.message) == (400, "max_completion_tokens", "max_completion_tokens: must be in [1, 8], got 9")
+    context = from_request_error(invalid("max_new_tokens", "prompt (9 tokens) + max_new_tokens (8) exceeds the model context"))
+    assert context.message == "max_tokens: prompt (9 tokens) + max_tokens (8) exceeds the model context"
     stop = from_request_error(invalid("stop[1]", "must be 1 to 4 characters"))
     assert (stop.param, stop.message) == ("stop", "stop[1]: must be 1 to 4 characters")
     assert from_request_error(invalid("prompt_token_ids", "bad")).param == "prompt"
