@@ -1,4 +1,5 @@
-"""Wires the gateway: start the replicas, build an engine per replica, serve gRPC until a signal.
+"""Wires the gateway: start the replicas, build an engine per replica, serve gRPC (and, with
+--http-port, the OpenAI-compatible HTTP API on the same loop: server/openai/) until a signal.
 
 The KServe v2 service (kserve_service.py) shares the port, interceptors and engine API with
 the native one. Health (grpc.health.v1, for "", shardgate.v1.Inference and
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc, kserve_v2_pb2, kserve_v2_pb2_grpc, shard_pb2
 from shardgate.proto.tls import channel_credentials, server_credentials
+from shardgate.server.api_keys import ApiKeys
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher
@@ -31,6 +32,7 @@ from shardgate.server.engine import Engine
 from shardgate.server.engine_api import EngineAPI
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
 from shardgate.server.kserve_service import KServeService
+from shardgate.server.openai.app import HttpServer
 from shardgate.server.replicas.client import ReplicaClient
 from shardgate.server.replicas.launcher import LocalReplica
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
@@ -60,8 +62,7 @@ def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor
     security = config.security
     interceptors: list[grpc.aio.ServerInterceptor] = list(tracing)
     if security.api_key_file:
-        keys = [line.strip() for line in Path(security.api_key_file).read_bytes().decode().splitlines() if line.strip()]
-        interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
+        interceptors.append(AuthInterceptor(ApiKeys.from_file(security.api_key_file), exempt_services=[health.SERVICE_NAME]))
     interceptors.append(HygieneInterceptor())
     options = [*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -93,6 +94,9 @@ async def serve(config: GatewayConfig) -> None:
     await _set_health(health_servicer, serving=False)
     reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
+    http = HttpServer.start(api, config) if config.http.port is not None else None
+    if http is not None:
+        log.info("OpenAI-compatible HTTP API on %s:%d", config.host, http.port)
 
     local = [
         LocalReplica(config.replica, config.scheduler, index, log_format=config.telemetry.log_format) for index in range(config.replicas)
@@ -152,6 +156,8 @@ async def serve(config: GatewayConfig) -> None:
         await _drain(api, health_servicer, config.drain_timeout_s)
     finally:
         await health_servicer.enter_graceful_shutdown()
+        if http is not None:
+            await http.stop()
         await server.stop(1.0)
         for task in tasks:
             task.cancel()

@@ -156,6 +156,24 @@ class SecurityConfig:
         return self.replica_ca is not None
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP frontend (server/openai/): same host, engine, keys and TLS as gRPC."""
+
+    port: int | None = flag(
+        None,
+        "serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) on this port of --host "
+        "(default: off; 0 = any free)",
+        name="--http-port",
+        type=int,
+    )
+    max_choices: int = flag(16, "most choices one OpenAI request may ask for (n × prompts; default %(default)s)", name="--http-max-choices")
+
+    def __post_init__(self) -> None:
+        _require(self.port is None or 0 <= self.port <= 65535, "http port must be in [0, 65535]")
+        _require(self.max_choices >= 1, "http max_choices must be >= 1")
+
+
 TRACE_STEPS = ("sampled", "all", "none")
 
 
@@ -217,6 +235,7 @@ class GatewayConfig:
         name="--drain-timeout",
     )
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:

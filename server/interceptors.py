@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from shardgate.server.api_keys import ApiKeys
 
 log = logging.getLogger("shardgate.server")
 
@@ -32,22 +33,16 @@ class _Malformed:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <key>` with one of the configured keys on every method
-    except the exempt services (health); keys are compared in constant time."""
+    """Requires `authorization: Bearer <key>` with one of the API keys on every method except
+    the exempt services (health)."""
 
-    def __init__(self, keys: Iterable[str], exempt_services: Iterable[str]) -> None:
-        self._keys = [key.encode() for key in keys]
-        if not self._keys:
-            raise ValueError("the API key file holds no key")
+    def __init__(self, keys: ApiKeys, exempt_services: Iterable[str]) -> None:
+        self._keys = keys
         self._exempt = tuple(f"/{service}/" for service in exempt_services)
 
     def _authorized(self, metadata: tuple) -> bool:
         values = [value for key, value in metadata or () if key == "authorization"]
-        if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
-            return False
-        offered = values[0][len("Bearer ") :].encode()
-        # Compare against every key, always, so the time taken says nothing about which matched.
-        return sum(hmac.compare_digest(offered, key) for key in self._keys) > 0
+        return len(values) == 1 and self._keys.authorized(values[0])
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

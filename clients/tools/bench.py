@@ -1,6 +1,7 @@
 """`shardgate bench`: load-test a server (a running one, or one it starts) with a seeded
-synthetic workload, optionally against Hugging Face transformers on the same checkpoint, and
-report throughput, latency percentiles and cost as a table (and JSON)."""
+synthetic workload over one or more protocols (native gRPC, OpenAI HTTP, ...: protocols.py),
+optionally against Hugging Face transformers on the same checkpoint, and report throughput,
+latency percentiles and cost as a table (and JSON), with each protocol's ratio to native."""
 
 from __future__ import annotations
 
@@ -17,10 +18,18 @@ from shardgate.clients.tools.arguments import client_options, connection_argumen
 from shardgate.clients.tools.bandwidth import HardwareReport, read_bandwidth
 from shardgate.clients.tools.bench_metrics import Summary, summarize
 from shardgate.clients.tools.in_process import IN_PROCESS
-from shardgate.clients.tools.workload import WorkItem, WorkloadConfig, make_workload, poisson_arrivals
-from shardgate.proto.common import DTYPE_BYTES
+from shardgate.clients.tools.protocols import GRPC, NATIVE, PROTOCOLS
+from shardgate.clients.tools.workload import WorkItem, WorkloadConfig, make_workload, poisson_arrivals, text_workload
+from shardgate.proto.common import DTYPE_BYTES, free_port
 
 SHARDGATE = "shardgate"
+"""The native protocol's column; another protocol's is `shardgate <protocol>`."""
+
+
+def protocol_label(protocol: str) -> str:
+    return SHARDGATE if protocol == NATIVE else f"{SHARDGATE} {protocol}"
+
+
 HF_ONE = "hf one-at-a-time"
 
 
@@ -71,48 +80,59 @@ class Level:
 @dataclass(frozen=True)
 class ServerRun:
     summary: Summary
+    items: list[WorkItem]
+    """The requests sent (the baselines send the same)."""
     model: str
     dtype: str
     device: str
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    """The workload drew its prompt ids from the vocabulary without these: the baseline draws the same."""
     weight_bytes_per_step: int
     kv_bytes_per_token: int
     kv_theory_bytes_per_token: int
 
-    def items(self, workload: WorkloadConfig) -> list[WorkItem]:
-        """The workload's requests, drawn as they were for this server (the baselines send the same)."""
-        return make_workload(workload, self.vocab_size, frozenset(self.eos_token_ids))
 
-
-async def bench_server(address: str, client_options: dict, workload: WorkloadConfig, load: LoadConfig, progress: bool) -> ServerRun:
-    """Runs the workload against the server at address and summarizes it."""
+async def bench_server(
+    address: str,
+    client_options: dict,
+    workload: WorkloadConfig,
+    load: LoadConfig,
+    progress: bool,
+    *,
+    protocol: str = NATIVE,
+    http_address: str | None = None,
+    text_prompts: bool = False,
+) -> ServerRun:
+    """Runs the workload against the server at address (gRPC; http_address: its HTTP port)
+    over `protocol` and summarizes it. With text_prompts the prompts are text (text_workload,
+    counted by the server's tokenizer), else token ids."""
     from shardgate.clients.async_client import AsyncClient
     from shardgate.clients.tools.load import run_load, warm_up
 
     async with AsyncClient(address, **client_options) as client:
         info = await client.model_info()
-        items = make_workload(workload, info.vocab_size, frozenset(info.eos_token_ids))
-        await warm_up(client, items, load.warmup)
+        if text_prompts:
+            items = await text_workload(workload, lambda text: client.tokenize(text, add_special_tokens=True))
+        else:
+            items = make_workload(workload, info.vocab_size, frozenset(info.eos_token_ids))
+    spec = PROTOCOLS[protocol]
+    async with spec.load()(address if spec.port == GRPC else http_address, client_options) as driver:
+        await warm_up(driver, items, load.warmup)
         arrivals = None if load.rate is None else poisson_arrivals(len(items), load.rate, workload.seed)
         records = await run_load(
-            client,
+            driver,
             items,
             concurrency=load.concurrency if arrivals is None else None,
             arrivals=arrivals,
             ignore_eos=load.ignore_eos,
             progress=progress,
-            label=SHARDGATE,
+            label=protocol_label(protocol),
         )
     summary = summarize(records, load.device_cost_per_hour, devices=len(info.devices))
     return ServerRun(
         summary,
+        items,
         info.model,
         info.dtype,
         info.devices[0] if info.devices else "cpu",
-        info.vocab_size,
-        tuple(info.eos_token_ids),
         info.weight_bytes_per_step,
         info.kv_bytes_per_token,
         2 * info.num_hidden_layers * info.num_key_value_heads * info.head_dim * DTYPE_BYTES[info.dtype],
@@ -122,29 +142,30 @@ async def bench_server(address: str, client_options: dict, workload: WorkloadCon
 def hardware_report(run: ServerRun, levels: list[Level], results: list[dict[str, Summary]]) -> HardwareReport:
     """The bandwidth bound of a batch-1 decode step (measured here, on the server's device type,
     after the server has stopped) beside shardgate's time per output token at concurrency 1."""
-    single = next((index for index, level in enumerate(levels) if level.load.concurrency == 1), None)
+    single = next((index for index, level in enumerate(levels) if level.load.concurrency == 1 and SHARDGATE in results[index]), None)
     step = None if single is None else results[single][SHARDGATE].tpot_ms["p50"] / 1e3
     return HardwareReport(
         run.weight_bytes_per_step, read_bandwidth(run.device), step, run.kv_bytes_per_token, run.kv_theory_bytes_per_token
     )
 
 
-def bench_hf(model_dir: Path, run: ServerRun, levels: list[Level], progress: bool) -> dict[int, dict[str, Summary]]:
+def bench_hf(model_dir: Path, runs: list[ServerRun], levels: list[Level], progress: bool) -> dict[int, dict[str, Summary]]:
     """The transformers baseline on the same checkpoint, dtype, device type and workloads: one
     request at a time (once, on the workload of concurrency 1 if there is one, else the first
     level's) and statically batched at each concurrency above 1."""
     from shardgate.clients.tools.baseline_hf import load_model, run_static_batches
 
+    run = runs[0]
     device = "cuda" if run.device.startswith("cuda") else "cpu"
     model = load_model(model_dir, run.dtype, device)
     results: dict[int, dict[str, Summary]] = {index: {} for index in range(len(levels))}
     sequential = next((i for i, level in enumerate(levels) if level.load.batch_size == 1), 0)
     for index, level in enumerate(levels):
-        items = run.items(level.workload)
-        runs = [(HF_ONE, 1)] if index == sequential else []
+        items = runs[index].items
+        baselines = [(HF_ONE, 1)] if index == sequential else []
         if level.load.batch_size > 1:  # a batch of 1 is one at a time
-            runs.append((hf_static(level.load.batch_size), level.load.batch_size))
-        for name, size in runs:
+            baselines.append((hf_static(level.load.batch_size), level.load.batch_size))
+        for name, size in baselines:
             records = run_static_batches(model, items, size, level.load.ignore_eos, progress, name)
             results[index][name] = summarize(records, level.load.device_cost_per_hour, devices=1)
     for level_results in results.values():  # every table shows the one-at-a-time baseline
@@ -152,12 +173,12 @@ def bench_hf(model_dir: Path, run: ServerRun, levels: list[Level], progress: boo
     return results
 
 
-def bench_in_process(args: argparse.Namespace, run: ServerRun, levels: list[Level], progress: bool) -> dict[int, Summary]:
+def bench_in_process(args: argparse.Namespace, runs: list[ServerRun], levels: list[Level], progress: bool) -> dict[int, Summary]:
     """The same engine in one process, no gRPC (clients/tools/in_process.py), at each closed-loop level."""
     from shardgate.clients.tools.in_process import build_engine, run_in_process
 
     engine = build_engine(args)
-    workloads = [(run.items(level.workload), level.load.concurrency) for level in levels]
+    workloads = [(run.items, level.load.concurrency) for run, level in zip(runs, levels)]
     load = levels[0].load  # ignore_eos, warmup and price are the same at every level
     records = run_in_process(engine, workloads, load.ignore_eos, load.warmup, progress)
     return {index: summarize(level_records, load.device_cost_per_hour, devices=1) for index, level_records in enumerate(records)}
@@ -191,18 +212,30 @@ RATIO_ROWS = (
 )
 
 
+def is_protocol(name: str) -> bool:
+    """Whether a result column is shardgate over another protocol (not a baseline)."""
+    return name.startswith(SHARDGATE + " ")
+
+
+def ratio_header(name: str) -> str:
+    return f"{name.removeprefix(SHARDGATE + ' ')} ÷ native" if is_protocol(name) else f"shardgate ÷ {name.removeprefix('hf ')}"
+
+
 def ratios(results: dict[str, Summary]) -> dict[str, dict[str, float]]:
-    """shardgate ÷ each baseline, per metric (above 1 is better for throughput, below 1 for latency and cost)."""
-    ours = results[SHARDGATE]
+    """Per metric, shardgate (native) ÷ each baseline, and each other protocol ÷ native: above
+    1 is better for throughput, below 1 for latency and cost (none without a native run)."""
+    ours = results.get(SHARDGATE)
+    if ours is None:
+        return {}
     getters = {name: get for name, get, _ in ROWS}
     out = {}
-    for baseline, summary in results.items():
-        if baseline == SHARDGATE:
+    for name, summary in results.items():
+        if name == SHARDGATE:
             continue
-        out[baseline] = {}
+        out[name] = {}
         for row in RATIO_ROWS:
-            a, b = getters[row](ours), getters[row](summary)
-            out[baseline][row] = a / b if a is not None and b not in (None, 0) and not math.isnan(b) else math.nan
+            a, b = getters[row](summary if is_protocol(name) else ours), getters[row](ours if is_protocol(name) else summary)
+            out[name][row] = a / b if a is not None and b not in (None, 0) and not math.isnan(b) else math.nan
     return out
 
 
@@ -213,7 +246,7 @@ def _cell(value, fmt: str) -> str:
 def format_table(results: dict[str, Summary], title: str) -> str:
     names = list(results)
     ratio_table = ratios(results)
-    headers = ["metric", *names, *[f"shardgate ÷ {n.removeprefix('hf ')}" for n in ratio_table]]
+    headers = ["metric", *names, *[ratio_header(n) for n in ratio_table]]
     rows = []
     for label, get, fmt in ROWS:
         row = [label, *[_cell(get(results[n]), fmt) for n in names]]
@@ -225,7 +258,7 @@ def format_table(results: dict[str, Summary], title: str) -> str:
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     if ratio_table:
-        lines.append("ratio = shardgate ÷ baseline: above 1 is better for throughput, below 1 is better for latency and cost")
+        lines.append("ratio = shardgate ÷ baseline (or protocol ÷ native): above 1 is better for throughput, below 1 for latency and cost")
     return "\n".join(lines)
 
 
@@ -245,6 +278,14 @@ def add_parser(commands) -> None:
         parser.add_argument_group("server to start when there is no --addr (the `shardgate serve` flags; --host/--port are ignored)")
     )
     workload_arguments(parser)
+    parser.add_argument(
+        "--protocol",
+        type=protocol_list,
+        default=(NATIVE,),
+        help=f"protocol(s) to drive, comma-separated, each at every level, side by side ({', '.join(PROTOCOLS)}; default native). "
+        "With any but native alone, every protocol gets the same text prompts",
+    )
+    parser.add_argument("--http-addr", help="host:port of the server's HTTP API (--http-port), for --protocol openai with --addr")
     parser.add_argument("--baseline", choices=("hf",), help="also run transformers generate on --model (a local folder)")
     parser.add_argument(
         "--in-process",
@@ -257,6 +298,14 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=bench_command)
+
+
+def protocol_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in PROTOCOLS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct protocols among {', '.join(PROTOCOLS)}, got {text!r}")
+    return names
 
 
 def levels_from_args(args: argparse.Namespace) -> list[Level]:
@@ -301,36 +350,61 @@ def bench_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--baseline hf needs --model to be a local Hugging Face folder, not {args.model!r}")
         if args.in_process and (args.addr is not None or args.rate is not None):
             raise ValueError("--in-process needs --model (not --addr) and --concurrency (not --rate)")
+        protocols = list(args.protocol)
+        needs_http = any(PROTOCOLS[p].port != GRPC for p in protocols)
+        if needs_http and args.addr is not None and args.http_addr is None:
+            raise ValueError(f"--protocol {','.join(protocols)} with --addr needs --http-addr (the server's --http-port)")
+        if needs_http and args.addr is None and args.http_port is None:
+            args.http_port = free_port()  # the server bench starts serves HTTP too
+        http_address = args.http_addr if args.addr is not None else f"127.0.0.1:{args.http_port}"
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     progress = not args.no_progress
     server = None
-    runs: list[ServerRun] = []
+    runs: list[dict[str, ServerRun]] = []  # per level, per protocol
+    text_prompts = protocols != [NATIVE]
     try:
         if args.addr is None:
             server = LocalServer(serve_argv(args)).start()
         for level in levels:
-            runs.append(asyncio.run(bench_server(args.addr or server.address, options, level.workload, level.load, progress)))
+            runs.append(
+                {
+                    protocol: asyncio.run(
+                        bench_server(
+                            args.addr or server.address,
+                            options,
+                            level.workload,
+                            level.load,
+                            progress,
+                            protocol=protocol,
+                            http_address=http_address,
+                            text_prompts=text_prompts,
+                        )
+                    )
+                    for protocol in protocols
+                }
+            )
     except (ShardgateError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
         if server is not None:
             server.stop()  # the baselines get the machine to themselves
-    results = [{SHARDGATE: run.summary} for run in runs]
+    results = [{protocol_label(protocol): run.summary for protocol, run in level_runs.items()} for level_runs in runs]
+    first_runs = [next(iter(level_runs.values())) for level_runs in runs]  # the baselines send their items
     if args.in_process:
         try:
-            for index, summary in bench_in_process(args, runs[0], levels, progress).items():
+            for index, summary in bench_in_process(args, first_runs, levels, progress).items():
                 results[index][IN_PROCESS] = summary
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
     if args.baseline == "hf":
-        for index, summaries in bench_hf(Path(args.model), runs[0], levels, progress).items():
+        for index, summaries in bench_hf(Path(args.model), first_runs, levels, progress).items():
             results[index] |= summaries
     out = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
-    run = runs[0]
+    run = first_runs[0]
     for level, level_results in zip(levels, results):
         workload, load = level.workload, level.load
         title = (

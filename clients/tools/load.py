@@ -1,9 +1,10 @@
-"""The benchmark's load generator: streams the workload to a server, closed loop at a
-concurrency or open loop at a Poisson rate, and times every token."""
+"""The benchmark's load generator: streams the workload to a server over a protocol's driver
+(protocols.py), closed loop at a concurrency or open loop at a Poisson rate, and times every token."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
 
@@ -13,16 +14,16 @@ from shardgate.clients.async_client import AsyncClient
 from shardgate.clients.errors import ShardgateError
 from shardgate.clients.tools.bench_metrics import RequestRecord
 from shardgate.clients.tools.pool import closed_loop_map
+from shardgate.clients.tools.protocols import StreamDriver
 from shardgate.clients.tools.workload import WorkItem
 
 
-async def timed_request(client: AsyncClient, item: WorkItem, ignore_eos: bool) -> RequestRecord:
+async def timed_request(driver: StreamDriver, item: WorkItem, ignore_eos: bool) -> RequestRecord:
     """One greedy streamed request; token times are when each message arrived."""
     record = RequestRecord(start=time.perf_counter(), prompt_tokens=len(item.prompt_ids))
     try:
-        async for delta in client.stream(item.prompt_ids, max_new_tokens=item.max_new_tokens, temperature=0, ignore_eos=ignore_eos):
-            if delta.token_ids:
-                record.token_times.extend([time.perf_counter()] * len(delta.token_ids))
+        async for count in driver.stream(item, ignore_eos):
+            record.token_times.extend([time.perf_counter()] * count)
     except ShardgateError as error:
         record.error = error.code().name
     record.end = time.perf_counter()
@@ -30,7 +31,7 @@ async def timed_request(client: AsyncClient, item: WorkItem, ignore_eos: bool) -
 
 
 async def run_load(
-    client: AsyncClient,
+    driver: StreamDriver,
     items: list[WorkItem],
     *,
     concurrency: int | None = None,
@@ -48,7 +49,7 @@ async def run_load(
     )
 
     async def run(item: WorkItem) -> RequestRecord:
-        record = await timed_request(client, item, ignore_eos)
+        record = await timed_request(driver, item, ignore_eos)
         bar.update(1)
         return record
 
@@ -67,10 +68,10 @@ async def run_load(
         bar.close()
 
 
-async def warm_up(client: AsyncClient, items: list[WorkItem], count: int) -> None:
+async def warm_up(driver: StreamDriver, items: list[WorkItem], count: int) -> None:
     """A few short requests first, so the run does not measure one-time start costs."""
     for item in items[:count]:
-        async for _ in client.stream(item.prompt_ids, max_new_tokens=min(item.max_new_tokens, 8), temperature=0, ignore_eos=True):
+        async for _ in driver.stream(dataclasses.replace(item, max_new_tokens=min(item.max_new_tokens, 8)), ignore_eos=True):
             pass
 
 

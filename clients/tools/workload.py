@@ -1,9 +1,11 @@
-"""Seeded synthetic workloads for the benchmark: prompts of random token ids with lengths drawn
-from a distribution (or fixed), and Poisson arrival times for open-loop load."""
+"""Seeded synthetic workloads for the benchmark: prompts of random token ids (or, for protocols
+that take only text, of common words) with lengths drawn from a distribution (or fixed), and
+Poisson arrival times for open-loop load."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
@@ -60,6 +62,8 @@ class WorkloadConfig:
 class WorkItem:
     prompt_ids: list[int]
     max_new_tokens: int
+    prompt_text: str | None = None
+    """The prompt as text (prompt_ids are its tokens), for a cross-protocol run; None: send the ids."""
 
 
 def make_workload(config: WorkloadConfig, vocab_size: int, avoid_ids: frozenset[int] = frozenset()) -> list[WorkItem]:
@@ -97,3 +101,47 @@ def make_embed_texts(config: WorkloadConfig) -> list[str]:
         " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(config.prompt_len.draw(rng)))
         for _ in range(config.num_requests)
     ]
+
+
+# Common English words: text prompts read as text to every tokenizer (no rare byte sequences).
+WORDS = (
+    "the of and to in is it that for on with as was at by be this have from or one had not but what all were when we there can "
+    "an your which their said if do will each about how up out them then she many some so these would other into has more her "
+    "two like him see time could no make than first been its who now people my made over did down only way find use may water "
+    "long little very after words called just where most know get through back much before go good new write our used me man "
+    "too any day same right look think also around another came come work three word must because does part even place well"
+).split()
+
+
+async def text_workload(config: WorkloadConfig, tokenize: Callable[[str], Awaitable[list[int]]]) -> list[WorkItem]:
+    """The workload as text prompts, for protocols that take only text (and to send every
+    protocol the same input): seeded words, as many as fit in each prompt's token length as
+    `tokenize` (the server's own tokenizer, special tokens included) counts them. Each item's
+    prompt_ids are its text's tokens, so a prompt may fall a token or two short of its length."""
+    rng = random.Random(config.seed)
+    prefix = ""
+    if config.shared_prefix_len:
+        prefix_rng = random.Random(config.seed + 2)
+        prefix_words = [prefix_rng.choice(WORDS) for _ in range(config.shared_prefix_len)]  # a word is at least one token
+        prefix = (await _fit(lambda k: " ".join(prefix_words[:k]), config.shared_prefix_len, tokenize))[0] + " "
+    items = []
+    for _ in range(config.num_requests):
+        prompt_len, output_len = config.prompt_len.draw(rng), config.output_len.draw(rng)
+        words = [rng.choice(WORDS) for _ in range(prompt_len)]
+        text, ids = await _fit(lambda k, words=words: prefix + " ".join(words[:k]), config.shared_prefix_len + prompt_len, tokenize)
+        items.append(WorkItem(ids, output_len, text))
+    return items
+
+
+async def _fit(text_of: Callable[[int], str], budget: int, tokenize: Callable[[str], Awaitable[list[int]]]) -> tuple[str, list[int]]:
+    """The text of the most words k (at least 1) whose tokens fit in `budget`, found by bisection
+    (the count grows with k), and its token ids."""
+    low, high = 1, budget
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(await tokenize(text_of(middle))) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    text = text_of(low)
+    return text, await tokenize(text)

@@ -36,7 +36,7 @@ TRITONCLIENT = "tritonclient[grpc]==2.73.0"
 TRITON_VENV = ROOT / ".venv-tritonclient"
 """Made once and reused (git-ignored); remade when the pin changes."""
 SCRIPT = ROOT / "tests" / "kserve_client_script.py"
-EXAMPLE = ROOT / "docs" / "protocols-kserve.md"
+README = ROOT / "README.md"
 SERVICE = "inference.GRPCInferenceService"
 MODEL = "builtin:tiny"
 PROMPT = "The KServe protocol"
@@ -259,9 +259,10 @@ def test_ready_follows_loading_and_draining_live_stays_true(tmp_path):
 
 
 def test_the_readme_example_runs_as_written(triton_python, tiny_server):
-    """docs/protocols-kserve.md's script, pointed at this server: its unary and streamed text
-    are the native API's greedy completion."""
-    script = re.search(r"```python\n(.*?)```", EXAMPLE.read_text(), re.S).group(1)
+    """The README's tritonclient script (the first python block after "### KServe v2"), pointed at
+    this server: its unary and streamed text are the native API's greedy completion."""
+    section = README.read_text().split("### KServe v2", 1)[1]
+    script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = script.replace('"127.0.0.1:50051", "builtin:smollm2"', f'"{tiny_server.address}", "{MODEL}"')
     with tiny_server.client() as client:
         text = client.generate("The capital of France is", max_new_tokens=32, temperature=0).text

@@ -2,6 +2,7 @@
 recommendation, plot; and the benchmark model's shape and tokenizer."""
 
 import argparse
+import asyncio
 import math
 
 import pytest
@@ -16,12 +17,14 @@ from shardgate.clients.tools.bench import (
     configs_from_args,
     format_table,
     levels_from_args,
+    protocol_label,
+    protocol_list,
     ratios,
 )
 from shardgate.clients.tools.bench_metrics import RequestRecord, percentile, summarize
 from shardgate.clients.tools.local_server import serve_argv
 from shardgate.clients.tools.tune import SLO, Trial, generation_settings, plot, recommend
-from shardgate.clients.tools.workload import Lengths, WorkloadConfig, make_workload, poisson_arrivals
+from shardgate.clients.tools.workload import Lengths, WorkloadConfig, make_workload, poisson_arrivals, text_workload
 from shardgate.proto.models import default_model
 
 
@@ -247,3 +250,34 @@ def test_tuner_probes_and_measures_embed():
         server.stop()
     assert (summary.requests, summary.errors) == (3, 0) and summary.requests_per_s > 0 and summary.e2e_ms["p99"] > 0
     assert [call.method for call in server.fake.calls].count("Embed") == 2 + 1 + 3  # probes, warm-up, load
+
+
+def test_protocol_ratios_are_protocol_over_native():
+    native = summarize([RequestRecord(0.0, 1, [0.1, 0.2], 0.2)], 1.0)
+    openai = summarize([RequestRecord(0.0, 1, [0.1, 0.25], 0.25)], 1.0)
+    results = {SHARDGATE: native, protocol_label("openai"): openai}
+    assert ratios(results)["shardgate openai"]["output tokens/s"] == pytest.approx(0.8)
+    assert "openai ÷ native" in format_table(results, "title").splitlines()[1]
+    assert ratios({protocol_label("openai"): openai}) == {}  # nothing to compare with
+
+
+def test_protocol_list_refuses_unknown_and_repeated_names():
+    assert protocol_list("native, openai") == ("native", "openai")
+    for text in ("grpc", "native,native", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            protocol_list(text)
+
+
+def test_text_workload_fits_each_prompt_in_its_length():
+    async def tokenize(text: str) -> list[int]:  # a word-and-punctuation tokenizer with a BOS
+        return [0] + [len(word) for word in text.replace(",", " ,").split()]
+
+    config = WorkloadConfig(5, Lengths(4, 9), Lengths(2, 2), seed=3, shared_prefix_len=3)
+    items = asyncio.run(text_workload(config, tokenize))
+    again = asyncio.run(text_workload(config, tokenize))
+    assert items == again  # seeded
+    prefix = items[0].prompt_text.split()[:2]
+    for item in items:
+        assert item.prompt_text.split()[:2] == prefix  # BOS + 2 words = the 3 shared tokens
+        assert item.prompt_ids == asyncio.run(tokenize(item.prompt_text))
+        assert 3 + 4 <= len(item.prompt_ids) <= 3 + 9

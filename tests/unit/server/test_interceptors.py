@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
+from shardgate.server.api_keys import ApiKeys
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
 
 
@@ -52,9 +53,9 @@ def test_chosen_statuses_pass_through():
 
 
 def test_auth_refuses_without_the_key_and_admits_with_it():
-    auth = AuthInterceptor(["k1", "k2"], exempt_services=[])
+    auth = AuthInterceptor(ApiKeys(["k1", "k2"]), exempt_services=[])
     assert asyncio.run(call([auth, HygieneInterceptor()], "Tokenize"))[0] == grpc.StatusCode.UNAUTHENTICATED
     ok = asyncio.run(call([auth, HygieneInterceptor()], "Tokenize", (("authorization", "Bearer k2"),)))
     assert ok[0] == grpc.StatusCode.FAILED_PRECONDITION  # reached the servicer
     with pytest.raises(ValueError, match="no key"):
-        AuthInterceptor([], exempt_services=[])
+        ApiKeys([])
