@@ -1,6 +1,6 @@
 """Tracing of the OpenAI HTTP frontend: a request's `traceparent` header joins the caller's
-trace, and the HTTP server span carries the engine's stages and GenAI attributes as the gRPC
-server span does (tests/otlp_receiver.py collects the spans)."""
+trace, and under the HTTP server span the request's span (GenAI conventions) carries the
+engine's stages and GenAI attributes as under the gRPC server span (tests/otlp_receiver.py collects the spans)."""
 
 import secrets
 
@@ -43,17 +43,23 @@ def test_a_completion_joins_the_callers_trace_with_the_engine_spans_under_it(tra
             extra_headers={"traceparent": f"00-{trace_id}-{caller_span_id}-01"},
         )
 
-    def arrived(received) -> bool:
+    def request_span(received):
         calls = [s for s in received if s.trace_id == trace_id and s.kind == SERVER_KIND and s.parent_span_id == caller_span_id]
-        return bool(calls) and len([s for s in received if s.parent_span_id == calls[0].span_id]) >= 4
+        requests = [s for s in received if calls and s.parent_span_id == calls[0].span_id and s.name == "text_completion builtin:tiny"]
+        return (calls[0], requests[0]) if requests else None
+
+    def arrived(received) -> bool:
+        spans_of = request_span(received)
+        return spans_of is not None and len([s for s in received if s.parent_span_id == spans_of[1].span_id]) >= 4
 
     received = spans.wait_for(arrived)
-    [call] = [s for s in received if s.trace_id == trace_id and s.parent_span_id == caller_span_id]
+    call, request = request_span(received)
     assert call.name == "POST /v1/completions" and call.service == "shardgate-gateway"
-    stages = sorted(s.name for s in received if s.parent_span_id == call.span_id)
+    assert call.attributes.get("http.response.status_code", call.attributes.get("http.status_code")) == 200
+    stages = sorted(s.name for s in received if s.parent_span_id == request.span_id)
     assert stages == ["decode", "prefill", "queue", "validate"]
-    attributes = call.attributes
+    attributes = request.attributes
     assert attributes["gen_ai.operation.name"] == "text_completion" and attributes["gen_ai.request.model"] == "builtin:tiny"
     assert attributes["gen_ai.usage.output_tokens"] == 4 == result.usage.completion_tokens
     assert attributes["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens
-    assert attributes.get("http.response.status_code", attributes.get("http.status_code")) == 200
+    assert attributes["shardgate.protocol"] == "openai"
