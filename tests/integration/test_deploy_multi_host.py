@@ -66,6 +66,7 @@ def test_leaderworkerset_group_serves_as_two_torchrun_nodes(tmp_path):
         "29500": str(free_port()),
         "50051": str(grpc_port),
         "9464": str(free_port()),
+        "8000": str(free_port()),
         "50100": str(driver_port),
         "127.0.0.1:50100": f"127.0.0.1:{driver_port}",
         f"{SECRET}/ca.crt": str(ca.cert),

@@ -22,13 +22,14 @@ def test_deployment_container_serves_as_deployed(tmp_path):
     template = pod_templates(docs)["Deployment/shardgate"]
     (container,) = template["spec"]["containers"]
     assert containers(template["spec"]) == {"shardgate": container}
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     with otlp_receiver() as (collector, spans):
         local = Local(
             values={
                 "0.0.0.0": "127.0.0.1",
                 "50051": str(grpc_port),
                 "9464": str(metrics_port),
+                "8000": str(http_port),
                 "http://otel-collector.observability.svc:4317": collector,
             },
             env={"SHARDGATE_MODEL": "builtin:tiny"},
@@ -45,6 +46,8 @@ def test_deployment_container_serves_as_deployed(tmp_path):
             assert grpc_probe_serving(container["livenessProbe"], local)
             with Client(f"127.0.0.1:{grpc_port}", timeout=60) as client:
                 assert len(client.generate("deployed", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=10) as response:
+                assert response.status == 200  # the OpenAI-compatible HTTP API the Service exposes
             annotations = template["metadata"]["annotations"]
             scraped = f"http://127.0.0.1:{local.swap(annotations['prometheus.io/port'])}{annotations['prometheus.io/path']}"
             with urllib.request.urlopen(scraped, timeout=10) as response:
