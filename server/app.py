@@ -63,7 +63,11 @@ def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor
         keys = [line.strip() for line in Path(security.api_key_file).read_bytes().decode().splitlines() if line.strip()]
         interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
     interceptors.append(HygieneInterceptor())
-    options = [*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    options = [
+        *KEEPALIVE_OPTIONS,
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.streams.max_concurrent_streams),
+    ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     address = f"{config.host}:{config.port}"
     if security.tls_cert:
@@ -120,6 +124,7 @@ async def serve(config: GatewayConfig) -> None:
                 batcher,
                 config.supervision.step_timeout_s,
                 telemetry.replica(index, len(info.model.devices)),
+                config.streams.stall_timeout_s,
             )
             for index, (client, info) in enumerate(zip(clients, descriptions))
         ]

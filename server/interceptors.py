@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable
 import grpc
 from google.protobuf.message import DecodeError
 
+from shardgate.server.tenancy import TENANT, TenantIds
+
 log = logging.getLogger("shardgate.server")
 
 
@@ -33,29 +35,58 @@ class _Malformed:
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <key>` with one of the configured keys on every method
-    except the exempt services (health); keys are compared in constant time."""
+    except the exempt services (health); keys are compared in constant time. The handler of an
+    authorized call runs with its key's tenant id current (tenancy.TENANT)."""
 
     def __init__(self, keys: Iterable[str], exempt_services: Iterable[str]) -> None:
         self._keys = [key.encode() for key in keys]
         if not self._keys:
             raise ValueError("the API key file holds no key")
+        ids = TenantIds()
+        self._tenants = [ids.of(key) for key in self._keys]
         self._exempt = tuple(f"/{service}/" for service in exempt_services)
 
-    def _authorized(self, metadata: tuple) -> bool:
+    def tenant(self, metadata: tuple) -> str | None:
+        """The tenant id of the call's key; None when it has no valid key."""
         values = [value for key, value in metadata or () if key == "authorization"]
         if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
-            return False
+            return None
         offered = values[0][len("Bearer ") :].encode()
         # Compare against every key, always, so the time taken says nothing about which matched.
-        return sum(hmac.compare_digest(offered, key) for key in self._keys) > 0
+        matches = [hmac.compare_digest(offered, key) for key in self._keys]
+        return self._tenants[matches.index(True)] if any(matches) else None
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self._exempt):
             return handler
-        if self._authorized(handler_call_details.invocation_metadata):
-            return handler
+        tenant = self.tenant(handler_call_details.invocation_metadata)
+        if tenant is not None:
+            return _rebuild(handler, _as_tenant(handler, tenant), handler.request_deserializer)
         return _rebuild(handler, _refusal(handler), handler.request_deserializer)
+
+
+def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> Callable:
+    """The handler's behaviour, run with `tenant` current (and the tasks it starts, which copy the context)."""
+    behaviour = getattr(handler, _handler_kind(handler))
+    if handler.response_streaming:
+
+        async def stream_as_tenant(request, context):
+            TENANT.set(tenant)
+            responses = behaviour(request, context)
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            else:  # a handler that writes with context.write()
+                await responses
+
+        return stream_as_tenant
+
+    async def as_tenant(request, context):
+        TENANT.set(tenant)
+        return await behaviour(request, context)
+
+    return as_tenant
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> Callable:
