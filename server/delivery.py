@@ -51,3 +51,45 @@ class OutputStream:
     async def room(self) -> None:
         """Returns once the stream is below its bound."""
         await self._room.wait()
+
+
+_WAKE = object()
+
+
+class Outbox:
+    """The messages of a multiplexed call (GenerateBidi, ModelStreamInfer) waiting for its
+    transport: the handler's loop takes each with next(), yields it, and calls written()."""
+
+    def __init__(self, stream: OutputStream, stall_timeout_s: float) -> None:
+        self.stream = stream
+        self.stall_timeout_s = stall_timeout_s
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, message: object) -> None:
+        """Queues a message of no request (a refusal, a request's final error): it counts as one
+        undelivered item of the stream until written."""
+        self.stream.made(1)
+        self._queue.put_nowait((message, lambda: self.stream.delivered(1)))
+
+    async def send(self, message: object, on_stall: Callable[[], None]) -> None:
+        """Queues a request's message and returns once the transport took it; if that takes
+        longer than the stall timeout, calls on_stall() and goes on waiting."""
+        written = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((message, lambda: written.done() or written.set_result(None)))
+        try:
+            await asyncio.wait_for(asyncio.shield(written), self.stall_timeout_s)
+        except TimeoutError:
+            on_stall()
+            await written
+
+    def wake(self) -> None:
+        """Wakes the handler's loop (a request or the reader ended)."""
+        self._queue.put_nowait(_WAKE)
+
+    async def next(self) -> tuple[object, Callable[[], None]] | None:
+        """The next message and what to call once the transport took it; None for a wake-up."""
+        item = await self._queue.get()
+        return None if item is _WAKE else item
+
+    def empty(self) -> bool:
+        return self._queue.empty()

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from shardgate.server.config import TelemetryConfig
 from shardgate.server.delivery import OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
-from shardgate.server.output_processor import ErrorEvent, Event, OutputProcessor, TokenEvent
+from shardgate.server.output_processor import ErrorEvent, Event, OutputProcessor
 from shardgate.server.replicas.client import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
 from shardgate.server.scheduler import Scheduler
@@ -49,7 +49,8 @@ class RequestHandle:
     """The caller's stream: while it is over its bound of undelivered output, the request gets no steps."""
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     undelivered: int = 0
-    """Tokens handed to the caller's queue and not yet written by its transport (counted in the stream's too)."""
+    """Events (tokens, the end) handed to the caller's queue and not yet written by its transport
+    (counted in the stream's too)."""
     held_since: float | None = None
     """time.monotonic() since when the request is held back for its stream; None while it is not."""
     on_stall_end: Callable[[], None] | None = None
@@ -57,11 +58,10 @@ class RequestHandle:
     messages wait for a reader (bounded by the stream's bound)."""
 
     def put(self, event: Event) -> None:
-        """Queues an event for the caller; a token counts as undelivered until delivered() says it was written."""
+        """Queues an event for the caller; it counts as undelivered until delivered() says it was written."""
         self.events.put_nowait(event)
-        if isinstance(event, TokenEvent):
-            self.undelivered += 1
-            self.stream.made(1)
+        self.undelivered += 1
+        self.stream.made(1)
 
     def delivered(self, count: int) -> None:
         self.undelivered -= count

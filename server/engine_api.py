@@ -25,7 +25,7 @@ from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.server.admission import Admission, QueueLoad, Ticket
 from shardgate.server.chat_template import ChatTemplate
 from shardgate.server.config import GatewayConfig
-from shardgate.server.delivery import OutputStream
+from shardgate.server.delivery import Outbox, OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import Engine, RequestHandle
 from shardgate.server.measures import GENAI_CHAT, GENAI_EMBEDDINGS, GENAI_OPERATION, ReplicaStatus
@@ -145,13 +145,18 @@ class Generation:
                     code = grpc.StatusCode.OK
                 yield self._output(batch)
                 # The consumer pulls again only once its transport took the output (see delivery.py).
-                handle.delivered(sum(isinstance(event, TokenEvent) for event in batch))
+                handle.delivered(len(batch))
                 if isinstance(last, FinishEvent):
                     return
         finally:
             handle.delivered(handle.undelivered)  # what is left is dropped, not waited for
             self.abort()
             self._api.telemetry.request_finished(self._handle.request, self._handle.replica, code, self._span)
+
+    def release_admission(self) -> None:
+        """Lets the request's admission go before its last outputs are written: its reader stalled
+        past --stream-stall-timeout. What it made stays counted against its stream's bound."""
+        self._ticket.release()
 
     def abort(self) -> None:
         """Ends the request with finish reason `cancelled` (nothing if it has ended) and
@@ -262,6 +267,10 @@ class EngineAPI:
     def open_stream(self) -> OutputStream:
         """A new stream for the requests whose output one call carries (delivery.py), bounded by --max-undelivered-tokens."""
         return OutputStream(self.config.streams.max_undelivered_tokens)
+
+    def open_outbox(self) -> Outbox:
+        """The outbox of a multiplexed call, with a stream of its own (delivery.py)."""
+        return Outbox(self.open_stream(), self.config.streams.stall_timeout_s)
 
     def generate(
         self,

@@ -31,7 +31,6 @@ from shardgate.server.validation import RequestError
 
 PROTOCOL = "kserve"
 SERVER_NAME = "shardgate"
-_WAKE = object()
 
 
 class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
@@ -89,38 +88,30 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         except RequestError as error:
             await context.abort(error.code, str(error))
         deadline = call_deadline(context)
-        stream = self.api.open_stream()
-        out: asyncio.Queue = asyncio.Queue()
-        """(message, called once the transport took it), or _WAKE: backpressure as on GenerateBidi (service.py)."""
+        outbox = self.api.open_outbox()  # backpressure as on GenerateBidi (service.py)
         live: set[Generation] = set()
         relays: set[asyncio.Task] = set()
 
         def fail(request: kserve_v2_pb2.ModelInferRequest, error: RequestError) -> None:
             response = kserve_v2_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
-            message = kserve_v2_pb2.ModelStreamInferResponse(error_message=f"{error.code.name}: {error}", infer_response=response)
-            stream.made(1)
-            out.put_nowait((message, lambda: stream.delivered(1)))
-
-        async def send(message: kserve_v2_pb2.ModelStreamInferResponse) -> None:
-            written = asyncio.get_running_loop().create_future()
-            out.put_nowait((message, lambda: written.done() or written.set_result(None)))
-            await written
+            outbox.put(kserve_v2_pb2.ModelStreamInferResponse(error_message=f"{error.code.name}: {error}", infer_response=response))
 
         async def relay(request: kserve_v2_pb2.ModelInferRequest, llm: LLMRequest, generation: Generation) -> None:
             try:
                 async with aclosing(self._responses(llm, generation, on_stream=True)) as responses:
                     async for response in responses:
-                        await send(kserve_v2_pb2.ModelStreamInferResponse(infer_response=response))
+                        message = kserve_v2_pb2.ModelStreamInferResponse(infer_response=response)
+                        await outbox.send(message, on_stall=generation.release_admission)
             except RequestError as error:
                 fail(request, error)
             finally:
                 live.discard(generation)
-                out.put_nowait(_WAKE)
+                outbox.wake()
 
         async def read() -> None:
             async for request in request_iterator:
                 try:
-                    llm, generation = self._start(request, deadline, streaming_call=True, stream=stream)
+                    llm, generation = self._start(request, deadline, streaming_call=True, stream=outbox.stream)
                 except RequestError as error:
                     fail(request, error)
                 else:
@@ -128,18 +119,18 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
                     task = asyncio.create_task(relay(request, llm, generation), name=f"kserve stream {generation.request_id}")
                     relays.add(task)
                     task.add_done_callback(relays.discard)
-                await stream.room()  # a client that reads nothing cannot make the stream buffer more
+                await outbox.stream.room()  # a client that reads nothing cannot make the stream buffer more
 
         reader = asyncio.create_task(read(), name="kserve stream reader")
-        reader.add_done_callback(lambda _: out.put_nowait(_WAKE))
+        reader.add_done_callback(lambda _: outbox.wake())
         try:
             while True:
-                item = await out.get()
-                if item is not _WAKE:
-                    message, on_written = item
+                item = await outbox.next()
+                if item is not None:
+                    message, written = item
                     yield message  # resumes once the transport took it
-                    on_written()
-                elif reader.done() and not live and out.empty():  # ended requests' responses all sent
+                    written()
+                elif reader.done() and not live and outbox.empty():  # ended requests' responses all sent
                     reader.result()  # a broken request stream ends the call with its error
                     return
         finally:
