@@ -37,6 +37,7 @@ from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
 from shardgate.server.telemetry import Telemetry
+from shardgate.server.tenancy import ApiKeys
 
 log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -61,7 +62,7 @@ def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor
     interceptors: list[grpc.aio.ServerInterceptor] = list(tracing)
     if security.api_key_file:
         keys = [line.strip() for line in Path(security.api_key_file).read_bytes().decode().splitlines() if line.strip()]
-        interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
+        interceptors.append(AuthInterceptor(ApiKeys(keys), exempt_services=[health.SERVICE_NAME]))
     interceptors.append(HygieneInterceptor())
     options = [
         *KEEPALIVE_OPTIONS,

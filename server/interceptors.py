@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from collections.abc import Callable, Iterable
@@ -10,7 +9,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from google.protobuf.message import DecodeError
 
-from shardgate.server.tenancy import TENANT, TenantIds
+from shardgate.server.tenancy import TENANT, ApiKeys
 
 log = logging.getLogger("shardgate.server")
 
@@ -35,26 +34,17 @@ class _Malformed:
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <key>` with one of the configured keys on every method
-    except the exempt services (health); keys are compared in constant time. The handler of an
+    except the exempt services (health); keys are compared in constant time (tenancy.ApiKeys). The handler of an
     authorized call runs with its key's tenant id current (tenancy.TENANT)."""
 
-    def __init__(self, keys: Iterable[str], exempt_services: Iterable[str]) -> None:
-        self._keys = [key.encode() for key in keys]
-        if not self._keys:
-            raise ValueError("the API key file holds no key")
-        ids = TenantIds()
-        self._tenants = [ids.of(key) for key in self._keys]
+    def __init__(self, keys: ApiKeys, exempt_services: Iterable[str]) -> None:
+        self.keys = keys
         self._exempt = tuple(f"/{service}/" for service in exempt_services)
 
     def tenant(self, metadata: tuple) -> str | None:
         """The tenant id of the call's key; None when it has no valid key."""
         values = [value for key, value in metadata or () if key == "authorization"]
-        if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
-            return None
-        offered = values[0][len("Bearer ") :].encode()
-        # Compare against every key, always, so the time taken says nothing about which matched.
-        matches = [hmac.compare_digest(offered, key) for key in self._keys]
-        return self._tenants[matches.index(True)] if any(matches) else None
+        return self.keys.tenant(values[0]) if len(values) == 1 else None
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

@@ -1,8 +1,8 @@
 """Tenants: which API key a call came with, as an opaque id, and the prefix-cache salt it gives.
 
-The auth interceptor names each key by a keyed hash (HMAC-SHA256 under a secret drawn when
-the gateway starts, cut to 16 hex digits), never the key itself, and makes it current for the
-call's handler (a context variable, inherited by the tasks the handler starts). The engine API
+ApiKeys names each key by a keyed hash (HMAC-SHA256 under a secret drawn when
+the gateway starts, cut to 16 hex digits), never the key itself; the auth interceptor makes it
+current for the call's handler (a context variable, inherited by the tasks the handler starts). The engine API
 turns the tenant and a request's cache_salt into the salt of its block hashes
 (server/block_manager.py): requests share cached blocks only when their salts are equal.
 """
@@ -13,6 +13,7 @@ import contextvars
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterable
 
 from shardgate.server.validation import invalid
 
@@ -26,14 +27,26 @@ def current_tenant() -> str | None:
     return TENANT.get()
 
 
-class TenantIds:
-    """Tenant ids of API keys: stable while the gateway runs, meaningless outside it."""
+class ApiKeys:
+    """The configured API keys and their tenant ids (stable while the gateway runs, meaningless
+    outside it). Build it once and give it to every frontend that checks keys, so that a key is
+    the same tenant on each protocol (its quota and its prefix cache)."""
 
-    def __init__(self) -> None:
-        self._secret = secrets.token_bytes(32)
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = [key.encode() for key in keys]
+        if not self._keys:
+            raise ValueError("the API key file holds no key")
+        secret = secrets.token_bytes(32)
+        self._tenants = [hmac.new(secret, key, hashlib.sha256).hexdigest()[:16] for key in self._keys]
 
-    def of(self, key: bytes) -> str:
-        return hmac.new(self._secret, key, hashlib.sha256).hexdigest()[:16]
+    def tenant(self, authorization: str | None) -> str | None:
+        """The tenant id of an `authorization: Bearer <key>` value; None unless it holds a configured key."""
+        if not isinstance(authorization, str) or not authorization.startswith("Bearer "):
+            return None
+        offered = authorization[len("Bearer ") :].encode()
+        # Compare against every key, always, so the time taken says nothing about which matched.
+        matches = [hmac.compare_digest(offered, key) for key in self._keys]
+        return self._tenants[matches.index(True)] if any(matches) else None
 
 
 def cache_salt(tenant: str | None, salt: str, sharing: str) -> bytes:

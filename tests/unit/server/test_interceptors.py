@@ -7,7 +7,7 @@ import pytest
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
-from shardgate.server.tenancy import current_tenant
+from shardgate.server.tenancy import ApiKeys, current_tenant
 
 
 class Broken(inference_pb2_grpc.InferenceServicer):
@@ -53,12 +53,12 @@ def test_chosen_statuses_pass_through():
 
 
 def test_auth_refuses_without_the_key_and_admits_with_it():
-    auth = AuthInterceptor(["k1", "k2"], exempt_services=[])
+    auth = AuthInterceptor(ApiKeys(["k1", "k2"]), exempt_services=[])
     assert asyncio.run(call([auth, HygieneInterceptor()], "Tokenize"))[0] == grpc.StatusCode.UNAUTHENTICATED
     ok = asyncio.run(call([auth, HygieneInterceptor()], "Tokenize", (("authorization", "Bearer k2"),)))
     assert ok[0] == grpc.StatusCode.FAILED_PRECONDITION  # reached the servicer
     with pytest.raises(ValueError, match="no key"):
-        AuthInterceptor([], exempt_services=[])
+        ApiKeys([])
 
 
 class TenantEcho(inference_pb2_grpc.InferenceServicer):
@@ -91,8 +91,8 @@ async def tenants_seen(auth, keys):
 
 
 def test_auth_makes_the_keys_opaque_tenant_id_current_for_the_handler():
-    auth = AuthInterceptor(["key-one", "key-two"], exempt_services=[])
+    auth = AuthInterceptor(ApiKeys(["key-one", "key-two"]), exempt_services=[])
     one, two, one_again = asyncio.run(tenants_seen(auth, ["key-one", "key-two", "key-one"]))
     assert one == one_again != two and len(one) == 16 and "key" not in one
-    [fresh] = asyncio.run(tenants_seen(AuthInterceptor(["key-one"], exempt_services=[]), ["key-one"]))
+    [fresh] = asyncio.run(tenants_seen(AuthInterceptor(ApiKeys(["key-one"]), exempt_services=[]), ["key-one"]))
     assert fresh != one  # keyed by a secret drawn per gateway: not a plain hash of the key
