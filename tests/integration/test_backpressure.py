@@ -22,6 +22,7 @@ STALL_TIMEOUT_S = 6
 MAX_CONCURRENT = 64
 UNDELIVERED_TOKENS = 256
 REQUESTS = 1200
+STREAMS_PER_CONNECTION = 8
 STALLED_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 """The stalled client's receive window stays at HTTP/2's 64 kB, well below what its requests would make."""
 RSS_GROWTH_BOUND = 40 << 20
@@ -33,6 +34,7 @@ RSS_GROWTH_BOUND = 40 << 20
 def server(tmp_path_factory):
     flags = ("--max-concurrent-requests", str(MAX_CONCURRENT), "--stream-stall-timeout", str(STALL_TIMEOUT_S))
     flags += ("--max-undelivered-tokens", str(UNDELIVERED_TOKENS), "--kv-cache-memory", str(8 << 20), "--max-num-seqs", "64")
+    flags += ("--max-concurrent-streams", str(STREAMS_PER_CONNECTION))
     running = start_server(tmp_path_factory.mktemp("backpressure"), *flags)
     yield running
     running.stop()
@@ -114,3 +116,23 @@ def test_a_slow_reader_gets_every_token_in_order(server):
                 time.sleep(2)  # the stream reaches its bound and is held back, then resumes as it is read
             tokens += response.token_ids
         assert tokens == list(expected.token_ids)
+
+
+def test_a_connection_gets_at_most_max_concurrent_streams_calls_at_a_time(server):
+    long = build_request("long", max_new_tokens=2000, ignore_eos=True)
+    with server.client(timeout=60) as client, server.raw_stub() as stub:
+        calls = [stub.GenerateStream(long, timeout=120) for _ in range(STREAMS_PER_CONNECTION)]
+        try:
+            for call in calls:
+                next(call)
+            extra = stub.GenerateStream(long, timeout=120)  # waits on the connection for a free stream
+            time.sleep(1)
+            assert client.server_status().active_requests == STREAMS_PER_CONNECTION
+            assert len(client.generate("another connection", max_new_tokens=4).token_ids) == 4
+            calls.pop().cancel()
+            next(extra)  # a stream came free: the waiting call starts
+            calls.append(extra)
+        finally:
+            for call in calls:
+                call.cancel()
+        wait_until(lambda: client.server_status().active_requests == 0, what="the calls ended")
