@@ -25,9 +25,9 @@ REQUESTS = 1200
 STREAMS_PER_CONNECTION = 8
 STALLED_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 """The stalled client's receive window stays at HTTP/2's 64 kB, well below what its requests would make."""
-RSS_GROWTH_BOUND = 40 << 20
+RSS_GROWTH_BOUND = 16 << 20
 """The stalled stream may grow the gateway by at most this: 64 admitted requests' state, at most
-256 undelivered tokens and ~256 refusal messages (a few MB), and allocator slack."""
+256 undelivered tokens and error messages (well under 1 MB; +1.0 MiB measured), and allocator slack."""
 
 
 @pytest.fixture(scope="module")
