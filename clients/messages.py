@@ -46,11 +46,12 @@ def build_request(
     priority: int = 0,
     timeout_ms: int = 0,
     request_id: str = "",
+    cache_salt: str = "",
 ) -> inference_pb2.GenerateRequest:
     """A GenerateRequest of a prompt or of chat messages (exactly one of them): a prompt given as
     a list of ints is sent as token ids; messages (see chat_messages) are rendered by the
     server with the model's chat template. Sampling parameters left None get the model's
-    defaults on the server."""
+    defaults on the server. Only requests with the same `cache_salt` share cached prompt blocks."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt and messages")
     message = inference_pb2.GenerateRequest(
@@ -61,6 +62,7 @@ def build_request(
         logprobs=logprobs,
         priority=priority,
         timeout_ms=timeout_ms,
+        cache_salt=cache_salt,
     )
     if messages is not None:
         message.messages.CopyFrom(chat_messages(messages))

@@ -24,7 +24,6 @@ from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc, kserve_v2_pb2, kserve_v2_pb2_grpc, shard_pb2
 from shardgate.proto.tls import channel_credentials, server_credentials
-from shardgate.server.api_keys import ApiKeys
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher
@@ -39,6 +38,7 @@ from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
 from shardgate.server.telemetry import Telemetry
+from shardgate.server.tenancy import ApiKeys
 
 log = logging.getLogger("shardgate.server")
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -56,15 +56,19 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
-def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor]) -> tuple[grpc.aio.Server, int]:
-    """The public gRPC server: interceptors (tracing outermost, then auth, then hygiene),
-    keepalive, and a TLS or plaintext port."""
+def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor], keys: ApiKeys | None) -> tuple[grpc.aio.Server, int]:
+    """The public gRPC server: interceptors (tracing outermost, then auth with `keys`, then
+    hygiene), keepalive, and a TLS or plaintext port."""
     security = config.security
     interceptors: list[grpc.aio.ServerInterceptor] = list(tracing)
-    if security.api_key_file:
-        interceptors.append(AuthInterceptor(ApiKeys.from_file(security.api_key_file), exempt_services=[health.SERVICE_NAME]))
+    if keys is not None:
+        interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
     interceptors.append(HygieneInterceptor())
-    options = [*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    options = [
+        *KEEPALIVE_OPTIONS,
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.streams.max_concurrent_streams),
+    ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     address = f"{config.host}:{config.port}"
     if security.tls_cert:
@@ -85,7 +89,9 @@ async def serve(config: GatewayConfig) -> None:
     """Runs the gateway until SIGINT or SIGTERM, then drains."""
     telemetry = Telemetry.start(config.telemetry, config.host)
     tracing = telemetry.server_interceptors(SERVICE_NAME, KSERVE_SERVICE_NAME)
-    server, port = build_server(config, tracing)
+    # One ApiKeys for every frontend, so that a key is the same tenant (quota, prefix cache) on each.
+    keys = ApiKeys.from_file(config.security.api_key_file) if config.security.api_key_file else None
+    server, port = build_server(config, tracing, keys)
     api = EngineAPI(config, telemetry)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(api), server)
     kserve_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(api), server)
@@ -94,7 +100,7 @@ async def serve(config: GatewayConfig) -> None:
     await _set_health(health_servicer, serving=False)
     reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
-    http = HttpServer.start(api, config) if config.http.port is not None else None
+    http = HttpServer.start(api, config, keys) if config.http.port is not None else None
     if http is not None:
         log.info("OpenAI-compatible HTTP API on %s:%d", config.host, http.port)
 
@@ -124,6 +130,7 @@ async def serve(config: GatewayConfig) -> None:
                 batcher,
                 config.supervision.step_timeout_s,
                 telemetry.replica(index, len(info.model.devices)),
+                config.streams.stall_timeout_s,
             )
             for index, (client, info) in enumerate(zip(clients, descriptions))
         ]

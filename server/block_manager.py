@@ -30,8 +30,9 @@ from collections.abc import Sequence
 
 
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
-    """The chained content hash of a full block (parent: the previous block's hash, b"" for the
-    first). SHA-256, so that no prompt can be crafted to collide with another's prefix."""
+    """The chained content hash of a full block (parent: the previous block's hash; for the
+    first, the request's cache salt, b"" when it has none, so that only requests with the same
+    salt share blocks). SHA-256, so that no prompt can be crafted to collide with another's prefix."""
     return hashlib.sha256(parent + array("I", token_ids).tobytes()).digest()
 
 

@@ -54,13 +54,46 @@ class AdmissionConfig:
         1 << 20, "most tokens those waiting requests may still have to compute; more get RESOURCE_EXHAUSTED (default %(default)s)"
     )
     max_concurrent_requests: int = flag(
-        2048, "most admitted requests not yet ended (waiting or running); more get RESOURCE_EXHAUSTED (default %(default)s)"
+        2048,
+        "most admitted requests not yet ended (waiting, running, or with output not yet written to the client); "
+        "more get RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    max_concurrent_requests_per_key: int = flag(
+        0,
+        "with --api-key-file: most admitted requests not yet ended per API key; more get RESOURCE_EXHAUSTED naming this "
+        "quota (default %(default)s = no quota)",
     )
 
     def __post_init__(self) -> None:
         _require(self.max_queue_requests >= 1, "max_queue_requests must be >= 1")
         _require(self.max_queue_tokens >= 1, "max_queue_tokens must be >= 1")
         _require(self.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1")
+        _require(self.max_concurrent_requests_per_key >= 0, "max_concurrent_requests_per_key must be >= 0")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Backpressure: how much output may wait for a slow reader, and for how long."""
+
+    max_undelivered_tokens: int = flag(
+        256,
+        "most generated tokens (and error messages) of one stream made but not yet written to the client; past it the "
+        "stream's requests get no decode steps and a multiplexed stream reads no new request (default %(default)s)",
+    )
+    stall_timeout_s: float = flag(
+        60.0,
+        "a request held back this long because its client does not read ends DEADLINE_EXCEEDED and frees its KV blocks "
+        "(default %(default)s s)",
+        name="--stream-stall-timeout",
+    )
+    max_concurrent_streams: int = flag(
+        100, "most concurrent calls (HTTP/2 streams) per client connection (grpc.max_concurrent_streams; default %(default)s)"
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.max_undelivered_tokens >= 1, "max_undelivered_tokens must be >= 1")
+        _require(self.stall_timeout_s > 0 and math.isfinite(self.stall_timeout_s), "stream stall_timeout_s must be > 0")
+        _require(self.max_concurrent_streams >= 1, "max_concurrent_streams must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -129,6 +162,9 @@ class SupervisionConfig:
         return min(30.0, self.restart_backoff_s * 2 ** (attempt - 1))
 
 
+PREFIX_CACHE_SHARING = ("per-key", "global")
+
+
 @dataclass(frozen=True)
 class SecurityConfig:
     """Who may connect, and how links are encrypted."""
@@ -144,8 +180,18 @@ class SecurityConfig:
     )
     replica_cert: str | None = flag(None, "PEM certificate the gateway presents to remote replicas", name="--replica-tls-cert")
     replica_key: str | None = flag(None, "PEM private key of --replica-tls-cert", name="--replica-tls-key")
+    prefix_cache_sharing: str = flag(
+        "per-key",
+        "with --api-key-file, whose requests share cached prompt prefixes: per-key (default: only requests of the same "
+        "API key) or global (all)",
+        choices=PREFIX_CACHE_SHARING,
+    )
 
     def __post_init__(self) -> None:
+        _require(
+            self.prefix_cache_sharing in PREFIX_CACHE_SHARING,
+            f"prefix_cache_sharing must be one of {', '.join(PREFIX_CACHE_SHARING)}, not {self.prefix_cache_sharing!r}",
+        )
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")
         _require(self.tls_client_ca is None or self.tls_cert is not None, "--tls-client-ca needs --tls-cert and --tls-key")
         replica = (self.replica_ca, self.replica_cert, self.replica_key)
@@ -227,6 +273,7 @@ class GatewayConfig:
     """Longest stop string, in characters."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    streams: StreamConfig = field(default_factory=StreamConfig)
     embed: EmbedBatcherConfig = field(default_factory=EmbedBatcherConfig)
     max_message_bytes: int = flag(4 << 20, "largest request message; larger ones get RESOURCE_EXHAUSTED (default %(default)s)")
     drain_timeout_s: float = flag(

@@ -25,6 +25,7 @@ import grpc
 from tokenizers import Tokenizer
 
 from shardgate.server.config import TelemetryConfig
+from shardgate.server.delivery import OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.output_processor import ErrorEvent, Event, OutputProcessor
 from shardgate.server.replicas.client import EmbedItem, ReplicaClient
@@ -44,7 +45,27 @@ class RequestHandle:
     replica: int
     """Index of the replica (engine) that serves the request."""
     output: OutputProcessor
+    stream: OutputStream
+    """The caller's stream: while it is over its bound of undelivered output, the request gets no steps."""
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    undelivered: int = 0
+    """Events (tokens, the end) handed to the caller's queue and not yet written by its transport
+    (counted in the stream's too)."""
+    held_since: float | None = None
+    """time.monotonic() since when the request is held back for its stream; None while it is not."""
+    on_stall_end: Callable[[], None] | None = None
+    """Called when the request ends for a stalled reader: its admission may go, though its last
+    messages wait for a reader (bounded by the stream's bound)."""
+
+    def put(self, event: Event) -> None:
+        """Queues an event for the caller; it counts as undelivered until delivered() says it was written."""
+        self.events.put_nowait(event)
+        self.undelivered += 1
+        self.stream.made(1)
+
+    def delivered(self, count: int) -> None:
+        self.undelivered -= count
+        self.stream.delivered(count)
 
     @property
     def done(self) -> bool:
@@ -64,9 +85,12 @@ class Engine:
         batcher: DynamicBatcher | None = None,
         step_timeout_s: float | None = None,
         telemetry: ReplicaTelemetry | None = None,
+        stall_timeout_s: float = 60.0,
     ) -> None:
         self.index = index
         self.step_timeout_s = step_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        """A request held back this long for its stream's reader ends DEADLINE_EXCEEDED."""
         self.healthy = True
         self.failed = asyncio.Event()
         """Set when the replica fails; the supervisor waits on it."""
@@ -92,10 +116,15 @@ class Engine:
         if batcher is not None:
             batcher.add_listener(self._wakeup.set)
 
-    def submit(self, valid: ValidRequest, deadline: float | None = None) -> RequestHandle:
+    def submit(
+        self, valid: ValidRequest, deadline: float | None = None, stream: OutputStream | None = None, cache_salt: bytes = b""
+    ) -> RequestHandle:
+        """Queues a request; `stream` is its caller's (default: a stream of its own that never
+        holds it back), `cache_salt` the salt of its block hashes (server/tenancy.py)."""
         request = Request(next(self._seq_ids), valid.request_id, valid.prompt_ids, valid.params, valid.priority, deadline)
+        request.cache_salt = cache_salt
         output = OutputProcessor(self.tokenizer, valid.prompt_ids, valid.params, valid.stop, self.eos_token_ids)
-        handle = RequestHandle(request, self.index, output)
+        handle = RequestHandle(request, self.index, output, stream if stream is not None else OutputStream(limit=1 << 62))
         self._handles[request.seq_id] = handle
         self.scheduler.add(request)
         self._wakeup.set()
@@ -107,6 +136,7 @@ class Engine:
         handle.request = Request(
             next(self._seq_ids), old.request_id, old.prompt_ids, old.params, old.priority, old.deadline, arrival=old.arrival
         )
+        handle.request.cache_salt = old.cache_salt
         handle.replica = self.index
         self._handles[handle.request.seq_id] = handle
         self.scheduler.add(handle.request)
@@ -164,6 +194,7 @@ class Engine:
                 continue
             now = time.monotonic()
             self._expire(now)
+            self._hold_stalled(now)
             generation_waits = self.scheduler.has_work()
             if not (generation_waits and self._last_was_embed):
                 if not self._embed_jobs and self.batcher is not None:
@@ -178,6 +209,7 @@ class Engine:
                 continue
             self._wakeup.clear()
             timeout = self.batcher.seconds_until_ready(now) if self.batcher is not None else None
+            timeout = min((t for t in (timeout, self._seconds_until_stall_end(now)) if t is not None), default=None)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
             except asyncio.TimeoutError:
@@ -266,23 +298,54 @@ class Engine:
                 job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before all inputs were embedded")
         self._embed_jobs = [job for job in self._embed_jobs if not job.done]
 
+    def _hold_stalled(self, now: float) -> None:
+        """Holds back the requests whose stream is over its bound of undelivered output (they
+        keep their blocks), wakes the loop when it drains, and ends those held past the stall
+        timeout: DEADLINE_EXCEEDED, blocks freed."""
+        for handle in list(self._handles.values()):
+            held = handle.stream.over
+            handle.request.held = held
+            if not held:
+                handle.held_since = None
+                continue
+            if handle.held_since is None:
+                handle.held_since = now
+                handle.stream.call_on_room(self._wakeup.set)
+            elif now - handle.held_since >= self.stall_timeout_s:
+                message = (
+                    f"the client read none of this stream's output for {self.stall_timeout_s:g} s (--stream-stall-timeout): "
+                    f"the request ended after {len(handle.request.output_ids)} generated tokens and its KV cache was freed"
+                )
+                self._abort(handle, grpc.StatusCode.DEADLINE_EXCEEDED, message)
+                if handle.on_stall_end is not None:
+                    handle.on_stall_end()
+
+    def _seconds_until_stall_end(self, now: float) -> float | None:
+        """Until the first held request's stall timeout or deadline (the loop must wake to end it)."""
+        ends = [
+            min(handle.held_since + self.stall_timeout_s, handle.request.deadline or float("inf"))
+            for handle in self._handles.values()
+            if handle.held_since is not None
+        ]
+        return max(0.0, min(ends) - now) if ends else None
+
     def _on_token(self, handle: RequestHandle) -> None:
         request = handle.request
         logprob = request.output_logprobs[-1] if request.output_logprobs else None
         event, reason = handle.output.add(request.output_ids[-1], logprob)
-        handle.events.put_nowait(event)
+        handle.put(event)
         if reason is not None:
             self._finish(handle, reason)
 
     def _finish(self, handle: RequestHandle, reason: FinishReason) -> None:
         self.scheduler.finish(handle.request, reason)
         del self._handles[handle.request.seq_id]
-        handle.events.put_nowait(handle.output.finish(reason))
+        handle.put(handle.output.finish(reason))
 
     def _abort(self, handle: RequestHandle, code: grpc.StatusCode, message: str) -> None:
         self.scheduler.finish(handle.request, FinishReason.ERROR)
         del self._handles[handle.request.seq_id]
-        handle.events.put_nowait(ErrorEvent(code, message))
+        handle.put(ErrorEvent(code, message))
 
     @property
     def num_active(self) -> int:

@@ -25,6 +25,7 @@ from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.server.admission import Admission, QueueLoad, Ticket
 from shardgate.server.chat_template import ChatTemplate
 from shardgate.server.config import GatewayConfig
+from shardgate.server.delivery import Outbox, OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import Engine, RequestHandle
 from shardgate.server.measures import GENAI_CHAT, GENAI_EMBEDDINGS, GENAI_OPERATION, ReplicaStatus
@@ -33,6 +34,7 @@ from shardgate.server.replicas.router import Router
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
 from shardgate.server.telemetry import Telemetry
+from shardgate.server.tenancy import cache_salt
 from shardgate.server.validation import ModelLimits, RequestError, SamplingDefaults, tokenize_chat, validate, validate_embed
 
 log = logging.getLogger("shardgate.server")
@@ -101,7 +103,9 @@ class ServerStatus:
 class Generation:
     """A submitted generation request. Iterate `outputs()` once, under contextlib.aclosing():
     however the iteration ends, the request is cancelled (if still running), its admission
-    released and its end reported before the consumer's call ends."""
+    released and its end reported before the consumer's call ends. Pull the next output only
+    once the transport took the previous one: the request holds its admission, and its tokens
+    count against its stream's bound of undelivered output (delivery.py), until then."""
 
     def __init__(self, api: EngineAPI, handle: RequestHandle, ticket: Ticket, span: trace.Span) -> None:
         self._api = api
@@ -123,7 +127,8 @@ class Generation:
         cannot finish raises RequestError after the outputs it made (a request that ends
         while its consumer still reads is reported with status CANCELLED)."""
         code = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the consumer went away
-        queue = self._handle.events
+        handle = self._handle
+        queue = handle.events
         try:
             while True:
                 batch = [await queue.get()]
@@ -139,11 +144,19 @@ class Generation:
                 if isinstance(last, FinishEvent):
                     code = grpc.StatusCode.OK
                 yield self._output(batch)
+                # The consumer pulls again only once its transport took the output (see delivery.py).
+                handle.delivered(len(batch))
                 if isinstance(last, FinishEvent):
                     return
         finally:
+            handle.delivered(handle.undelivered)  # what is left is dropped, not waited for
             self.abort()
             self._api.telemetry.request_finished(self._handle.request, self._handle.replica, code, self._span)
+
+    def release_admission(self) -> None:
+        """Lets the request's admission go before its last outputs are written: its reader stalled
+        past --stream-stall-timeout. What it made stays counted against its stream's bound."""
+        self._ticket.release()
 
     def abort(self) -> None:
         """Ends the request with finish reason `cancelled` (nothing if it has ended) and
@@ -251,11 +264,29 @@ class EngineAPI:
         """Some replica can serve."""
         return self._attached and self.router.serving
 
-    def generate(self, request: inference_pb2.GenerateRequest, deadline: float | None = None, protocol: str = "grpc") -> Generation:
+    def open_stream(self) -> OutputStream:
+        """A new stream for the requests whose output one call carries (delivery.py), bounded by --max-undelivered-tokens."""
+        return OutputStream(self.config.streams.max_undelivered_tokens)
+
+    def open_outbox(self) -> Outbox:
+        """The outbox of a multiplexed call, with a stream of its own (delivery.py)."""
+        return Outbox(self.open_stream(), self.config.streams.stall_timeout_s)
+
+    def generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        deadline: float | None = None,
+        protocol: str = "grpc",
+        tenant: str | None = None,
+        stream: OutputStream | None = None,
+    ) -> Generation:
         """Validates, admits and submits a request at once (no await between the admission
         check and the enqueue); raises RequestError when it is refused. `deadline` is the
         transport's, as time.monotonic(); the request's own timeout_ms also applies.
-        `protocol` names the frontend (grpc, openai, kserve) for the metrics. The request's
+        `protocol` names the frontend (grpc, openai, kserve) for the metrics. `tenant` is the
+        caller's API key's opaque id (tenancy.py; None without keys): it scopes the per-key
+        quota and the prefix cache. `stream` is the call's output stream (open_stream(); a
+        multiplexed call passes the same one with each request; default: a new one). The request's
         span (GenAI conventions) starts in the current OpenTelemetry context: a frontend makes
         its call's context current first, so that the span joins the caller's trace."""
         self.check_ready()
@@ -264,13 +295,16 @@ class EngineAPI:
         try:
             with self.telemetry.tracer.start_as_current_span("validate", trace.set_span_in_context(span)):
                 valid = validate(request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
+                salt = cache_salt(tenant, request.cache_salt, self.config.security.prefix_cache_sharing)
             self.telemetry.request_validated(span, valid.params, valid.stop)
-            ticket = self.admission.admit(len(valid.prompt_ids))
+            ticket = self.admission.admit(len(valid.prompt_ids), tenant)
         except RequestError as error:
             self.telemetry.request_rejected(request.request_id, operation, protocol, error.code, str(error), span)
             raise
         try:
-            handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline))
+            stream = stream if stream is not None else self.open_stream()
+            handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline), stream, salt)
+            handle.on_stall_end = ticket.release
         except RequestError as error:
             ticket.release()
             self.telemetry.request_rejected(valid.request_id, operation, protocol, error.code, str(error), span)
@@ -288,10 +322,13 @@ class EngineAPI:
         span = self.telemetry.start_request(GENAI_OPERATION, protocol)
         self.telemetry.request_rejected(request_id, GENAI_OPERATION, protocol, error.code, str(error), span)
 
-    async def embed(self, request: inference_pb2.EmbedRequest, deadline: float | None = None, protocol: str = "grpc") -> EmbedOutput:
+    async def embed(
+        self, request: inference_pb2.EmbedRequest, deadline: float | None = None, protocol: str = "grpc", tenant: str | None = None
+    ) -> EmbedOutput:
         """Embeds the request's inputs (batched with other calls); raises RequestError when it
         is refused or fails. Cancelling the awaiting task ends the call. Its span (operation
-        `embeddings`) starts in the current OpenTelemetry context, as generate()'s does."""
+        `embeddings`) starts in the current OpenTelemetry context, as generate()'s does;
+        `tenant` counts it in its API key's quota, as generate()'s does."""
         self.check_ready()
         started = time.monotonic()
         span = self.telemetry.start_request(GENAI_EMBEDDINGS, protocol)
@@ -300,7 +337,7 @@ class EngineAPI:
         try:
             valid = validate_embed(request, self.tokenizer, self.limits, self.config)
             request_id, input_tokens = valid.request_id, sum(len(ids) for ids in valid.inputs)
-            ticket = self.admission.admit(input_tokens)
+            ticket = self.admission.admit(input_tokens, tenant)
             job = EmbedJob(
                 valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, _deadline(valid.timeout_s, deadline)
             )

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from google.protobuf.message import DecodeError
 
-from shardgate.server.api_keys import ApiKeys
+from shardgate.server.tenancy import TENANT, ApiKeys
 
 log = logging.getLogger("shardgate.server")
 
@@ -33,24 +33,50 @@ class _Malformed:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <key>` with one of the API keys on every method except
-    the exempt services (health)."""
+    """Requires `authorization: Bearer <key>` with one of the configured keys on every method
+    except the exempt services (health); keys are compared in constant time (tenancy.ApiKeys). The handler of an
+    authorized call runs with its key's tenant id current (tenancy.TENANT)."""
 
     def __init__(self, keys: ApiKeys, exempt_services: Iterable[str]) -> None:
-        self._keys = keys
+        self.keys = keys
         self._exempt = tuple(f"/{service}/" for service in exempt_services)
 
-    def _authorized(self, metadata: tuple) -> bool:
+    def tenant(self, metadata: tuple) -> str | None:
+        """The tenant id of the call's key; None when it has no valid key."""
         values = [value for key, value in metadata or () if key == "authorization"]
-        return len(values) == 1 and self._keys.authorized(values[0])
+        return self.keys.tenant(values[0]) if len(values) == 1 else None
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self._exempt):
             return handler
-        if self._authorized(handler_call_details.invocation_metadata):
-            return handler
+        tenant = self.tenant(handler_call_details.invocation_metadata)
+        if tenant is not None:
+            return _rebuild(handler, _as_tenant(handler, tenant), handler.request_deserializer)
         return _rebuild(handler, _refusal(handler), handler.request_deserializer)
+
+
+def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> Callable:
+    """The handler's behaviour, run with `tenant` current (and the tasks it starts, which copy the context)."""
+    behaviour = getattr(handler, _handler_kind(handler))
+    if handler.response_streaming:
+
+        async def stream_as_tenant(request, context):
+            TENANT.set(tenant)
+            responses = behaviour(request, context)
+            if hasattr(responses, "__aiter__"):
+                async for response in responses:
+                    yield response
+            else:  # a handler that writes with context.write()
+                await responses
+
+        return stream_as_tenant
+
+    async def as_tenant(request, context):
+        TENANT.set(tenant)
+        return await behaviour(request, context)
+
+    return as_tenant
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> Callable:

@@ -14,6 +14,7 @@ from contextlib import aclosing
 from importlib import metadata
 
 from shardgate.proto import kserve_v2_pb2, kserve_v2_pb2_grpc
+from shardgate.server.delivery import OutputStream
 from shardgate.server.engine_api import EngineAPI, Generation
 from shardgate.server.kserve_llm import (
     FINISH_REASON,
@@ -25,11 +26,11 @@ from shardgate.server.kserve_llm import (
     read_request,
 )
 from shardgate.server.service import call_deadline
+from shardgate.server.tenancy import current_tenant
 from shardgate.server.validation import RequestError
 
 PROTOCOL = "kserve"
 SERVER_NAME = "shardgate"
-_WAKE = object()
 
 
 class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
@@ -87,45 +88,49 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         except RequestError as error:
             await context.abort(error.code, str(error))
         deadline = call_deadline(context)
-        out: asyncio.Queue = asyncio.Queue()
+        outbox = self.api.open_outbox()  # backpressure as on GenerateBidi (service.py)
         live: set[Generation] = set()
         relays: set[asyncio.Task] = set()
 
         def fail(request: kserve_v2_pb2.ModelInferRequest, error: RequestError) -> None:
             response = kserve_v2_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
-            out.put_nowait(kserve_v2_pb2.ModelStreamInferResponse(error_message=f"{error.code.name}: {error}", infer_response=response))
+            outbox.put(kserve_v2_pb2.ModelStreamInferResponse(error_message=f"{error.code.name}: {error}", infer_response=response))
 
         async def relay(request: kserve_v2_pb2.ModelInferRequest, llm: LLMRequest, generation: Generation) -> None:
             try:
                 async with aclosing(self._responses(llm, generation, on_stream=True)) as responses:
                     async for response in responses:
-                        out.put_nowait(kserve_v2_pb2.ModelStreamInferResponse(infer_response=response))
+                        message = kserve_v2_pb2.ModelStreamInferResponse(infer_response=response)
+                        await outbox.send(message, on_stall=generation.release_admission)
             except RequestError as error:
                 fail(request, error)
             finally:
                 live.discard(generation)
-                out.put_nowait(_WAKE)
+                outbox.wake()
 
         async def read() -> None:
             async for request in request_iterator:
                 try:
-                    llm, generation = self._start(request, deadline, streaming_call=True)
+                    llm, generation = self._start(request, deadline, streaming_call=True, stream=outbox.stream)
                 except RequestError as error:
                     fail(request, error)
-                    continue
-                live.add(generation)
-                task = asyncio.create_task(relay(request, llm, generation), name=f"kserve stream {generation.request_id}")
-                relays.add(task)
-                task.add_done_callback(relays.discard)
+                else:
+                    live.add(generation)
+                    task = asyncio.create_task(relay(request, llm, generation), name=f"kserve stream {generation.request_id}")
+                    relays.add(task)
+                    task.add_done_callback(relays.discard)
+                await outbox.stream.room()  # a client that reads nothing cannot make the stream buffer more
 
         reader = asyncio.create_task(read(), name="kserve stream reader")
-        reader.add_done_callback(lambda _: out.put_nowait(_WAKE))
+        reader.add_done_callback(lambda _: outbox.wake())
         try:
             while True:
-                item = await out.get()
-                if item is not _WAKE:
-                    yield item
-                elif reader.done() and not live and out.empty():  # ended requests' responses all sent
+                item = await outbox.next()
+                if item is not None:
+                    message, written = item
+                    yield message  # resumes once the transport took it
+                    written()
+                elif reader.done() and not live and outbox.empty():  # ended requests' responses all sent
                     reader.result()  # a broken request stream ends the call with its error
                     return
         finally:
@@ -139,7 +144,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         return self.api.serving and not self.api.draining
 
     def _start(
-        self, request: kserve_v2_pb2.ModelInferRequest, deadline: float | None, streaming_call: bool
+        self, request: kserve_v2_pb2.ModelInferRequest, deadline: float | None, streaming_call: bool, stream: OutputStream | None = None
     ) -> tuple[LLMRequest, Generation]:
         """Reads the request and submits it to the engine; RequestError if either refuses it (a
         request that does not translate counts in the metrics as one the engine refused)."""
@@ -149,7 +154,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         except RequestError as error:
             self.api.refused(request.id, error, PROTOCOL)
             raise
-        return llm, self.api.generate(llm.generate, deadline, protocol=PROTOCOL)
+        return llm, self.api.generate(llm.generate, deadline, protocol=PROTOCOL, tenant=current_tenant(), stream=stream)
 
     async def _responses(self, llm: LLMRequest, generation: Generation, on_stream: bool) -> AsyncIterator[kserve_v2_pb2.ModelInferResponse]:
         """The request's responses: one per output when it streams, else one with the whole text

@@ -67,9 +67,15 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     """Chained content hashes of the first full blocks of prompt + output (server/block_manager.py),
     computed as the scheduler needs them; the tokens never change, so neither do they."""
+    cache_salt: bytes = b""
+    """Parent of its first block hash: only requests with the same salt share cached blocks (the
+    engine API derives it from the caller's tenant and the request's cache_salt)."""
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache when the request first ran."""
     status: Status = Status.WAITING
+    held: bool = False
+    """Its caller's stream has too much output not yet written: it gets no steps until it drains
+    (the engine sets this before each schedule)."""
     known_to_replica: bool = False
     """The replica holds this sequence's block table and sampling settings."""
     num_preemptions: int = 0

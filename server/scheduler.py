@@ -109,7 +109,12 @@ class Scheduler:
         """Of those, tokens whose KV came from the cache."""
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Some request can be given a step (one held back for its slow reader cannot)."""
+        return any(not request.held for request in self.running) or self._next_waiting() is not None
+
+    def _next_waiting(self) -> Request | None:
+        """The first waiting request that is not held back."""
+        return next((request for request in self.waiting if not request.held), None)
 
     @property
     def num_requests(self) -> int:
@@ -149,6 +154,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.held:  # keeps its blocks; gets no step while its reader lags
+                index += 1
+                continue
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             new_blocks = self._grow_or_preempt(request, num_tokens, plan)
             if new_blocks is None:  # the request preempted itself: it was the newest
@@ -157,8 +165,10 @@ class Scheduler:
             budget -= num_tokens
             index += 1
 
-        while self.waiting and budget > 0 and not plan.preempted and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        while budget > 0 and not plan.preempted and len(self.running) < self.config.max_num_seqs:
+            request = self._next_waiting()
+            if request is None:
+                break
             cached = self._take_cached_prefix(request)
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             new_blocks = self.blocks.grow(request.block_ids, request.num_computed_tokens + num_tokens)
@@ -166,7 +176,7 @@ class Scheduler:
                 self.blocks.free(request.block_ids)  # the cached prefix goes back too
                 request.num_computed_tokens = 0
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(request)
             request.status = Status.RUNNING
             if self.config.prefix_caching:
                 self.num_prefix_query_tokens += request.num_tokens
@@ -188,7 +198,7 @@ class Scheduler:
         only when no request waits (a new arrival waits at most one run), never past any
         request's max_new_tokens, and only if every sequence gets the blocks for those steps.
         A request that ends early (EOS, stop string) wastes at most the rest of the run."""
-        if self.config.decode_steps == 1 or self.waiting or not plan.chunks:
+        if self.config.decode_steps == 1 or self._next_waiting() is not None or not plan.chunks:
             return
         if not all(chunk.num_tokens == 1 and chunk.sample for chunk in plan.chunks):
             return
@@ -285,7 +295,8 @@ class Scheduler:
         hashes, size = request.block_hashes, self.blocks.block_size
         while len(hashes) < count:
             index = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else b"", request.token_at(index * size, (index + 1) * size)))
+            parent = hashes[-1] if hashes else request.cache_salt
+            hashes.append(block_hash(parent, request.token_at(index * size, (index + 1) * size)))
         return hashes
 
     def make_room(self, num_blocks: int) -> bool:

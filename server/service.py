@@ -15,6 +15,7 @@ import grpc
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 from shardgate.server.engine_api import EngineAPI, GenerateOutput, Generation, Usage
 from shardgate.server.request import FinishReason
+from shardgate.server.tenancy import current_tenant
 from shardgate.server.validation import RequestError, invalid
 
 _FINISH_REASONS = {
@@ -64,9 +65,6 @@ def _vector(data: bytes) -> array.array:
     return values
 
 
-_WAKE = object()
-
-
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Every call goes to the engine API; a RequestError becomes the call's status."""
 
@@ -75,7 +73,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _start(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Generation:
         try:
-            return self.api.generate(request, call_deadline(context))
+            return self.api.generate(request, call_deadline(context), tenant=current_tenant())
         except RequestError as error:
             await context.abort(error.code, str(error))
 
@@ -112,29 +110,37 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def GenerateBidi(self, request_iterator, context) -> AsyncIterator[inference_pb2.GenerateBidiResponse]:
         """Requests start as their messages arrive; each one's messages go out as they are made.
         The stream ends once the client has half-closed and every request on it has ended;
-        if the call itself ends first (cancelled, deadline), every live request is cancelled."""
+        if the call itself ends first (cancelled, deadline), every live request is cancelled.
+
+        Backpressure (delivery.py): each request makes its next message only once the transport
+        took its previous one, so it holds its admission until its last message is written (or
+        its reader stalled past --stream-stall-timeout); its outputs and the stream's error
+        messages count against the stream's bound, past which its requests get no steps and no
+        new request is read."""
         try:
             self.api.check_ready()  # a stream opened while the engine cannot serve ends at once
         except RequestError as error:
             await context.abort(error.code, str(error))
-        out: asyncio.Queue = asyncio.Queue()
+        tenant = current_tenant()
+        outbox = self.api.open_outbox()
         live: dict[str, Generation] = {}
         relays: set[asyncio.Task] = set()
 
         def fail(request_id: str, code: grpc.StatusCode, message: str) -> None:
             status = inference_pb2.RequestStatus(request_id=request_id, code=code.value[0], message=message)
-            out.put_nowait(inference_pb2.GenerateBidiResponse(error=status))
+            outbox.put(inference_pb2.GenerateBidiResponse(error=status))
 
         async def relay(request_id: str, generation: Generation) -> None:
             try:
                 async with aclosing(generation.outputs()) as outputs:
                     async for output in outputs:
-                        out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(output)))
+                        message = inference_pb2.GenerateBidiResponse(message=_stream_message(output))
+                        await outbox.send(message, on_stall=generation.release_admission)
             except RequestError as error:
                 fail(request_id, error.code, str(error))
             finally:
                 del live[request_id]
-                out.put_nowait(_WAKE)
+                outbox.wake()
 
         def start(message: inference_pb2.GenerateRequest) -> None:
             request_id = message.request_id
@@ -143,7 +149,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     raise invalid("request_id", "must be set on a multiplexed stream")
                 if request_id in live:
                     raise invalid("request_id", f"{request_id!r} is already live on this stream")
-                generation = self.api.generate(message, call_deadline(context))
+                generation = self.api.generate(message, call_deadline(context), tenant=tenant, stream=outbox.stream)
             except RequestError as error:
                 fail(request_id, error.code, str(error))
                 return
@@ -164,15 +170,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         self.api.abort(generation)
                 else:
                     fail("", grpc.StatusCode.INVALID_ARGUMENT, "action: must be generate or cancel")
+                await outbox.stream.room()  # a client that reads nothing cannot make the stream buffer more
 
         reader = asyncio.create_task(read(), name="bidi reader")
-        reader.add_done_callback(lambda _: out.put_nowait(_WAKE))
+        reader.add_done_callback(lambda _: outbox.wake())
         try:
             while True:
-                item = await out.get()
-                if item is not _WAKE:
-                    yield item
-                elif reader.done() and not live and out.empty():  # ended requests' messages all sent
+                item = await outbox.next()
+                if item is not None:
+                    message, written = item
+                    yield message  # resumes once the transport took it
+                    written()
+                elif reader.done() and not live and outbox.empty():  # ended requests' messages all sent
                     reader.result()  # a broken request stream ends the call with its error
                     return
         finally:
@@ -184,7 +193,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def Embed(self, request, context) -> inference_pb2.EmbedResponse:
         try:
-            result = await self.api.embed(request, call_deadline(context))
+            result = await self.api.embed(request, call_deadline(context), tenant=current_tenant())
         except RequestError as error:
             await context.abort(error.code, str(error))
         return inference_pb2.EmbedResponse(

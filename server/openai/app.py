@@ -38,7 +38,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from shardgate.proto import inference_pb2
-from shardgate.server.api_keys import ApiKeys
+from shardgate.server.tenancy import TENANT, ApiKeys, current_tenant
 from shardgate.server.config import GatewayConfig
 from shardgate.server.engine_api import EngineAPI, Generation
 from shardgate.server.openai import responses, schemas
@@ -104,9 +104,11 @@ class OpenAIFrontend:
         """The handler behind the API-key check, with the engine API's refusals as OpenAI errors."""
 
         async def endpoint(request: Request) -> Response:
+            tenant = None
             if self.keys is not None:
                 values = request.headers.getlist("authorization")
-                if len(values) != 1 or not self.keys.authorized(values[0]):
+                tenant = self.keys.tenant(values[0]) if len(values) == 1 else None
+                if tenant is None:
                     raise OpenAIError(
                         401,
                         "missing or invalid API key (send Authorization: Bearer <key>)",
@@ -114,10 +116,13 @@ class OpenAIFrontend:
                         None,
                         "invalid_api_key",
                     )
+            token = TENANT.set(tenant)  # as the gRPC AuthInterceptor does: the key's tenant for the engine API
             try:
                 return await handler(request)
             except RequestError as error:
                 raise from_request_error(error) from None
+            finally:
+                TENANT.reset(token)
 
         return endpoint
 
@@ -155,7 +160,9 @@ class OpenAIFrontend:
         model = self._served(body.model)
         message = body.embed_request(self._model_info().hidden_size)
         try:
-            result = await _unless_disconnected(request, self.api.embed(message, _deadline(request)))
+            result = await _unless_disconnected(
+                request, self.api.embed(message, _deadline(request), protocol=PROTOCOL, tenant=current_tenant())
+            )
         except RequestError as error:
             raise from_request_error(error, {"inputs": "input"}) from None
         return JSONResponse(responses.embeddings(model, result.vectors, result.prompt_tokens, body.encoding_format))
@@ -187,7 +194,7 @@ class OpenAIFrontend:
         generations: list[Generation] = []
         try:
             for message in plan.requests:
-                generations.append(self.api.generate(message, deadline, protocol=PROTOCOL))
+                generations.append(self.api.generate(message, deadline, protocol=PROTOCOL, tenant=current_tenant()))
         except RequestError as error:
             for generation in generations:
                 generation.abort()
@@ -352,10 +359,10 @@ class HttpServer:
         self.port = port
 
     @classmethod
-    def start(cls, api: EngineAPI, config: GatewayConfig) -> HttpServer:
-        """Binds --host:--http-port (a RuntimeError in one line if it cannot) and serves."""
+    def start(cls, api: EngineAPI, config: GatewayConfig, keys: ApiKeys | None) -> HttpServer:
+        """Binds --host:--http-port (a RuntimeError in one line if it cannot) and serves,
+        checking `keys` (the gRPC API's) when there are any."""
         security = config.security
-        keys = ApiKeys.from_file(security.api_key_file) if security.api_key_file else None
         app = OpenAIFrontend(api, config, keys).asgi_app()
         try:
             sock = _listen(config.host, config.http.port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from shardgate.server.delivery import OutputStream
 from shardgate.server.engine import Engine, RequestHandle
 from shardgate.server.output_processor import ErrorEvent
 from shardgate.server.validation import RequestError, ValidRequest
@@ -34,11 +35,13 @@ class Router:
         healthy = [engine for engine in self.engines if engine.healthy]
         return max(healthy, key=lambda e: (e.scheduler.spare_blocks(), -e.scheduler.num_requests), default=None)
 
-    def submit(self, valid: ValidRequest, deadline: float | None = None) -> RequestHandle:
+    def submit(
+        self, valid: ValidRequest, deadline: float | None = None, stream: OutputStream | None = None, cache_salt: bytes = b""
+    ) -> RequestHandle:
         engine = self.pick()
         if engine is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "replicas", NO_REPLICA)
-        return engine.submit(valid, deadline)
+        return engine.submit(valid, deadline, stream, cache_salt)
 
     def adopt(self, orphans: list[RequestHandle]) -> None:
         """Moves requests that had sent nothing off a failed replica, onto healthy ones."""

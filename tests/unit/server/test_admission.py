@@ -51,3 +51,17 @@ def test_concurrency_bound_counts_tickets_until_released():
     assert gate.active == 2
     second.release()
     assert gate.active == 1
+
+
+def test_a_keys_quota_refuses_its_extra_requests_naming_the_quota_not_the_key():
+    gate = admission(max_concurrent_requests=10, max_concurrent_requests_per_key=2)
+    first, _ = gate.admit(1, "tenant-a"), gate.admit(1, "tenant-a")
+    with pytest.raises(RequestError) as raised:
+        gate.admit(1, "tenant-a")
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(raised.value).startswith("max_concurrent_requests_per_key: ") and "tenant-a" not in str(raised.value)
+    gate.admit(1, "tenant-b")  # another key has its own quota
+    gate.admit(1)  # no key (a server without API keys): no quota
+    first.release()
+    gate.admit(1, "tenant-a")
+    assert gate.active == 4 and gate.active_by_tenant == {"tenant-a": 2, "tenant-b": 1}

@@ -10,6 +10,7 @@ from fake_replica import EmbeddingReplica, ScriptedReplica
 
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import EmbedBatcherConfig, SchedulerConfig
+from shardgate.server.delivery import OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob, Pooling
 from shardgate.server.engine import Engine
 from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
@@ -376,3 +377,50 @@ def test_a_request_that_ends_inside_a_decode_run_drops_the_rest_of_the_run():
     assert [plan.num_steps for plan in replica.plans] == [1, 4]  # the prefill, then one run of four
     assert [e.token_id for e in events if isinstance(e, TokenEvent)] == [72, 72, 72, EOS]  # not the run's last token
     assert events[-1] == FinishEvent(FinishReason.EOS, events[-1].text) and blocks.num_free == blocks.num_blocks
+
+
+def test_a_request_over_its_streams_bound_waits_then_resumes_as_its_output_is_delivered():
+    async def scenario():
+        replica = ScriptedReplica({10: [72]})
+        engine, blocks = make_engine(replica)
+        loop = asyncio.create_task(engine.run())
+        stream = OutputStream(limit=6)
+        handle = engine.submit(valid(10, max_new_tokens=20), stream=stream)
+        await asyncio.sleep(0.2)
+        held_at = len(handle.request.output_ids)
+        events = []
+        while not events or not isinstance(events[-1], FinishEvent):
+            events.append(await asyncio.wait_for(handle.events.get(), 5))
+            handle.delivered(1)  # what a frontend does once its transport took the output
+        loop.cancel()
+        return held_at, handle, events, blocks
+
+    held_at, handle, events, blocks = asyncio.run(scenario())
+    assert 6 <= held_at < 6 + SchedulerConfig().decode_steps + 1  # a prefill, then decode runs up to the bound
+    assert handle.request.finish_reason is FinishReason.LENGTH and len(handle.request.output_ids) == 20
+    assert isinstance(events[-1], FinishEvent) and blocks.num_free == blocks.num_blocks
+
+
+def test_a_request_held_past_the_stall_timeout_ends_deadline_exceeded_and_frees_its_blocks():
+    async def scenario():
+        replica = ScriptedReplica({10: [72], 11: [73]})
+        blocks = BlockManager(64, 4)
+        engine = Engine(0, Scheduler(SchedulerConfig(), blocks), replica, TOKENIZER, (EOS,), stall_timeout_s=0.3)
+        loop = asyncio.create_task(engine.run())
+        stalled = engine.submit(valid(10, max_new_tokens=50), stream=OutputStream(limit=4))
+        ended = []
+        stalled.on_stall_end = lambda: ended.append(time.monotonic())
+        other = await drain(engine.submit(valid(11, max_new_tokens=30)))  # served meanwhile
+        started = time.monotonic()
+        while not ended:
+            await asyncio.sleep(0.02)
+        events = [stalled.events.get_nowait() for _ in range(stalled.events.qsize())]
+        loop.cancel()
+        return stalled, events, other, blocks, ended[0] - started
+
+    stalled, events, other, blocks, _ = asyncio.run(scenario())
+    assert isinstance(other[-1], FinishEvent)
+    assert isinstance(events[-1], ErrorEvent) and events[-1].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "--stream-stall-timeout" in events[-1].message and "KV cache was freed" in events[-1].message
+    assert 4 <= sum(isinstance(e, TokenEvent) for e in events) < 50
+    assert blocks.num_free == blocks.num_blocks

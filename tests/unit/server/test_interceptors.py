@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
-from shardgate.server.api_keys import ApiKeys
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
+from shardgate.server.tenancy import ApiKeys, current_tenant
 
 
 class Broken(inference_pb2_grpc.InferenceServicer):
@@ -59,3 +59,40 @@ def test_auth_refuses_without_the_key_and_admits_with_it():
     assert ok[0] == grpc.StatusCode.FAILED_PRECONDITION  # reached the servicer
     with pytest.raises(ValueError, match="no key"):
         ApiKeys([])
+
+
+class TenantEcho(inference_pb2_grpc.InferenceServicer):
+    async def Tokenize(self, request, context):
+        return inference_pb2.TokenizeResponse(text=str(current_tenant()))
+
+    async def GenerateStream(self, request, context):
+        task = asyncio.create_task(asyncio.sleep(0, current_tenant()))  # tasks the handler starts see it too
+        yield inference_pb2.GenerateStreamResponse(text=str(await task))
+
+
+async def tenants_seen(auth, keys):
+    server = grpc.aio.server(interceptors=[auth, HygieneInterceptor()])
+    inference_pb2_grpc.add_InferenceServicer_to_server(TenantEcho(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            seen = []
+            for key in keys:
+                metadata = (("authorization", f"Bearer {key}"),)
+                unary = (await stub.Tokenize(inference_pb2.TokenizeRequest(), metadata=metadata)).text
+                [streamed] = [m.text async for m in stub.GenerateStream(inference_pb2.GenerateRequest(), metadata=metadata)]
+                assert unary == streamed
+                seen.append(unary)
+            return seen
+    finally:
+        await server.stop(0)
+
+
+def test_auth_makes_the_keys_opaque_tenant_id_current_for_the_handler():
+    auth = AuthInterceptor(ApiKeys(["key-one", "key-two"]), exempt_services=[])
+    one, two, one_again = asyncio.run(tenants_seen(auth, ["key-one", "key-two", "key-one"]))
+    assert one == one_again != two and len(one) == 16 and "key" not in one
+    [fresh] = asyncio.run(tenants_seen(AuthInterceptor(ApiKeys(["key-one"]), exempt_services=[]), ["key-one"]))
+    assert fresh != one  # keyed by a secret drawn per gateway: not a plain hash of the key

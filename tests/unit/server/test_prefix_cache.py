@@ -2,6 +2,7 @@
 sharing of cached blocks (across steps, within one step, after a preemption)."""
 
 import copy
+import hashlib
 import random
 from collections import Counter
 
@@ -318,3 +319,21 @@ def test_random_schedules_keep_exact_accounting_and_read_the_right_kv(seed):
     check_accounting(blocks, [])
     assert blocks.num_free == blocks.num_blocks
     assert scheduler.num_prefix_hit_tokens > 0
+
+
+def test_only_requests_with_the_same_salt_share_blocks():
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64), BlockManager(32, 4))
+    prefix = list(range(100, 112))  # three full blocks
+    salts = [b"", hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()]
+    for seq_id, salt in enumerate(salts, 1):  # each salt's first request computes its own blocks
+        first = request(seq_id, prefix + [seq_id])
+        first.cache_salt = salt
+        scheduler.add(first)
+        step(scheduler)
+        assert first.num_cached_tokens == 0
+    for seq_id, salt in enumerate(salts, 10):
+        again = request(seq_id, prefix + [seq_id])
+        again.cache_salt = salt
+        scheduler.add(again)
+        step(scheduler)
+        assert again.num_cached_tokens == 12

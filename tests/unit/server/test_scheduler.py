@@ -214,3 +214,23 @@ def test_a_decode_run_stops_at_max_new_tokens_and_needs_its_blocks(num_blocks, s
     run_step(scheduler)
     plan = scheduler.schedule()
     assert plan.num_steps == steps and len(request.block_ids) == blocks_held  # 7 steps need all 3 blocks
+
+
+def test_a_held_request_gets_no_step_and_keeps_its_blocks():
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_num_seqs=4, decode_steps=4), BlockManager(32, 4))
+    running, queued, other = make(1, 3), make(2, 3), make(3, 3)
+    scheduler.add(running)
+    run_step(scheduler)
+    blocks = list(running.block_ids)
+    running.held = queued.held = True
+    scheduler.add(queued)
+    assert not scheduler.has_work()  # nothing can run: the engine sleeps until a stream drains
+    scheduler.add(other)
+    plan, _ = run_step(scheduler)
+    assert [c.request for c in plan.chunks] == [other] and queued in scheduler.waiting
+    assert running.block_ids == blocks and running.output_ids == [7]
+    plan, _ = run_step(scheduler)
+    assert plan.num_steps == 4  # a held waiting request does not stop a decode run
+    running.held = queued.held = False
+    plan, _ = run_step(scheduler)
+    assert {c.request.seq_id for c in plan.chunks} == {1, 2, 3}
