@@ -38,12 +38,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from shardgate.proto import inference_pb2
-from shardgate.server.tenancy import TENANT, ApiKeys, current_tenant
 from shardgate.server.config import GatewayConfig
 from shardgate.server.engine_api import EngineAPI, Generation
 from shardgate.server.openai import responses, schemas
 from shardgate.server.openai.choices import interleaved
 from shardgate.server.openai.errors import OpenAIError, from_request_error, invalid_param
+from shardgate.server.tenancy import TENANT, ApiKeys, current_tenant
 from shardgate.server.validation import RequestError
 
 log = logging.getLogger("shardgate.server")

@@ -5,14 +5,17 @@
 import random
 
 import grpc
+import openai
 import pytest
 from servers import start_server, wait_until
 
 from shardgate.clients import build_request
 from shardgate.proto import inference_pb2
+from shardgate.proto.common import free_port
 
 rng = random.Random(15)
 PREFIX = [rng.randrange(1, 256) for _ in range(160)]  # ten full 16-token blocks
+OTHER_PREFIX = [rng.randrange(1, 256) for _ in range(160)]
 KEYS = {"a": "tenant-a-secret-key", "b": "tenant-b-secret-key"}
 QUOTA = 3
 
@@ -27,7 +30,9 @@ def start(tmp_path_factory, *flags: str):
 
 @pytest.fixture(scope="module")
 def per_key(tmp_path_factory):
-    server = start(tmp_path_factory)
+    http_port = free_port()
+    server = start(tmp_path_factory, "--http-port", str(http_port))
+    server.http_url = f"http://127.0.0.1:{http_port}/v1"
     yield server
     server.stop()
 
@@ -45,6 +50,23 @@ def test_a_tenant_never_gets_another_tenants_cached_prefix(per_key):
         assert cached_tokens(stub, "b", 2) == 0  # shares A's first 160 tokens: no hit, no oracle
         assert cached_tokens(stub, "a", 3) == 160  # within one key, sharing goes on
         assert cached_tokens(stub, "b", 4) == 160  # B's own first request is now cached for B
+
+
+def test_a_key_is_one_tenant_over_grpc_and_openai_http(per_key):
+    def over_http(tenant: str, suffix: int) -> int:
+        with openai.OpenAI(base_url=per_key.http_url, api_key=KEYS[tenant], max_retries=0) as client:
+            completion = client.completions.create(model="builtin:tiny", prompt=OTHER_PREFIX + [suffix] * 2, max_tokens=2, temperature=0)
+        return completion.usage.prompt_tokens_details.cached_tokens
+
+    def over_grpc(stub, tenant: str, suffix: int) -> int:
+        request = build_request(OTHER_PREFIX + [suffix, suffix], max_new_tokens=2, temperature=0)
+        return stub.Generate(request, metadata=(("authorization", f"Bearer {KEYS[tenant]}"),), timeout=60).usage.cached_tokens
+
+    with per_key.raw_stub() as stub:
+        assert over_grpc(stub, "a", 1) == 0
+        assert over_http("b", 2) == 0  # another key over another protocol: no hit
+        assert over_http("a", 3) == 160  # A's gRPC request is A's cache over HTTP too
+        assert over_grpc(stub, "b", 4) == 160  # and B's HTTP request is B's over gRPC
 
 
 def test_cache_salt_narrows_sharing_within_a_key(per_key):
