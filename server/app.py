@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc, kserve_v2_pb2, kserve_v2_pb2_grpc, shard_pb2
+from shardgate.proto.link_auth import read_token
+from shardgate.proto.secret_files import read_secret_lines
+from shardgate.proto.shard_config import BatchLimits
 from shardgate.proto.tls import channel_credentials, server_credentials
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
@@ -32,7 +34,7 @@ from shardgate.server.engine_api import EngineAPI
 from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
 from shardgate.server.kserve_service import KServeService
 from shardgate.server.replicas.client import ReplicaClient
-from shardgate.server.replicas.launcher import LocalReplica
+from shardgate.server.replicas.launcher import LocalReplica, remove_stale_folders
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
@@ -60,7 +62,7 @@ def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor
     security = config.security
     interceptors: list[grpc.aio.ServerInterceptor] = list(tracing)
     if security.api_key_file:
-        keys = [line.strip() for line in Path(security.api_key_file).read_bytes().decode().splitlines() if line.strip()]
+        keys = read_secret_lines(security.api_key_file, "--api-key-file")
         interceptors.append(AuthInterceptor(keys, exempt_services=[health.SERVICE_NAME]))
     interceptors.append(HygieneInterceptor())
     options = [*KEEPALIVE_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
@@ -72,12 +74,12 @@ def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor
     return server, server.add_insecure_port(address)
 
 
-def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
-    """Mutual-TLS credentials for remote replicas, when configured."""
+def remote_replica_clients(config: GatewayConfig) -> list[ReplicaClient]:
+    """Clients of the remote replicas' drivers: mutual TLS and the shared token, when configured."""
     security = config.security
-    if not security.replica_tls:
-        return None
-    return channel_credentials(security.replica_ca, security.replica_key, security.replica_cert)
+    credentials = channel_credentials(security.replica_ca, security.replica_key, security.replica_cert) if security.replica_tls else None
+    token = read_token(security.replica_token_file, "--replica-token-file") if security.replica_token_file else None
+    return [ReplicaClient(address, credentials, token) for address in config.remote_replicas]
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -94,11 +96,12 @@ async def serve(config: GatewayConfig) -> None:
     reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     await server.start()
 
+    if config.replicas:
+        await asyncio.to_thread(remove_stale_folders)
     local = [
         LocalReplica(config.replica, config.scheduler, index, log_format=config.telemetry.log_format) for index in range(config.replicas)
     ]
-    remote_credentials = replica_credentials(config)
-    clients = [ReplicaClient(r.target) for r in local] + [ReplicaClient(a, remote_credentials) for a in config.remote_replicas]
+    clients = [ReplicaClient(r.target) for r in local] + remote_replica_clients(config)
     supervisors: list[ReplicaSupervisor] = []
     tasks: list[asyncio.Task] = []
     try:
@@ -108,6 +111,7 @@ async def serve(config: GatewayConfig) -> None:
             *(_ready(client, replica, config) for client, replica in zip(clients, local + [None] * len(config.remote_replicas)))
         )
         _check_same_model(descriptions, clients)
+        _check_limits(descriptions, clients, config)
         tokenizer = Tokenizer.from_str(descriptions[0].tokenizer_json)
         batcher = DynamicBatcher(config.embed, config.scheduler.priority_aging_s)
         engines = [
@@ -129,9 +133,7 @@ async def serve(config: GatewayConfig) -> None:
                 await _set_health(health_servicer, serving=api.serving)
 
         supervisors = [
-            ReplicaSupervisor(
-                engine, config, health_follows_replicas, local[engine.index] if engine.index < len(local) else None, remote_credentials
-            )
+            ReplicaSupervisor(engine, config, health_follows_replicas, local[engine.index] if engine.index < len(local) else None)
             for engine in engines
         ]
         api.attach(engines, batcher, tokenizer, descriptions, supervisors)
@@ -193,7 +195,7 @@ async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: Ga
     try:
         return await client.describe(timeout=config.replica.start_timeout_s)
     except grpc.aio.AioRpcError as error:
-        raise RuntimeError(f"remote replica {client.target} did not answer: {error.code().name}") from None
+        raise RuntimeError(f"remote replica {client.target} did not answer: {error.code().name} ({error.details()})") from None
 
 
 def _check_same_model(descriptions: list[shard_pb2.DescribeResponse], clients: list[ReplicaClient]) -> None:
@@ -205,6 +207,17 @@ def _check_same_model(descriptions: list[shard_pb2.DescribeResponse], clients: l
             first.tokenizer_json,
         ):
             raise RuntimeError(f"replica {client.target} serves {info.model.model}, not {first.model.model}")
+
+
+def _check_limits(descriptions: list[shard_pb2.DescribeResponse], clients: list[ReplicaClient], config: GatewayConfig) -> None:
+    """A driver refuses steps above the limits it was started with (and profiled its memory at):
+    the gateway's own must fit each replica's."""
+    for info, client in zip(descriptions, clients):
+        if over := BatchLimits.from_message(info.limits).exceeded_by(config.scheduler):
+            raise RuntimeError(
+                f"replica {client.target} takes smaller steps than this gateway plans ({', '.join(over)}): start its driver "
+                "with limits as large as the gateway's (--max-batch-tokens, --max-num-seqs, --decode-steps), or lower the gateway's"
+            )
 
 
 async def _until_signal(tasks: list[asyncio.Task]) -> None:

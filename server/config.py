@@ -30,15 +30,10 @@ class SchedulerConfig(BatchLimits):
         "a waiting request gains one priority level per this many seconds (default %(default)s): a waiting request of "
         "priority p queues as if it had arrived p × this many seconds earlier",
     )
-    decode_steps: int = flag(
-        4,
-        "decode steps per replica round trip while only decodes run and none wait (default %(default)s; 1 = a round trip per token)",
-    )
     prefix_caching: bool = flag(True, "share the KV blocks of prompt prefixes already computed (default on)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.decode_steps >= 1, "decode_steps must be >= 1")
         _require(self.priority_aging_s > 0 and math.isfinite(self.priority_aging_s), "priority_aging_s must be > 0")
 
 
@@ -144,6 +139,9 @@ class SecurityConfig:
     )
     replica_cert: str | None = flag(None, "PEM certificate the gateway presents to remote replicas", name="--replica-tls-cert")
     replica_key: str | None = flag(None, "PEM private key of --replica-tls-cert", name="--replica-tls-key")
+    replica_token_file: str | None = flag(
+        None, "file holding the shared token of remote replicas' drivers (their --listen-token-file), sent on every call to them"
+    )
 
     def __post_init__(self) -> None:
         _require((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together")

@@ -35,14 +35,12 @@ class ReplicaSupervisor:
         config: GatewayConfig,
         on_change: Callable[[], Awaitable[None]],
         replica: LocalReplica | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.on_change = on_change
         self.replica = replica
         """The current processes of a local replica (None for a remote one)."""
-        self._credentials = credentials
         self.restarts = 0
 
     async def run(self) -> None:
@@ -90,8 +88,9 @@ class ReplicaSupervisor:
         return False
 
     async def _start(self) -> tuple[ReplicaClient, shard_pb2.DescribeResponse]:
-        if self.replica is None:  # remote: reconnect to the same driver
-            client = ReplicaClient(self.engine.replica.target, self._credentials)
+        if self.replica is None:  # remote: reconnect to the same driver, once the old session has ended
+            await self.engine.replica.close()
+            client = self.engine.replica.reconnected()
             try:
                 return client, await client.describe(timeout=self.config.replica.start_timeout_s)
             except grpc.aio.AioRpcError:
