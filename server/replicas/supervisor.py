@@ -72,6 +72,8 @@ class ReplicaSupervisor:
         old_client = self.engine.replica
         if self.replica is not None:
             await asyncio.to_thread(self.replica.stop, 2.0)
+        else:  # a driver serves one gateway session at a time: end ours before opening the next
+            await old_client.close()
         supervision = self.config.supervision
         for attempt in range(1, supervision.restart_attempts + 1):
             await asyncio.sleep(supervision.backoff(attempt))
@@ -88,8 +90,7 @@ class ReplicaSupervisor:
         return False
 
     async def _start(self) -> tuple[ReplicaClient, shard_pb2.DescribeResponse]:
-        if self.replica is None:  # remote: reconnect to the same driver, once the old session has ended
-            await self.engine.replica.close()
+        if self.replica is None:  # remote: reconnect to the same driver
             client = self.engine.replica.reconnected()
             try:
                 return client, await client.describe(timeout=self.config.replica.start_timeout_s)
