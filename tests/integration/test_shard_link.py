@@ -223,15 +223,27 @@ def test_a_gateway_waits_for_the_session_then_a_killed_gateways_session_ends(dri
             server.stop()
 
 
-def test_a_gateway_without_the_token_is_told_so(driver, tmp_path):
-    address, _, _ = driver
-    gateway = launch_server(tmp_path, "--replicas", "0", "--remote-replica", address)
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ((), "did not answer: UNAUTHENTICATED (the driver link needs its token"),
+        (
+            ("--decode-steps", str(DECODE_STEPS + 4), "--replica-token-file", "TOKEN_FILE"),
+            f"takes smaller steps than this gateway plans (decode_steps {DECODE_STEPS + 4} > {DECODE_STEPS})",
+        ),
+    ],
+)
+def test_a_gateway_the_driver_would_refuse_stops_in_one_line(driver, tmp_path, flags, message):
+    address, token_file, _ = driver
+    flags = [str(token_file) if flag == "TOKEN_FILE" else flag for flag in flags]
+    gateway = launch_server(tmp_path, "--replicas", "0", "--remote-replica", address, *flags)
     try:
         assert gateway.process.wait(60) == 1
     finally:
         if gateway.process.poll() is None:
             gateway.process.kill()
-    assert "UNAUTHENTICATED" in gateway.log() and "Traceback" not in gateway.log()
+    [line] = [line for line in gateway.log().splitlines() if line.startswith("shardgate serve: error: ")]
+    assert message in line and "Traceback" not in gateway.log()
 
 
 @pytest.mark.parametrize(
