@@ -17,6 +17,9 @@ from shardgate.proto.link_auth import link_metadata
 from shardgate.server.embed_batcher import Pooling
 from shardgate.server.scheduler import StepPlan
 
+log = logging.getLogger(__name__)
+BUSY_RETRY_S = 0.5
+"""How often the gateway asks again for a driver whose session another gateway holds."""
 INTERNAL_CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES),
     ("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES),
@@ -37,9 +40,6 @@ class EmbedItem:
     normalize: bool
 
 
-log = logging.getLogger(__name__)
-BUSY_RETRY_S = 0.5
-"""How often the gateway asks again for a driver whose session another gateway holds."""
 _POOLING = {Pooling.MEAN: shard_pb2.POOLING_MEAN, Pooling.LAST: shard_pb2.POOLING_LAST}
 
 
@@ -108,9 +108,7 @@ class ReplicaClient:
                 response = await asyncio.wait_for(call.read(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 call.cancel()
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), f"no session on {self.target} in time"
-                ) from None
+                raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no session on {self.target} in time") from None
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() + BUSY_RETRY_S > deadline:
                     raise
@@ -119,8 +117,8 @@ class ReplicaClient:
                     said_busy = True
                 await asyncio.sleep(BUSY_RETRY_S)
                 continue
-            if response is grpc.aio.EOF:  # the driver ended the call at once: it is stopping
-                raise await _ended(call)
+            if response is grpc.aio.EOF:
+                raise _error(grpc.StatusCode.UNAVAILABLE, f"{self.target} ended the session at once (it is stopping)")
             self._attach_call, self._session = call, response.session_id
             return
 
@@ -155,6 +153,6 @@ class ReplicaClient:
         await self._channel.close()
 
 
-async def _ended(call) -> grpc.aio.AioRpcError:
-    """The error of an Attach call that ended without a session."""
-    return grpc.aio.AioRpcError(await call.code(), await call.initial_metadata(), await call.trailing_metadata(), await call.details())
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An error as the link's calls raise them, for what the client finds itself."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
