@@ -91,9 +91,15 @@ def check_step(request: shard_pb2.StepRequest, sequences: SequenceTable, limits:
 
 
 def check_embed(request: shard_pb2.EmbedStepRequest, limits: PlanLimits) -> None:
-    """Raises PlanError unless every input fits its lent blocks, the vocabulary and the positions."""
+    """Raises PlanError unless the batch fits the replica's step and every input its lent
+    blocks, the vocabulary and the positions."""
     if not request.inputs:
         raise PlanError(f"embed batch {request.step_id}: no inputs")
+    num_tokens = sum(len(item.token_ids) for item in request.inputs)
+    if num_tokens > limits.batch.max_batch_tokens:
+        raise PlanError(
+            f"embed batch {request.step_id}: {num_tokens} tokens, above the replica's {limits.batch.max_batch_tokens} (--max-batch-tokens)"
+        )
     for index, item in enumerate(request.inputs):
         where = f"embed batch {request.step_id}: input {index}"
         limits.check_tokens(where, item.token_ids)

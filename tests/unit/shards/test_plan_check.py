@@ -1,6 +1,8 @@
 """The driver's plan checks: every way a plan could reach outside the replica is refused, the
 plans the gateway's scheduler sends pass, and a refused plan changes no sequence."""
 
+from dataclasses import replace
+
 import pytest
 
 from shardgate.proto import shard_pb2
@@ -78,17 +80,25 @@ def test_a_bad_plan_is_refused_and_changes_nothing(table, message):
         (shard_pb2.EmbedInput(token_ids=[1, 2], block_ids=[0]), None),
         (shard_pb2.EmbedInput(token_ids=[1, 2], block_ids=[9]), "block id 9 is outside the KV cache"),
         (shard_pb2.EmbedInput(token_ids=[1] * 5, block_ids=[0]), "position 4 is past its 1 KV blocks"),
-        (shard_pb2.EmbedInput(token_ids=[1] * 21, block_ids=list(range(6))), "past the model's 20 positions"),
+        (shard_pb2.EmbedInput(token_ids=[1] * 11, block_ids=[0, 1, 2]), "position 10 is past the model's 10 positions"),
         (shard_pb2.EmbedInput(token_ids=[250], block_ids=[0]), "token id 250 is outside the vocabulary"),
         (shard_pb2.EmbedInput(token_ids=[], block_ids=[0]), "no token_ids"),
     ],
 )
 def test_embed_inputs_must_fit_their_blocks_the_vocabulary_and_positions(item, message):
     request = shard_pb2.EmbedStepRequest(step_id=1, inputs=[item])
+    limits = replace(LIMITS, max_positions=10)
     if message is None:
-        check_embed(request, LIMITS)
+        check_embed(request, limits)
     else:
         with pytest.raises(PlanError, match=message):
-            check_embed(request, LIMITS)
+            check_embed(request, limits)
     with pytest.raises(PlanError, match="no inputs"):
         check_embed(shard_pb2.EmbedStepRequest(step_id=1), LIMITS)
+
+
+def test_an_embed_batch_fits_the_replicas_step():
+    inputs = [shard_pb2.EmbedInput(token_ids=[1] * 4, block_ids=[b]) for b in range(5)]
+    check_embed(shard_pb2.EmbedStepRequest(step_id=1, inputs=inputs[:4]), LIMITS)
+    with pytest.raises(PlanError, match="20 tokens, above the replica's 16"):
+        check_embed(shard_pb2.EmbedStepRequest(step_id=1, inputs=inputs), LIMITS)
