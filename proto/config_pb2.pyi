@@ -26,15 +26,17 @@ class ReplicaSettings(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_cache_memory: _Optional[float] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ...) -> None: ...
 
 class BatchLimits(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_num_seqs")
+    __slots__ = ("max_batch_tokens", "max_num_seqs", "decode_steps")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_num_seqs: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
+    decode_steps: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., decode_steps: _Optional[int] = ...) -> None: ...
 
 class ShardConfig(_message.Message):
-    __slots__ = ("replica", "limits", "listen", "parent_pid", "tls_cert", "tls_key", "tls_client_ca", "log_format")
+    __slots__ = ("replica", "limits", "listen", "parent_pid", "tls_cert", "tls_key", "tls_client_ca", "log_format", "listen_token_file", "insecure_listen")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +45,8 @@ class ShardConfig(_message.Message):
     TLS_KEY_FIELD_NUMBER: _ClassVar[int]
     TLS_CLIENT_CA_FIELD_NUMBER: _ClassVar[int]
     LOG_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_TOKEN_FILE_FIELD_NUMBER: _ClassVar[int]
+    INSECURE_LISTEN_FIELD_NUMBER: _ClassVar[int]
     replica: ReplicaSettings
     limits: BatchLimits
     listen: str
@@ -51,4 +55,6 @@ class ShardConfig(_message.Message):
     tls_key: str
     tls_client_ca: str
     log_format: str
-    def __init__(self, replica: _Optional[_Union[ReplicaSettings, _Mapping]] = ..., limits: _Optional[_Union[BatchLimits, _Mapping]] = ..., listen: _Optional[str] = ..., parent_pid: _Optional[int] = ..., tls_cert: _Optional[str] = ..., tls_key: _Optional[str] = ..., tls_client_ca: _Optional[str] = ..., log_format: _Optional[str] = ...) -> None: ...
+    listen_token_file: str
+    insecure_listen: bool
+    def __init__(self, replica: _Optional[_Union[ReplicaSettings, _Mapping]] = ..., limits: _Optional[_Union[BatchLimits, _Mapping]] = ..., listen: _Optional[str] = ..., parent_pid: _Optional[int] = ..., tls_cert: _Optional[str] = ..., tls_key: _Optional[str] = ..., tls_client_ca: _Optional[str] = ..., log_format: _Optional[str] = ..., listen_token_file: _Optional[str] = ..., insecure_listen: _Optional[bool] = ...) -> None: ...

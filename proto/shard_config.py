@@ -76,10 +76,34 @@ class BatchLimits:
         "(default %(default)s)",
     )
     max_num_seqs: int = flag(64, "most sequences in one step (default %(default)s)")
+    decode_steps: int = flag(
+        4,
+        "decode steps per replica round trip while only decodes run and none wait (default %(default)s; 1 = a round trip per token)",
+    )
 
     def __post_init__(self) -> None:
         _require(self.max_batch_tokens >= 1, "max_batch_tokens must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _require(self.decode_steps >= 1, "decode_steps must be >= 1")
+
+    def to_message(self) -> Any:
+        """These limits as the shardgate.shard.v1.BatchLimits message (a subclass's other fields left out)."""
+        from shardgate.proto import config_pb2
+
+        return _to_message(settings_of(BatchLimits, self), config_pb2.BatchLimits())
+
+    @classmethod
+    def from_message(cls, message: Any) -> BatchLimits:
+        """The limits a shardgate.shard.v1.BatchLimits message holds; raises ValueError when they are not valid."""
+        return _from_message(cls, message)
+
+    def exceeded_by(self, other: BatchLimits) -> list[str]:
+        """The limits of `other` larger than these, as `name other > self` phrases (none: other fits)."""
+        return [
+            f"{f.name} {getattr(other, f.name)} > {getattr(self, f.name)}"
+            for f in fields(BatchLimits)
+            if getattr(other, f.name) > getattr(self, f.name)
+        ]
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,16 @@ class ShardConfig:
     tls_key: str | None = flag(None, "PEM private key of --tls-cert")
     tls_client_ca: str | None = flag(None, "PEM CA that signed the gateway's client certificate")
     log_format: str = flag("text", "text (default) or json: one JSON object per line, with trace and span ids")
+    listen_token_file: str | None = flag(
+        None,
+        "file holding a shared secret the gateway must send (its --replica-token-file) on a TCP --listen address; "
+        "with or instead of mutual TLS",
+    )
+    insecure_listen: bool = flag(
+        False,
+        "serve a TCP --listen address with neither mutual TLS nor a token: anyone who reaches it can drive the replica "
+        "(default off: a TCP address needs --tls-* or --listen-token-file)",
+    )
 
     def __post_init__(self) -> None:
         _require(bool(self.listen), "--listen is required")
@@ -101,6 +135,20 @@ class ShardConfig:
         _require(self.parent_pid >= 0, "parent_pid must be >= 0")
         tls = (self.tls_cert, self.tls_key, self.tls_client_ca)
         _require(all(tls) or not any(tls), "--tls-cert, --tls-key and --tls-client-ca go together (mutual TLS)")
+
+    @property
+    def listens_on_tcp(self) -> bool:
+        """Whether --listen is a network address (not a unix socket, which only its owner can use)."""
+        return not self.listen.startswith("unix:")
+
+    def check_driver_link(self) -> None:
+        """Raises ValueError when the driver would serve a TCP address to anyone: it needs mutual
+        TLS or a token, or --insecure-listen said that is meant."""
+        _require(
+            not self.listens_on_tcp or bool(self.tls_cert or self.listen_token_file or self.insecure_listen),
+            f"--listen {self.listen} is a TCP address: give it mutual TLS (--tls-cert, --tls-key, --tls-client-ca) or a shared "
+            "token (--listen-token-file), or --insecure-listen to serve it to anyone who can reach it",
+        )
 
     def to_bytes(self) -> bytes:
         """The serialized shardgate.shard.v1.ShardConfig message."""

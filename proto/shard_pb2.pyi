@@ -1,3 +1,4 @@
+from shardgate.proto import config_pb2 as _config_pb2
 from shardgate.proto import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -15,12 +16,22 @@ class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 POOLING_MEAN: Pooling
 POOLING_LAST: Pooling
 
+class AttachRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
 class DescribeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("model", "max_position_embeddings", "tokenizer_json", "num_kv_blocks", "block_size", "chat_template", "bos_token", "eos_token")
+    __slots__ = ("model", "max_position_embeddings", "tokenizer_json", "num_kv_blocks", "block_size", "chat_template", "bos_token", "eos_token", "limits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +40,7 @@ class DescribeResponse(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     model: _inference_pb2.ModelInfoResponse
     max_position_embeddings: int
     tokenizer_json: str
@@ -37,7 +49,8 @@ class DescribeResponse(_message.Message):
     chat_template: str
     bos_token: str
     eos_token: str
-    def __init__(self, model: _Optional[_Union[_inference_pb2.ModelInfoResponse, _Mapping]] = ..., max_position_embeddings: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ...) -> None: ...
+    limits: _config_pb2.BatchLimits
+    def __init__(self, model: _Optional[_Union[_inference_pb2.ModelInfoResponse, _Mapping]] = ..., max_position_embeddings: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., limits: _Optional[_Union[_config_pb2.BatchLimits, _Mapping]] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "logprobs")
@@ -159,10 +172,16 @@ class EmbedStepResponse(_message.Message):
     hidden_size: int
     def __init__(self, vectors: _Optional[bytes] = ..., hidden_size: _Optional[int] = ...) -> None: ...
 
+class ForgetSequences(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RankCommand(_message.Message):
-    __slots__ = ("step", "embed")
+    __slots__ = ("step", "embed", "forget")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EMBED_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
     step: StepRequest
     embed: EmbedStepRequest
-    def __init__(self, step: _Optional[_Union[StepRequest, _Mapping]] = ..., embed: _Optional[_Union[EmbedStepRequest, _Mapping]] = ...) -> None: ...
+    forget: ForgetSequences
+    def __init__(self, step: _Optional[_Union[StepRequest, _Mapping]] = ..., embed: _Optional[_Union[EmbedStepRequest, _Mapping]] = ..., forget: _Optional[_Union[ForgetSequences, _Mapping]] = ...) -> None: ...

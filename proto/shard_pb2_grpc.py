@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class ShardStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the link's credentials when the driver asks for them: mutual TLS, or the
+    shared token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise). Every
+    call but Attach also carries the session it belongs to as `shardgate-session` metadata
+    (FAILED_PRECONDITION when it is not the driver's current session).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -34,6 +38,11 @@ class ShardStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Attach = channel.unary_stream(
+                '/shardgate.shard.v1.Shard/Attach',
+                request_serializer=shardgate_dot_proto_dot_shard__pb2.AttachRequest.SerializeToString,
+                response_deserializer=shardgate_dot_proto_dot_shard__pb2.AttachResponse.FromString,
+                _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/shardgate.shard.v1.Shard/Describe',
                 request_serializer=shardgate_dot_proto_dot_shard__pb2.DescribeRequest.SerializeToString,
@@ -52,7 +61,22 @@ class ShardStub:
 
 
 class ShardServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the link's credentials when the driver asks for them: mutual TLS, or the
+    shared token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise). Every
+    call but Attach also carries the session it belongs to as `shardgate-session` metadata
+    (FAILED_PRECONDITION when it is not the driver's current session).
+    """
+
+    def Attach(self, request, context):
+        """Opens the driver's one gateway session: the first message holds its id, and the session
+        lasts while this call stays open (the gateway keeps it open while it uses the replica;
+        closing its channel or losing its connection ends it, found by keepalive pings at the
+        latest). FAILED_PRECONDITION while another session is open. A new session starts with
+        no sequences: those of an earlier gateway are forgotten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Describe(self, request, context):
         """Describes the loaded model and the KV cache it can hold. Called once after start.
@@ -78,6 +102,11 @@ class ShardServicer:
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=shardgate_dot_proto_dot_shard__pb2.AttachRequest.FromString,
+                    response_serializer=shardgate_dot_proto_dot_shard__pb2.AttachResponse.SerializeToString,
+            ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
                     request_deserializer=shardgate_dot_proto_dot_shard__pb2.DescribeRequest.FromString,
@@ -102,7 +131,38 @@ def add_ShardServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Shard:
-    """Missing associated documentation comment in .proto file."""
+    """Every call carries the link's credentials when the driver asks for them: mutual TLS, or the
+    shared token as `authorization: Bearer <token>` metadata (UNAUTHENTICATED otherwise). Every
+    call but Attach also carries the session it belongs to as `shardgate-session` metadata
+    (FAILED_PRECONDITION when it is not the driver's current session).
+    """
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shardgate.shard.v1.Shard/Attach',
+            shardgate_dot_proto_dot_shard__pb2.AttachRequest.SerializeToString,
+            shardgate_dot_proto_dot_shard__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Describe(request,

@@ -23,6 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from tokenizers import Tokenizer
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc, kserve_v2_pb2, kserve_v2_pb2_grpc, shard_pb2
+from shardgate.proto.link_auth import read_token
+from shardgate.proto.secret_files import read_secret_lines
+from shardgate.proto.shard_config import BatchLimits
 from shardgate.proto.tls import channel_credentials, server_credentials
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
@@ -33,7 +36,7 @@ from shardgate.server.interceptors import AuthInterceptor, HygieneInterceptor
 from shardgate.server.kserve_service import KServeService
 from shardgate.server.openai.app import HttpServer
 from shardgate.server.replicas.client import ReplicaClient
-from shardgate.server.replicas.launcher import LocalReplica
+from shardgate.server.replicas.launcher import LocalReplica, remove_stale_folders
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
 from shardgate.server.service import InferenceService
@@ -77,12 +80,12 @@ def build_server(config: GatewayConfig, tracing: list[grpc.aio.ServerInterceptor
     return server, server.add_insecure_port(address)
 
 
-def replica_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
-    """Mutual-TLS credentials for remote replicas, when configured."""
+def remote_replica_clients(config: GatewayConfig) -> list[ReplicaClient]:
+    """Clients of the remote replicas' drivers: mutual TLS and the shared token, when configured."""
     security = config.security
-    if not security.replica_tls:
-        return None
-    return channel_credentials(security.replica_ca, security.replica_key, security.replica_cert)
+    credentials = channel_credentials(security.replica_ca, security.replica_key, security.replica_cert) if security.replica_tls else None
+    token = read_token(security.replica_token_file, "--replica-token-file") if security.replica_token_file else None
+    return [ReplicaClient(address, credentials, token) for address in config.remote_replicas]
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -90,7 +93,7 @@ async def serve(config: GatewayConfig) -> None:
     telemetry = Telemetry.start(config.telemetry, config.host)
     tracing = telemetry.server_interceptors(SERVICE_NAME, KSERVE_SERVICE_NAME)
     # One ApiKeys for every frontend, so that a key is the same tenant (quota, prefix cache) on each.
-    keys = ApiKeys.from_file(config.security.api_key_file) if config.security.api_key_file else None
+    keys = ApiKeys(read_secret_lines(config.security.api_key_file, "--api-key-file")) if config.security.api_key_file else None
     server, port = build_server(config, tracing, keys)
     api = EngineAPI(config, telemetry)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(api), server)
@@ -104,11 +107,12 @@ async def serve(config: GatewayConfig) -> None:
     if http is not None:
         log.info("OpenAI-compatible HTTP API on %s:%d", config.host, http.port)
 
+    if config.replicas:
+        await asyncio.to_thread(remove_stale_folders)
     local = [
         LocalReplica(config.replica, config.scheduler, index, log_format=config.telemetry.log_format) for index in range(config.replicas)
     ]
-    remote_credentials = replica_credentials(config)
-    clients = [ReplicaClient(r.target) for r in local] + [ReplicaClient(a, remote_credentials) for a in config.remote_replicas]
+    clients = [ReplicaClient(r.target) for r in local] + remote_replica_clients(config)
     supervisors: list[ReplicaSupervisor] = []
     tasks: list[asyncio.Task] = []
     try:
@@ -118,6 +122,7 @@ async def serve(config: GatewayConfig) -> None:
             *(_ready(client, replica, config) for client, replica in zip(clients, local + [None] * len(config.remote_replicas)))
         )
         _check_same_model(descriptions, clients)
+        _check_limits(descriptions, clients, config)
         tokenizer = Tokenizer.from_str(descriptions[0].tokenizer_json)
         batcher = DynamicBatcher(config.embed, config.scheduler.priority_aging_s)
         engines = [
@@ -140,9 +145,7 @@ async def serve(config: GatewayConfig) -> None:
                 await _set_health(health_servicer, serving=api.serving)
 
         supervisors = [
-            ReplicaSupervisor(
-                engine, config, health_follows_replicas, local[engine.index] if engine.index < len(local) else None, remote_credentials
-            )
+            ReplicaSupervisor(engine, config, health_follows_replicas, local[engine.index] if engine.index < len(local) else None)
             for engine in engines
         ]
         api.attach(engines, batcher, tokenizer, descriptions, supervisors)
@@ -206,7 +209,7 @@ async def _ready(client: ReplicaClient, replica: LocalReplica | None, config: Ga
     try:
         return await client.describe(timeout=config.replica.start_timeout_s)
     except grpc.aio.AioRpcError as error:
-        raise RuntimeError(f"remote replica {client.target} did not answer: {error.code().name}") from None
+        raise RuntimeError(f"remote replica {client.target} did not answer: {error.code().name} ({error.details()})") from None
 
 
 def _check_same_model(descriptions: list[shard_pb2.DescribeResponse], clients: list[ReplicaClient]) -> None:
@@ -218,6 +221,17 @@ def _check_same_model(descriptions: list[shard_pb2.DescribeResponse], clients: l
             first.tokenizer_json,
         ):
             raise RuntimeError(f"replica {client.target} serves {info.model.model}, not {first.model.model}")
+
+
+def _check_limits(descriptions: list[shard_pb2.DescribeResponse], clients: list[ReplicaClient], config: GatewayConfig) -> None:
+    """A driver refuses steps above the limits it was started with (and profiled its memory at):
+    the gateway's own must fit each replica's."""
+    for info, client in zip(descriptions, clients):
+        if over := BatchLimits.from_message(info.limits).exceeded_by(config.scheduler):
+            raise RuntimeError(
+                f"replica {client.target} takes smaller steps than this gateway plans ({', '.join(over)}): start its driver "
+                "with limits as large as the gateway's (--max-batch-tokens, --max-num-seqs, --decode-steps), or lower the gateway's"
+            )
 
 
 async def _until_signal(tasks: list[asyncio.Task]) -> None:

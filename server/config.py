@@ -30,15 +30,10 @@ class SchedulerConfig(BatchLimits):
         "a waiting request gains one priority level per this many seconds (default %(default)s): a waiting request of "
         "priority p queues as if it had arrived p × this many seconds earlier",
     )
-    decode_steps: int = flag(
-        4,
-        "decode steps per replica round trip while only decodes run and none wait (default %(default)s; 1 = a round trip per token)",
-    )
     prefix_caching: bool = flag(True, "share the KV blocks of prompt prefixes already computed (default on)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.decode_steps >= 1, "decode_steps must be >= 1")
         _require(self.priority_aging_s > 0 and math.isfinite(self.priority_aging_s), "priority_aging_s must be > 0")
 
 
@@ -185,6 +180,9 @@ class SecurityConfig:
         "with --api-key-file, whose requests share cached prompt prefixes: per-key (default: only requests of the same "
         "API key) or global (all)",
         choices=PREFIX_CACHE_SHARING,
+    )
+    replica_token_file: str | None = flag(
+        None, "file holding the shared token of remote replicas' drivers (their --listen-token-file), sent on every call to them"
     )
 
     def __post_init__(self) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
-from pathlib import Path
 
 from shardgate.server.validation import invalid
 
@@ -39,11 +38,6 @@ class ApiKeys:
             raise ValueError("the API key file holds no key")
         secret = secrets.token_bytes(32)
         self._tenants = [hmac.new(secret, key, hashlib.sha256).hexdigest()[:16] for key in self._keys]
-
-    @classmethod
-    def from_file(cls, path: str) -> ApiKeys:
-        """One key per line; blank lines and surrounding spaces do not count."""
-        return cls(line.strip() for line in Path(path).read_bytes().decode().splitlines() if line.strip())
 
     def tenant(self, authorization: str | None) -> str | None:
         """The tenant id of an `authorization: Bearer <key>` value; None unless it holds a configured key."""

@@ -1,11 +1,18 @@
 """The driver (rank 0) serving the gateway: its gRPC service, the only door into the replica,
-and the server it runs on. Steps run on the process's main thread (MainThread)."""
+and the server it runs on. Steps run on the process's main thread (MainThread).
+
+The door is guarded (shards/link.py): on a TCP address, mutual TLS or a shared token (or an
+explicit --insecure-listen); one gateway session at a time; and every plan is checked
+(shards/plan_check.py) before it reaches a rank. A unix socket is made readable and writable by
+its owner only, and removed when the gateway that started the driver dies (main.watch_parent)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
+import threading
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
@@ -15,13 +22,30 @@ import grpc
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
 from shardgate.proto.common import INTERNAL_MESSAGE_BYTES
-from shardgate.proto.shard_config import ShardConfig
+from shardgate.proto.link_auth import read_token
+from shardgate.proto.secret_files import host_of, is_loopback, readable_by_others
+from shardgate.proto.shard_config import BatchLimits, ShardConfig
 from shardgate.proto.tls import server_credentials
 from shardgate.proto.tracing import extract_metadata
 from shardgate.shards.executor import StepExecutor
+from shardgate.shards.link import LinkGuard, SessionGate
+from shardgate.shards.plan_check import PlanError, PlanLimits, check_embed, check_step
 
 log = logging.getLogger("shardgate.shard")
 T = TypeVar("T")
+
+# A gateway whose connection vanished without a reset (its host lost) is found by these pings,
+# and its session ends, so that another gateway can attach.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+# The session's Attach call holds a worker thread for its whole life; the others answer the
+# session's calls (one at a time) and refuse anyone else's at once.
+WORKERS = 4
 
 
 class MainThread:
@@ -52,13 +76,37 @@ class MainThread:
 
 
 class ShardService(shard_pb2_grpc.ShardServicer):
-    """Describe answers the description made at start; Step and Embed run on the main thread,
-    one at a time (the gateway never sends two at once)."""
+    """Attach opens the one gateway session; Describe answers the description made at start;
+    Step and Embed are checked, then run on the main thread, one at a time (the gateway never
+    sends two at once)."""
 
-    def __init__(self, executor: StepExecutor, description: shard_pb2.DescribeResponse, main_thread: MainThread) -> None:
+    def __init__(
+        self, executor: StepExecutor, description: shard_pb2.DescribeResponse, main_thread: MainThread, sessions: SessionGate
+    ) -> None:
         self.executor = executor
         self.description = description
         self.main_thread = main_thread
+        self.sessions = sessions
+        self.limits = PlanLimits.of(description, BatchLimits.from_message(description.limits))
+
+    def Attach(self, request, context):
+        session = self.sessions.open()
+        if session is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this driver serves another gateway's session (one at a time); it ends when that gateway disconnects",
+            )
+        ended = threading.Event()
+        try:
+            if not context.add_callback(ended.set):
+                return  # the call has ended already
+            self.main_thread.call(self.executor.forget_all)  # nothing of an earlier session's sequences
+            log.info("gateway session opened by %s", context.peer())
+            yield shard_pb2.AttachResponse(session_id=session)
+            ended.wait()
+        finally:
+            self.sessions.close(session)
+            log.info("gateway session of %s ended", context.peer())
 
     def Describe(self, request, context) -> shard_pb2.DescribeResponse:
         return self.description
@@ -67,32 +115,81 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         # The gateway's step span, when it traces this step and this process exports spans.
         parent = extract_metadata(context.invocation_metadata()) if self.executor.tracer is not None else None
         try:
-            return self.main_thread.call(self.executor.run, request, parent)
+            return self.main_thread.call(self._step, request, parent)
+        except PlanError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except ValueError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
     def Embed(self, request: shard_pb2.EmbedStepRequest, context) -> shard_pb2.EmbedStepResponse:
         try:
+            check_embed(request, self.limits)
             return self.main_thread.call(self.executor.embed, request)
+        except PlanError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except ValueError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
+    def _step(self, request: shard_pb2.StepRequest, parent) -> shard_pb2.StepResponse:
+        """On the main thread, where the sequence table the check reads is only ever changed."""
+        check_step(request, self.executor.sequences, self.limits)
+        return self.executor.run(request, parent)
+
+
+def link_token(config: ShardConfig) -> str | None:
+    """The token every call must carry (None when the driver has none); raises ValueError
+    naming the flag when its file cannot serve. Logs, once, what an operator should know of the
+    link: a token file others can read, a token that crosses the network in the clear, a port
+    open to anyone (--insecure-listen)."""
+    token = read_token(config.listen_token_file, "--listen-token-file") if config.listen_token_file else None
+    if token is not None and (warning := readable_by_others(config.listen_token_file, "--listen-token-file")):
+        log.warning(warning)
+    if config.listens_on_tcp and not config.tls_cert:
+        if token is None:
+            log.warning(
+                "--insecure-listen: the driver on %s serves anyone who can reach it (reads and writes the KV cache, runs steps); "
+                "give it mutual TLS or --listen-token-file",
+                config.listen,
+            )
+        elif not is_loopback(host_of(config.listen)):
+            log.warning("--listen %s has a token but no TLS: the token crosses the network in the clear (add --tls-*)", config.listen)
+    return token
+
+
+def unix_socket_path(listen: str) -> str | None:
+    """The file of a `unix:PATH` / `unix:///PATH` address; None for a TCP one."""
+    if not listen.startswith("unix:"):
+        return None
+    path = listen.removeprefix("unix:")
+    return "/" + path.lstrip("/") if path.startswith("//") else path
+
 
 def _listen(server: grpc.Server, config: ShardConfig) -> int:
-    """Binds the driver's address: mutual TLS when certificates are given (across hosts)."""
-    if not config.tls_cert:
+    """Binds the driver's address: mutual TLS when certificates are given (across hosts); a unix
+    socket is created readable and writable by its owner only."""
+    if config.tls_cert:
+        return server.add_secure_port(config.listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    if unix_socket_path(config.listen) is None:
         return server.add_insecure_port(config.listen)
-    return server.add_secure_port(config.listen, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    previous = os.umask(0o177)
+    try:
+        return server.add_insecure_port(config.listen)
+    finally:
+        os.umask(previous)
 
 
-def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, config: ShardConfig) -> bool:
+def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, config: ShardConfig, token: str | None) -> bool:
     """Serves the gateway on config.listen until SIGTERM, running steps on this (the main)
-    thread; False when the address cannot be bound."""
-    options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
-    # One worker: steps are sequential by design; the gateway never sends two at once.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
+    thread; calls must carry `token` when it is not None. False when the address cannot be bound."""
+    options = [
+        ("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES),
+        *KEEPALIVE_OPTIONS,
+    ]
+    sessions = SessionGate()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), interceptors=[LinkGuard(token, sessions)], options=options)
     main_thread = MainThread()
-    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description, main_thread), server)
+    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description, main_thread, sessions), server)
     try:
         bound = _listen(server, config)
     except RuntimeError:

@@ -110,11 +110,20 @@ class StepExecutor:
             hidden_size=vectors.shape[1],
         )
 
+    def forget_all(self) -> None:
+        """Driver: every rank forgets every sequence (a new gateway session begins)."""
+        if self._distributed:
+            self._broadcast(shard_pb2.RankCommand(forget=shard_pb2.ForgetSequences()).SerializeToString())
+        self.sequences.clear()
+
     def follow(self) -> None:
         """Every other rank: run the driver's commands until it says stop."""
         reports = self.parallel.rank == self.parallel.sampler_rank != 0
         while (data := self._broadcast(None)) is not None:
             command = shard_pb2.RankCommand.FromString(data)
+            if command.HasField("forget"):
+                self.sequences.clear()
+                continue
             try:
                 if command.HasField("embed"):
                     vectors = self._embed(command.embed)
@@ -144,8 +153,6 @@ class StepExecutor:
         timer = CommTimer(self.runner.device) if _gathers(request) else None
         chunks = self.sequences.apply(request)
         num_steps = max(request.num_steps, 1)
-        if num_steps > 1 and not all(len(chunk.token_ids) == 1 and chunk.sample for chunk in chunks):
-            raise ValueError(f"step {request.step_id}: a plan of {num_steps} steps must hold single-token decodes only")
         start_ns, started = time.time_ns(), time.perf_counter()
         earlier: list[SampleResult] = []
         for _ in range(num_steps - 1):

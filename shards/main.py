@@ -10,6 +10,7 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT. `python -m shardgate.shards.main --help` l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -57,6 +58,8 @@ class ShardProcess:
             raise ValueError(f"WORLD_SIZE={self.world_size} but --tp {replica.tp} × --pp {replica.pp} = {replica.tp * replica.pp}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"RANK={self.rank} is outside WORLD_SIZE={self.world_size}")
+        if self.rank == 0:  # the driver: the only rank that listens
+            self.config.check_driver_link()
 
     @classmethod
     def from_environ(cls, config: ShardConfig, environ: Mapping[str, str]) -> ShardProcess:
@@ -91,13 +94,17 @@ def stop_with(error: object) -> None:
     print(f"{SHARD_ERROR_PREFIX}{error}", file=sys.stderr, flush=True)
 
 
-def watch_parent(parent_pid: int) -> None:
-    """Exits this process soon after the gateway that started it is gone, however it died."""
+def watch_parent(parent_pid: int, socket_path: str | None) -> None:
+    """Exits this process soon after the gateway that started it is gone, however it died; the
+    driver first removes its unix socket (socket_path), which no one else would."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(0.5)
         log.warning("gateway (pid %d) is gone; shard exiting", parent_pid)
+        if socket_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(socket_path)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
@@ -111,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = process.config
     configure_logging(logging.INFO, config.log_format)
+    try:
+        token = driver.link_token(config) if process.rank == 0 else None
+    except ValueError as error:
+        stop_with(error)
+        return 2
     if config.parent_pid:
-        watch_parent(config.parent_pid)
+        watch_parent(config.parent_pid, driver.unix_socket_path(config.listen) if process.rank == 0 else None)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", process.world_size))))
 
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         executor.follow()
         return 0
 
-    if not driver.serve(executor, description, config):
+    if not driver.serve(executor, description, config, token):
         stop_with(f"cannot listen on {config.listen}")
         return 2
     executor.stop()

@@ -116,4 +116,5 @@ def describe_replica(
         chat_template=defaults.chat_template or "",
         bos_token=defaults.bos_token or "",
         eos_token=defaults.eos_token or "",
+        limits=config.limits.to_message(),
     )

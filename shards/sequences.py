@@ -16,6 +16,16 @@ class SequenceTable:
     def __len__(self) -> int:
         return len(self._block_tables)
 
+    def num_blocks(self, seq_id: int) -> int | None:
+        """Blocks in a known sequence's table; None for a sequence the table does not hold."""
+        table = self._block_tables.get(seq_id)
+        return None if table is None else len(table)
+
+    def clear(self) -> None:
+        """Forgets every sequence."""
+        self._block_tables.clear()
+        self._sampling.clear()
+
     def apply(self, request: shard_pb2.StepRequest) -> list[SeqChunk]:
         """Forgets the freed sequences, records new ones and block deltas; returns the batch.
 
@@ -27,7 +37,7 @@ class SequenceTable:
         for chunk in request.chunks:
             if chunk.HasField("sampling"):
                 self._block_tables[chunk.seq_id] = list(chunk.new_block_ids)
-                self._sampling[chunk.seq_id] = _sampling_params(chunk.sampling)
+                self._sampling[chunk.seq_id] = sampling_params(chunk.sampling)
             elif chunk.seq_id in self._block_tables:
                 self._block_tables[chunk.seq_id].extend(chunk.new_block_ids)
             else:
@@ -46,7 +56,7 @@ class SequenceTable:
         return chunks
 
 
-def _sampling_params(message: shard_pb2.Sampling) -> SamplingParams:
+def sampling_params(message: shard_pb2.Sampling) -> SamplingParams:
     return SamplingParams(
         temperature=message.temperature,
         top_p=message.top_p,

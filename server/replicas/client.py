@@ -1,17 +1,25 @@
-"""The gateway's handle on one replica: its description (shard.proto's DescribeResponse, kept as
-the message) and the Step and Embed RPCs to its driver."""
+"""The gateway's handle on one replica: its session on the driver (Attach), its description
+(shard.proto's DescribeResponse, kept as the message) and the Step and Embed RPCs to its driver.
+Every call carries the link's token (when the gateway has one) and the session's id."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 
 import grpc
 
 from shardgate.proto import shard_pb2, shard_pb2_grpc
 from shardgate.proto.common import INTERNAL_MESSAGE_BYTES
+from shardgate.proto.link_auth import link_metadata
 from shardgate.server.embed_batcher import Pooling
 from shardgate.server.scheduler import StepPlan
 
+log = logging.getLogger(__name__)
+BUSY_RETRY_S = 0.5
+"""How often the gateway asks again for a driver whose session another gateway holds."""
 INTERNAL_CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES),
     ("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES),
@@ -64,19 +72,62 @@ def plan_to_proto(plan: StepPlan) -> shard_pb2.StepRequest:
 
 class ReplicaClient:
     """Internal gRPC client of a replica's driver: a unix socket on one host, TCP (with mutual
-    TLS when credentials are given) to a replica started elsewhere."""
+    TLS when credentials are given, and the shared token when there is one) to a replica
+    started elsewhere. It holds the driver's one gateway session from the first describe() to
+    close()."""
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
         self.target = target
+        self._credentials = credentials
+        self._token = token
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=INTERNAL_CHANNEL_OPTIONS)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=INTERNAL_CHANNEL_OPTIONS)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
+        self._session: str | None = None
+        self._attach_call = None
+        """The open Attach call: the session lasts while it does."""
+
+    def reconnected(self) -> ReplicaClient:
+        """A new client of the same driver, with the same credentials and token (close this one first:
+        the driver serves one session at a time)."""
+        return ReplicaClient(self.target, self._credentials, self._token)
+
+    def _metadata(self, extra: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+        return link_metadata(self._token, self._session) + extra
+
+    async def _attach(self, timeout: float) -> None:
+        """Opens the session, waiting (until timeout) while another gateway's session is open.
+        Raises the call's AioRpcError (DEADLINE_EXCEEDED once timeout has passed)."""
+        deadline = time.monotonic() + timeout
+        said_busy = False
+        while True:
+            call = self._stub.Attach(shard_pb2.AttachRequest(), metadata=self._metadata(), wait_for_ready=True)
+            try:
+                response = await asyncio.wait_for(call.read(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                call.cancel()
+                raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, f"no session on {self.target} in time") from None
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.FAILED_PRECONDITION or time.monotonic() + BUSY_RETRY_S > deadline:
+                    raise
+                if not said_busy:
+                    log.warning("replica %s serves another gateway; waiting for that session to end (%s)", self.target, error.details())
+                    said_busy = True
+                await asyncio.sleep(BUSY_RETRY_S)
+                continue
+            if response is grpc.aio.EOF:
+                raise _error(grpc.StatusCode.UNAVAILABLE, f"{self.target} ended the session at once (it is stopping)")
+            self._attach_call, self._session = call, response.session_id
+            return
 
     async def describe(self, timeout: float | None = None) -> shard_pb2.DescribeResponse:
-        """The replica's model, tokenizer and KV cache (see DescribeResponse in shard.proto)."""
-        return await self._stub.Describe(shard_pb2.DescribeRequest(), timeout=timeout, wait_for_ready=True)
+        """The replica's model, tokenizer and KV cache (see DescribeResponse in shard.proto);
+        opens the session first, when this client has none."""
+        if self._session is None:
+            await self._attach(timeout if timeout is not None else float("inf"))
+        return await self._stub.Describe(shard_pb2.DescribeRequest(), timeout=timeout, metadata=self._metadata(), wait_for_ready=True)
 
     async def step(
         self, plan: StepPlan, timeout: float | None = None, metadata: tuple[tuple[str, str], ...] = (), report_timings: bool = False
@@ -85,7 +136,7 @@ class ReplicaClient:
         every rank's timings in the response."""
         message = plan_to_proto(plan)
         message.report_timings = report_timings
-        return await self._stub.Step(message, timeout=timeout, metadata=metadata or None)
+        return await self._stub.Step(message, timeout=timeout, metadata=self._metadata(metadata))
 
     async def embed(self, step_id: int, items: list[EmbedItem], timeout: float | None = None) -> shard_pb2.EmbedStepResponse:
         inputs = [
@@ -94,7 +145,14 @@ class ReplicaClient:
             )
             for item in items
         ]
-        return await self._stub.Embed(shard_pb2.EmbedStepRequest(step_id=step_id, inputs=inputs), timeout=timeout)
+        request = shard_pb2.EmbedStepRequest(step_id=step_id, inputs=inputs)
+        return await self._stub.Embed(request, timeout=timeout, metadata=self._metadata())
 
     async def close(self) -> None:
+        """Ends the session (the driver is free for another gateway at once) and the channel."""
         await self._channel.close()
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An error as the link's calls raise them, for what the client finds itself."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)

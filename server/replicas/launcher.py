@@ -4,11 +4,16 @@ Each shard process gets the replica's whole ShardConfig as one serialized messag
 (`--config`), and its place in the replica from torchrun's environment variables. Their stderr
 comes through the gateway: every line is copied to the gateway's stderr as it comes, except the
 line in which a shard states why it stops (SHARD_ERROR_PREFIX), which becomes the message of
-the replica's failure, reported once (with tp × pp ranks, each would say the same)."""
+the replica's failure, reported once (with tp × pp ranks, each would say the same).
+
+The driver's unix socket lies in a folder of the replica's own (mode 0700, the socket 0600),
+which the gateway locks while it lives; a folder left by a gateway that was killed (SIGKILL,
+no chance to clean up) is removed by the next gateway's start (remove_stale_folders)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
@@ -28,6 +33,34 @@ from shardgate.server.config import ReplicaConfig
 from shardgate.server.replicas.client import ReplicaClient
 
 log = logging.getLogger(__name__)
+FOLDER_PREFIX = "shardgate-replica"
+LOCK_FILE = "gateway.lock"
+"""Held (flock) by the gateway that owns the folder, for as long as it lives."""
+
+
+def remove_stale_folders(parent: str | None = None) -> int:
+    """Removes this user's replica folders (socket, shard config) whose gateway is gone — its
+    lock free — in parent (the temporary folder); returns how many."""
+    parent = parent or tempfile.gettempdir()
+    removed = 0
+    for name in os.listdir(parent):
+        folder = os.path.join(parent, name)
+        if not name.startswith(FOLDER_PREFIX) or not os.path.isdir(folder) or os.stat(folder).st_uid != os.getuid():
+            continue
+        try:
+            lock = open(os.path.join(folder, LOCK_FILE), "rb")  # noqa: SIM115 (held while the folder is removed)
+        except OSError:
+            continue  # being set up, or not ours to judge
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its gateway lives
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info("removed %d replica folder(s) left by gateways that were killed", removed)
+    return removed
 
 
 def shard_config(
@@ -79,7 +112,9 @@ class LocalReplica:
         self.start_number = start
         """0 for the first start of this replica, then one more per restart."""
         self.world_size = config.tp * config.pp
-        self._dir = tempfile.mkdtemp(prefix=f"shardgate-replica{index}-")
+        self._dir = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{index}-")
+        self._lock = open(os.path.join(self._dir, LOCK_FILE), "wb")  # noqa: SIM115 (held until stop)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.target = f"unix://{os.path.join(self._dir, 'driver.sock')}"
         self.processes: list[subprocess.Popen] = []
         self._stderr: list[_RankStderr] = []
@@ -160,3 +195,4 @@ class LocalReplica:
                 process.kill()
                 process.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
+        self._lock.close()

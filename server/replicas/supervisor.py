@@ -35,14 +35,12 @@ class ReplicaSupervisor:
         config: GatewayConfig,
         on_change: Callable[[], Awaitable[None]],
         replica: LocalReplica | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.on_change = on_change
         self.replica = replica
         """The current processes of a local replica (None for a remote one)."""
-        self._credentials = credentials
         self.restarts = 0
 
     async def run(self) -> None:
@@ -74,6 +72,8 @@ class ReplicaSupervisor:
         old_client = self.engine.replica
         if self.replica is not None:
             await asyncio.to_thread(self.replica.stop, 2.0)
+        else:  # a driver serves one gateway session at a time: end ours before opening the next
+            await old_client.close()
         supervision = self.config.supervision
         for attempt in range(1, supervision.restart_attempts + 1):
             await asyncio.sleep(supervision.backoff(attempt))
@@ -91,7 +91,7 @@ class ReplicaSupervisor:
 
     async def _start(self) -> tuple[ReplicaClient, shard_pb2.DescribeResponse]:
         if self.replica is None:  # remote: reconnect to the same driver
-            client = ReplicaClient(self.engine.replica.target, self._credentials)
+            client = self.engine.replica.reconnected()
             try:
                 return client, await client.describe(timeout=self.config.replica.start_timeout_s)
             except grpc.aio.AioRpcError:

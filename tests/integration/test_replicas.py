@@ -1,5 +1,6 @@
 """Data parallelism behind one gateway, and a replica spanning two torchrun "nodes"."""
 
+import secrets
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ def test_two_replicas_both_take_work(tmp_path):
     assert all(tokens == expected for _, tokens in results)  # same model, same greedy output
 
 
-def torchrun_node(node_rank: int, master_port: int, driver: str, log_path) -> subprocess.Popen:
+def torchrun_node(node_rank: int, master_port: int, driver: str, token_file, log_path) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -55,6 +56,8 @@ def torchrun_node(node_rank: int, master_port: int, driver: str, log_path) -> su
         "2",
         "--listen",
         driver,
+        "--listen-token-file",
+        str(token_file),
         "--kv-cache-memory",
         KV,
     ]
@@ -71,9 +74,12 @@ def test_two_node_replica_started_by_torchrun(tmp_path):
         local.stop()
 
     master_port, driver = free_port(), f"127.0.0.1:{free_port()}"
-    nodes = [torchrun_node(rank, master_port, driver, tmp_path / f"node{rank}.log") for rank in range(2)]
+    token_file = tmp_path / "link-token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    nodes = [torchrun_node(rank, master_port, driver, token_file, tmp_path / f"node{rank}.log") for rank in range(2)]
     try:
-        server = start_server(tmp_path, "--replicas", "0", "--remote-replica", driver)
+        server = start_server(tmp_path, "--replicas", "0", "--remote-replica", driver, "--replica-token-file", str(token_file))
         try:
             with server.client() as client:
                 info = client.model_info()

@@ -33,7 +33,7 @@ def test_serve_refuses_a_bad_telemetry_setting_in_one_line(environ, flags, messa
 
 @pytest.mark.parametrize("environ, flags, message", BAD_SETTINGS)
 def test_a_shard_process_refuses_a_bad_telemetry_setting_in_one_line(environ, flags, message):
-    result = run(["shardgate.shards.main", "--listen", "127.0.0.1:1", *flags], environ)
+    result = run(["shardgate.shards.main", "--listen", "unix:///nonexistent/driver.sock", *flags], environ)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(SHARD_ERROR_PREFIX) and message in line

@@ -12,16 +12,18 @@ from shardgate.proto.shard_config import BatchLimits, ReplicaSettings, ShardConf
 from shardgate.server import cli
 from shardgate.server.config import GatewayConfig
 from shardgate.server.replicas.launcher import shard_config
-from shardgate.shards.main import parse_args
+from shardgate.shards.main import ShardProcess, parse_args
 
 CHANGED = ShardConfig(
     ReplicaSettings(model="/m", dtype="bfloat16", quantize="int8", device="cuda", block_size=32, kv_cache_memory=0.25, tp=2, pp=3),
-    BatchLimits(max_batch_tokens=512, max_num_seqs=8),
+    BatchLimits(max_batch_tokens=512, max_num_seqs=8, decode_steps=2),
     listen="127.0.0.1:5000",
     parent_pid=42,
     tls_cert="cert.pem",
     tls_key="key.pem",
     tls_client_ca="ca.pem",
+    listen_token_file="token",
+    insecure_listen=True,
 )
 
 
@@ -42,11 +44,13 @@ def test_a_bad_message_is_a_value_error():
 def test_the_gateway_hands_the_shard_its_serve_settings():
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args(["--model", "/m", "--dtype", "bfloat16", "--tp", "2", "--max-num-seqs", "8", "--kv-cache-memory", "1e9"])
+    args = parser.parse_args(
+        ["--model", "/m", "--dtype", "bfloat16", "--tp", "2", "--max-num-seqs", "8", "--kv-cache-memory", "1e9", "--decode-steps", "3"]
+    )
     gateway = cli.config_from_args(args)
     config = shard_config(gateway.replica, gateway.scheduler, "unix:///d.sock", parent_pid=7)
     assert config.replica == ReplicaSettings(model="/m", dtype="bfloat16", tp=2, kv_cache_memory=1e9)
-    assert config.limits == BatchLimits(max_num_seqs=8)
+    assert config.limits == BatchLimits(max_num_seqs=8, decode_steps=3)
     assert (config.listen, config.parent_pid) == ("unix:///d.sock", 7)
 
 
@@ -54,7 +58,7 @@ def test_shard_flags_and_config_file_give_the_same_config(tmp_path):
     argv = ["--model", "/m", "--dtype", "bfloat16", "--quantize", "int8", "--device", "cuda", "--block-size", "32"]
     argv += ["--kv-cache-memory", "0.25", "--tp", "2", "--pp", "3", "--max-batch-tokens", "512", "--max-num-seqs", "8"]
     argv += ["--listen", "127.0.0.1:5000", "--parent-pid", "42", "--tls-cert", "cert.pem", "--tls-key", "key.pem"]
-    argv += ["--tls-client-ca", "ca.pem"]
+    argv += ["--tls-client-ca", "ca.pem", "--decode-steps", "2", "--listen-token-file", "token", "--insecure-listen"]
     assert parse_args(argv) == CHANGED
     path = tmp_path / "shard-config.pb"
     path.write_bytes(CHANGED.to_bytes())
@@ -70,6 +74,31 @@ def test_shard_flag_checks_are_the_dataclasses():
         parse_args(["--listen", "x:1", "--tls-cert", "c.pem"])
     with pytest.raises(ValueError, match="block_size"):
         parse_args(["--listen", "x:1", "--block-size", "0"])
+
+
+def test_a_tcp_driver_needs_mutual_tls_a_token_or_insecure_listen():
+    tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]
+    for flags in ([], ["--listen-token-file", "t"], ["--insecure-listen"], tls):
+        ShardConfig(listen="unix:///d.sock").check_driver_link()
+        config = parse_args(["--listen", "10.0.0.1:5000", *flags])
+        if flags:
+            config.check_driver_link()
+        else:
+            with pytest.raises(ValueError, match="is a TCP address: give it mutual TLS .* or a shared token"):
+                config.check_driver_link()
+    assert ShardProcess(parse_args(["--listen", "10.0.0.1:5000", "--tp", "2"]), rank=1, world_size=2).rank == 1  # only the driver listens
+    with pytest.raises(ValueError, match="is a TCP address"):
+        ShardProcess(parse_args(["--listen", "10.0.0.1:5000", "--tp", "2"]), rank=0, world_size=2)
+
+
+def test_batch_limits_travel_in_describe_and_name_what_a_gateway_exceeds():
+    limits = BatchLimits(max_batch_tokens=512, max_num_seqs=8, decode_steps=2)
+    assert BatchLimits.from_message(limits.to_message()) == limits
+    assert limits.exceeded_by(BatchLimits(max_batch_tokens=512, max_num_seqs=4, decode_steps=1)) == []
+    assert limits.exceeded_by(BatchLimits(max_batch_tokens=1024, max_num_seqs=8, decode_steps=4)) == [
+        "max_batch_tokens 1024 > 512",
+        "decode_steps 4 > 2",
+    ]
 
 
 def test_serve_flags_keep_their_names_defaults_and_forms():

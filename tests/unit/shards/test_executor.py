@@ -120,14 +120,6 @@ def test_a_multi_step_plan_gives_the_tokens_of_as_many_single_steps(runner, temp
     assert [t.logprob for t in response.tokens] == pytest.approx([lp for _, _, lp in singles], abs=1e-5)
 
 
-def test_a_multi_step_plan_of_anything_but_decodes_is_rejected(runner):
-    executor = StepExecutor(runner, runner.parallel)
-    request = plan()
-    request.num_steps = 2
-    with pytest.raises(ValueError, match="single-token decodes only"):
-        executor.run(request)
-
-
 def test_timings_carry_the_ranks_memory(runner):
     memory = RankMemory(runner.model, runner.kv_cache.nbytes, 12345, CPU)
     executor = StepExecutor(runner, runner.parallel, memory=memory)

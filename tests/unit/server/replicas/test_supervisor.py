@@ -12,12 +12,17 @@ from shardgate.proto import inference_pb2, shard_pb2, shard_pb2_grpc
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig, ReplicaConfig, SchedulerConfig, SupervisionConfig
 from shardgate.server.engine import Engine
+from shardgate.server.replicas.client import ReplicaClient
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.scheduler import Scheduler
 from shardgate.shards.builtin import EOS_ID, builtin_tokenizer
 
 
 class FakeDriver(shard_pb2_grpc.ShardServicer):
+    async def Attach(self, request, context):
+        yield shard_pb2.AttachResponse(session_id="fake")
+        await asyncio.Event().wait()  # the session lasts while the call does
+
     async def Describe(self, request, context):
         return shard_pb2.DescribeResponse(
             model=inference_pb2.ModelInfoResponse(model="fake"), num_kv_blocks=8, block_size=4, tokenizer_json=builtin_tokenizer().to_str()
@@ -34,6 +39,9 @@ class FailedClient(ScriptedReplica):
 
     async def close(self) -> None:
         self.closed = True
+
+    def reconnected(self) -> ReplicaClient:
+        return ReplicaClient(self.target)
 
 
 @dataclass(frozen=True)
