@@ -2,6 +2,8 @@
 
 import signal
 import stat
+import tempfile
+from pathlib import Path
 
 from processes import children_of, wait_gone
 from servers import start_server
@@ -25,9 +27,10 @@ def test_sigterm_stops_gateway_and_shards(tmp_path):
 
 
 def test_a_killed_gateways_socket_goes_with_its_shards_and_its_folder_at_the_next_start(tmp_path):
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    env = {"TMPDIR": str(temp)}  # where the gateway makes its replicas' folders
+    # Where the gateway makes its replicas' folders: a short path, since a unix socket's path is at
+    # most 107 bytes and pytest's tmp_path can be longer than that with the folder and socket names.
+    temp = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
+    env = {"TMPDIR": str(temp)}
     server = start_server(tmp_path, "--kv-cache-memory", str(16 << 20), env=env)
     [folder] = temp.glob("shardgate-replica*")
     socket = folder / "driver.sock"
@@ -44,3 +47,4 @@ def test_a_killed_gateways_socket_goes_with_its_shards_and_its_folder_at_the_nex
     finally:
         second.stop()
     assert list(temp.glob("shardgate-replica*")) == []
+    temp.rmdir()
