@@ -159,10 +159,22 @@ class EmbedStepResponse(_message.Message):
     hidden_size: int
     def __init__(self, vectors: _Optional[bytes] = ..., hidden_size: _Optional[int] = ...) -> None: ...
 
+class HeartbeatRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("ranks",)
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ranks: int
+    def __init__(self, ranks: _Optional[int] = ...) -> None: ...
+
 class RankCommand(_message.Message):
-    __slots__ = ("step", "embed")
+    __slots__ = ("step", "embed", "heartbeat")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     step: StepRequest
     embed: EmbedStepRequest
-    def __init__(self, step: _Optional[_Union[StepRequest, _Mapping]] = ..., embed: _Optional[_Union[EmbedStepRequest, _Mapping]] = ...) -> None: ...
+    heartbeat: HeartbeatRequest
+    def __init__(self, step: _Optional[_Union[StepRequest, _Mapping]] = ..., embed: _Optional[_Union[EmbedStepRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ...) -> None: ...

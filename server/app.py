@@ -118,7 +118,7 @@ async def serve(config: GatewayConfig) -> None:
                 tokenizer,
                 descriptions[0].model.eos_token_ids,
                 batcher,
-                config.supervision.step_timeout_s,
+                config.supervision,
                 telemetry.replica(index, len(info.model.devices)),
             )
             for index, (client, info) in enumerate(zip(clients, descriptions))

@@ -10,6 +10,11 @@ Each iteration first ends the requests whose deadline has passed (a queued one n
 the replica; a running one keeps the tokens it streamed and frees its blocks before the next
 step). Then, when an embedding batch is ready, it runs it, unless the previous forward was an
 embedding batch and generation is waiting: the two kinds alternate, so neither starves.
+
+Failures: each call to the replica gets a deadline that follows the measured time of calls of
+its shape (step_deadlines.py); an idle replica gets a heartbeat (its driver checks that every
+rank answers) every --heartbeat-interval. A call that errs or runs past its deadline, and any
+exception in an iteration, fails the replica (never the gateway): the supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from dataclasses import dataclass, field
 import grpc
 from tokenizers import Tokenizer
 
-from shardgate.server.config import TelemetryConfig
+from shardgate.server.config import SupervisionConfig, TelemetryConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.output_processor import ErrorEvent, Event, OutputProcessor
 from shardgate.server.replicas.client import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
-from shardgate.server.scheduler import Scheduler
+from shardgate.server.scheduler import Scheduler, StepPlan
+from shardgate.server.step_deadlines import DECODE, EMBED, PREFILL, CallShape, StepDeadlines
 from shardgate.server.telemetry import ReplicaTelemetry, Telemetry
 from shardgate.server.validation import ValidRequest
 
@@ -45,6 +51,8 @@ class RequestHandle:
     """Index of the replica (engine) that serves the request."""
     output: OutputProcessor
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    retries: int = 0
+    """Times it moved to another replica after the one running it failed."""
 
     @property
     def done(self) -> bool:
@@ -62,11 +70,15 @@ class Engine:
         tokenizer: Tokenizer,
         eos_token_ids: tuple[int, ...],
         batcher: DynamicBatcher | None = None,
-        step_timeout_s: float | None = None,
+        supervision: SupervisionConfig | None = None,
         telemetry: ReplicaTelemetry | None = None,
     ) -> None:
         self.index = index
-        self.step_timeout_s = step_timeout_s
+        self.supervision = supervision
+        """Deadlines and heartbeats; None: calls wait as long as they take, and no heartbeat."""
+        self.deadlines = None if supervision is None else self._new_deadlines()
+        self._last_answer = time.monotonic()
+        """When the replica last answered a call."""
         self.healthy = True
         self.failed = asyncio.Event()
         """Set when the replica fails; the supervisor waits on it."""
@@ -149,9 +161,12 @@ class Engine:
                 handle.events.put_nowait(ErrorEvent(grpc.StatusCode.UNAVAILABLE, "the model replica failed"))
 
     def restore(self, replica: ReplicaClient, scheduler: Scheduler) -> None:
-        """Resumes on a restarted replica, with its fresh KV cache."""
+        """Resumes on a restarted replica, with its fresh KV cache (and step times learnt anew)."""
         self.replica = replica
         self.scheduler = scheduler
+        if self.supervision is not None:
+            self.deadlines = self._new_deadlines()
+        self._last_answer = time.monotonic()
         self.healthy = True
         self.failed.clear()
         self._restored.set()
@@ -162,38 +177,78 @@ class Engine:
             if not self.healthy:
                 await self._restored.wait()
                 continue
-            now = time.monotonic()
-            self._expire(now)
-            generation_waits = self.scheduler.has_work()
-            if not (generation_waits and self._last_was_embed):
-                if not self._embed_jobs and self.batcher is not None:
-                    self._embed_jobs = self.batcher.take(now)
-                if self._embed_jobs:
-                    self._last_was_embed = True
-                    await self._embed_step()
-                    continue
-            if generation_waits:
-                self._last_was_embed = False
-                await self._generation_step()
-                continue
-            self._wakeup.clear()
-            timeout = self.batcher.seconds_until_ready(now) if self.batcher is not None else None
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await self._iterate()
+            except Exception as error:  # whatever went wrong, it fails this replica, not the gateway
+                log.exception("replica %d: error in its engine loop", self.index)
+                self.fail(f"engine error: {type(error).__name__}: {error}")
+
+    async def _iterate(self) -> None:
+        now = time.monotonic()
+        self._expire(now)
+        generation_waits = self.scheduler.has_work()
+        if not (generation_waits and self._last_was_embed):
+            if not self._embed_jobs and self.batcher is not None:
+                self._embed_jobs = self.batcher.take(now)
+            if self._embed_jobs:
+                self._last_was_embed = True
+                await self._embed_step()
+                return
+        if generation_waits:
+            self._last_was_embed = False
+            await self._generation_step()
+            return
+        heartbeat_in = self._seconds_until_heartbeat(now)
+        if heartbeat_in == 0:
+            await self._heartbeat()
+            return
+        self._wakeup.clear()
+        timeouts = [t for t in (heartbeat_in, self.batcher.seconds_until_ready(now) if self.batcher is not None else None) if t is not None]
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), min(timeouts, default=None))
+        except asyncio.TimeoutError:
+            pass
+
+    def _new_deadlines(self) -> StepDeadlines:
+        supervision = self.supervision
+        return StepDeadlines(supervision.step_timeout_s, supervision.step_timeout_multiple, supervision.step_timeout_floor_s)
+
+    def _seconds_until_heartbeat(self, now: float) -> float | None:
+        """None when no heartbeat is due ever (none configured), 0 when one is due now."""
+        if self.supervision is None or not self.supervision.heartbeat_interval_s:
+            return None
+        return max(0.0, self._last_answer + self.supervision.heartbeat_interval_s - now)
+
+    async def _heartbeat(self) -> None:
+        """Asks the idle replica's driver to check that every rank answers."""
+        try:
+            await self.replica.heartbeat(timeout=self.deadlines.floor_s)
+        except grpc.aio.AioRpcError as error:
+            self.fail(f"heartbeat: {error.code().name} {error.details()}")
+            return
+        self._last_answer = time.monotonic()
+
+    def _timeout(self, shape: CallShape) -> float | None:
+        return None if self.deadlines is None else self.deadlines.timeout(shape)
+
+    def _answered(self, shape: CallShape, started: float) -> None:
+        self._last_answer = time.monotonic()
+        if self.deadlines is not None:
+            self.deadlines.record(shape, self._last_answer - started)
 
     async def _generation_step(self) -> None:
         plan = self.scheduler.schedule()
         self.num_forward_passes += 1
         step = self.telemetry.step_started(plan)
+        shape = _step_shape(plan)
+        started = time.monotonic()
         try:
-            timeout = None if self.step_timeout_s is None else self.step_timeout_s * plan.num_steps
-            response = await self.replica.step(plan, timeout, metadata=step.metadata, report_timings=step.report_timings)
+            response = await self.replica.step(plan, self._timeout(shape), metadata=step.metadata, report_timings=step.report_timings)
         except grpc.aio.AioRpcError as error:
             self.telemetry.step_failed(step, error.details() or error.code().name)
             self.fail(f"step {plan.step_id}: {error.code().name} {error.details()}")
             return
+        self._answered(shape, started)
         self.telemetry.step_finished(step, response)
         per_step = len(response.tokens) // plan.num_steps  # step-major: each step samples the same chunks
         for index in range(plan.num_steps):
@@ -220,14 +275,17 @@ class Engine:
         self.num_forward_passes += 1
         self.num_embed_forward_passes += 1
         step_id = next(self._embed_step_ids)
+        shape = CallShape(EMBED, sum(len(item.token_ids) for _, _, item in items))
+        started = time.monotonic()
         try:
-            response = await self.replica.embed(step_id, [item for _, _, item in items], self.step_timeout_s)
+            response = await self.replica.embed(step_id, [item for _, _, item in items], self._timeout(shape))
         except grpc.aio.AioRpcError as error:
             self.fail(f"embedding batch {step_id}: {error.code().name} {error.details()}")
             return
         finally:
             for _, _, item in items:
                 self.scheduler.return_blocks(item.block_ids)
+        self._answered(shape, started)
         row = response.hidden_size * 4
         for position, (job, index, _) in enumerate(items):
             if not job.done:  # a call cancelled while the forward ran gets nothing
@@ -287,3 +345,8 @@ class Engine:
     @property
     def num_active(self) -> int:
         return len(self._handles)
+
+
+def _step_shape(plan: StepPlan) -> CallShape:
+    decode_only = all(chunk.num_tokens == 1 for chunk in plan.chunks)
+    return CallShape(DECODE if decode_only else PREFILL, sum(chunk.num_tokens for chunk in plan.chunks), plan.num_steps)

@@ -22,15 +22,22 @@ from shardgate.shards.executor import StepExecutor
 
 log = logging.getLogger("shardgate.shard")
 T = TypeVar("T")
+ANSWER_GRACE_S = 1.0
+"""Seconds a failing driver gives the gateway's call to receive its error before stopping."""
 
 
 class MainThread:
     """Runs the model's work on the process's main thread, which gRPC's handler threads hand it
     to: the thread that loaded and warmed up the model, whose OpenMP team torch's intra-op
-    parallelism uses (a handler thread would run CPU steps on fewer cores)."""
+    parallelism uses (a handler thread would run CPU steps on fewer cores).
 
-    def __init__(self) -> None:
+    While no call comes for `idle_interval_s`, it runs `idle()` (the ranks' heartbeat: the other
+    ranks wait for the driver in a collective, which would otherwise time out on an idle replica)."""
+
+    def __init__(self, idle: Callable[[], object] | None = None, idle_interval_s: float | None = None) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = idle
+        self._idle_interval_s = idle_interval_s if idle is not None else None
 
     def call(self, function: Callable[..., T], *args) -> T:
         """Runs function(*args) on the main thread; returns its result or raises its exception."""
@@ -39,21 +46,33 @@ class MainThread:
         return future.result()
 
     def serve(self) -> None:
-        """The main thread: run calls until stop()."""
-        while (item := self._calls.get()) is not None:
+        """The main thread: run calls until stop(). A call that raises anything but ValueError (a
+        plan every rank rejects alike, before any collective) may leave the ranks out of step: its
+        caller gets the exception, and serve() raises it too, as it does one of idle()."""
+        while True:
+            try:
+                item = self._calls.get(timeout=self._idle_interval_s)
+            except queue.Empty:
+                self._idle()
+                continue
+            if item is None:
+                return
             function, args, future = item
             try:
                 future.set_result(function(*args))
-            except BaseException as error:  # handed to the caller, which raises it
+            except ValueError as error:
                 future.set_exception(error)
+            except BaseException as error:  # handed to the caller, which raises it; then the driver stops
+                future.set_exception(error)
+                raise
 
     def stop(self) -> None:
         self._calls.put(None)
 
 
 class ShardService(shard_pb2_grpc.ShardServicer):
-    """Describe answers the description made at start; Step and Embed run on the main thread,
-    one at a time (the gateway never sends two at once)."""
+    """Describe answers the description made at start; Step, Embed and Heartbeat run on the main
+    thread, one at a time (the gateway never sends two at once)."""
 
     def __init__(self, executor: StepExecutor, description: shard_pb2.DescribeResponse, main_thread: MainThread) -> None:
         self.executor = executor
@@ -77,6 +96,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         except ValueError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
+    def Heartbeat(self, request: shard_pb2.HeartbeatRequest, context) -> shard_pb2.HeartbeatResponse:
+        return shard_pb2.HeartbeatResponse(ranks=self.main_thread.call(self.executor.heartbeat))
+
 
 def _listen(server: grpc.Server, config: ShardConfig) -> int:
     """Binds the driver's address: mutual TLS when certificates are given (across hosts)."""
@@ -87,11 +109,14 @@ def _listen(server: grpc.Server, config: ShardConfig) -> int:
 
 def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, config: ShardConfig) -> bool:
     """Serves the gateway on config.listen until SIGTERM, running steps on this (the main)
-    thread; False when the address cannot be bound."""
+    thread; False when the address cannot be bound. Raises what a step, an embedding batch or a
+    heartbeat raised that leaves the ranks out of step (a rank that failed or stopped answering),
+    after the gateway got it as the call's error: the whole replica must then be restarted."""
     options = [("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES), ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES)]
     # One worker: steps are sequential by design; the gateway never sends two at once.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=options)
-    main_thread = MainThread()
+    distributed = description.model.tp * description.model.pp > 1
+    main_thread = MainThread(executor.heartbeat if distributed else None, keepalive_interval(config.replica.collective_timeout_s))
     shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description, main_thread), server)
     try:
         bound = _listen(server, config)
@@ -121,6 +146,16 @@ def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, confi
         description.model.weight_bytes_per_step,
         description.model.kv_bytes_per_token,
     )
-    main_thread.serve()
+    try:
+        main_thread.serve()
+    except Exception:
+        server.stop(ANSWER_GRACE_S).wait()
+        raise
     server.wait_for_termination()
     return True
+
+
+def keepalive_interval(collective_timeout_s: float) -> float:
+    """Seconds an idle driver waits before a heartbeat keeps the other ranks' wait in the
+    control-group broadcast within the collective timeout."""
+    return min(5.0, collective_timeout_s / 4)

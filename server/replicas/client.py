@@ -1,5 +1,5 @@
 """The gateway's handle on one replica: its description (shard.proto's DescribeResponse, kept as
-the message) and the Step and Embed RPCs to its driver."""
+the message) and the Step, Embed and Heartbeat RPCs to its driver."""
 
 from __future__ import annotations
 
@@ -95,6 +95,10 @@ class ReplicaClient:
             for item in items
         ]
         return await self._stub.Embed(shard_pb2.EmbedStepRequest(step_id=step_id, inputs=inputs), timeout=timeout)
+
+    async def heartbeat(self, timeout: float | None = None) -> shard_pb2.HeartbeatResponse:
+        """Returns once every rank of the replica answered its driver (see Heartbeat in shard.proto)."""
+        return await self._stub.Heartbeat(shard_pb2.HeartbeatRequest(), timeout=timeout)
 
     async def close(self) -> None:
         await self._channel.close()
