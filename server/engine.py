@@ -224,7 +224,7 @@ class Engine:
         try:
             await self.replica.heartbeat(timeout=self.deadlines.floor_s)
         except grpc.aio.AioRpcError as error:
-            self.fail(f"heartbeat: {error.code().name} {error.details()}")
+            self.fail(f"heartbeat: {_describe(error, self.deadlines.floor_s)}")
             return
         self._last_answer = time.monotonic()
 
@@ -241,12 +241,12 @@ class Engine:
         self.num_forward_passes += 1
         step = self.telemetry.step_started(plan)
         shape = _step_shape(plan)
-        started = time.monotonic()
+        timeout, started = self._timeout(shape), time.monotonic()
         try:
-            response = await self.replica.step(plan, self._timeout(shape), metadata=step.metadata, report_timings=step.report_timings)
+            response = await self.replica.step(plan, timeout, metadata=step.metadata, report_timings=step.report_timings)
         except grpc.aio.AioRpcError as error:
             self.telemetry.step_failed(step, error.details() or error.code().name)
-            self.fail(f"step {plan.step_id}: {error.code().name} {error.details()}")
+            self.fail(f"step {plan.step_id}: {_describe(error, timeout)}")
             return
         self._answered(shape, started)
         self.telemetry.step_finished(step, response)
@@ -276,11 +276,11 @@ class Engine:
         self.num_embed_forward_passes += 1
         step_id = next(self._embed_step_ids)
         shape = CallShape(EMBED, sum(len(item.token_ids) for _, _, item in items))
-        started = time.monotonic()
+        timeout, started = self._timeout(shape), time.monotonic()
         try:
-            response = await self.replica.embed(step_id, [item for _, _, item in items], self._timeout(shape))
+            response = await self.replica.embed(step_id, [item for _, _, item in items], timeout)
         except grpc.aio.AioRpcError as error:
-            self.fail(f"embedding batch {step_id}: {error.code().name} {error.details()}")
+            self.fail(f"embedding batch {step_id}: {_describe(error, timeout)}")
             return
         finally:
             for _, _, item in items:
@@ -345,6 +345,12 @@ class Engine:
     @property
     def num_active(self) -> int:
         return len(self._handles)
+
+
+def _describe(error: grpc.aio.AioRpcError, timeout: float | None) -> str:
+    if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+        return f"DEADLINE_EXCEEDED: no answer within {timeout:.2f} s"
+    return f"{error.code().name} {error.details()}"
 
 
 def _step_shape(plan: StepPlan) -> CallShape:

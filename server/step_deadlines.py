@@ -55,18 +55,25 @@ class StepDeadlines:
 
     def expected(self, shape: CallShape) -> float | None:
         """Seconds per forward a call of this shape should take: its class's average; for a class
-        not seen yet, the nearest larger class's of the same kind (more tokens never make a
-        forward faster), else the nearest smaller one's scaled by the token ratio (forwards grow
-        less than linearly with tokens, so this errs long); None when the kind is new."""
-        bucket = shape.bucket
-        known = {b: seconds for (kind, b), seconds in self._averages.items() if kind == shape.kind}
-        if bucket in known:
-            return known[bucket]
-        larger = [b for b in known if b > bucket]
-        if larger:
-            return known[min(larger)]
-        smaller = [b for b in known if b < bucket]
-        if smaller:
-            nearest = max(smaller)
-            return known[nearest] * bucket / nearest
-        return None
+        not seen yet, the nearest class's of the same kind, or of any kind when the kind is new
+        (the first decode-only step after many mixed ones); None when nothing is known."""
+        same_kind = {bucket: seconds for (kind, bucket), seconds in self._averages.items() if kind == shape.kind}
+        if same_kind:
+            return _nearest(same_kind, shape.bucket)
+        any_kind: dict[int, float] = {}
+        for (_, bucket), seconds in self._averages.items():
+            any_kind[bucket] = max(seconds, any_kind.get(bucket, 0.0))
+        return _nearest(any_kind, shape.bucket) if any_kind else None
+
+
+def _nearest(known: dict[int, float], bucket: int) -> float:
+    """The seconds of `bucket` from those known: its own; else the nearest larger bucket's (more
+    tokens never make a forward faster); else the nearest smaller one's scaled by the token ratio
+    (forwards grow less than linearly with tokens, so this errs long)."""
+    if bucket in known:
+        return known[bucket]
+    larger = [b for b in known if b > bucket]
+    if larger:
+        return known[min(larger)]
+    nearest = max(known)
+    return known[nearest] * bucket / nearest
