@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     executor = StepExecutor(rank_model.runner, parallel, tracer, faults, memory)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", process.rank, parallel.tp_rank, parallel.pp_stage)
-        executor.follow()
+        try:
+            executor.follow()
+        except Exception as error:  # a collective timed out or failed, or this rank's forward raised
+            stop_with(f"rank {process.rank} stops after {type(error).__name__}: {error}")
+            return 1
         return 0
 
     try:

@@ -54,6 +54,32 @@ def test_an_idle_replica_whose_rank_stops_is_noticed_by_its_heartbeat_and_restar
     assert "heartbeat: DEADLINE_EXCEEDED" in server.log()
 
 
+def test_collectives_between_ranks_time_out_in_seconds_and_an_idle_driver_keeps_its_ranks_waiting_within_it(tmp_path):
+    # no gateway heartbeat: only the driver's own keepalive and the collective timeout are at work
+    flags = ("--tp", "2", "--kv-cache-memory", KV, "--restart-backoff", "0.2", "--heartbeat-interval", "0", "--collective-timeout", "3")
+    server = start_server(tmp_path, *flags)
+    stopped = None
+    try:
+        with server.client() as client:
+            time.sleep(8)  # idle for longer than the collective timeout: rank 1 waits in a broadcast all along
+            assert replica_states(client) == [(True, 0)]
+            assert client.generate("after idling", max_new_tokens=3, ignore_eos=True).usage.completion_tokens == 3
+            stopped = rank_pid(server.process.pid, 0, 0)  # the driver: rank 1's wait for it times out
+            os.kill(stopped, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            wait_until(lambda: not replica_states(client)[0][0], timeout=30, what="the replica counted as failed")
+            noticed_s = time.monotonic() - stopped_at
+            wait_until(lambda: replica_states(client) == [(True, 1)], timeout=90, what="the replica restarted")
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        server.stop()
+    assert noticed_s < 3 + 5 + 2, noticed_s  # the timeout, then up to one keepalive interval already waited
+
+
 @pytest.fixture(scope="module")
 def poisoned_server(tmp_path_factory):
     """Two replicas whose driver exits at any step that holds the marker POISON."""
