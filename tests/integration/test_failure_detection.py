@@ -49,6 +49,7 @@ def test_an_idle_replica_whose_rank_stops_is_noticed_by_its_heartbeat_and_restar
             except ProcessLookupError:
                 pass
         server.stop()
+    print(f"idle replica's stopped rank noticed after {noticed_s:.2f} s")
     # a heartbeat every 2 s (--heartbeat-interval), answered within 4 s (--step-timeout-floor)
     assert noticed_s < 2 + 4 + 2, noticed_s
     assert "heartbeat: DEADLINE_EXCEEDED" in server.log()
@@ -77,6 +78,7 @@ def test_collectives_between_ranks_time_out_in_seconds_and_an_idle_driver_keeps_
             except ProcessLookupError:
                 pass
         server.stop()
+    print(f"stopped driver noticed after {noticed_s:.2f} s (collective timeout 3 s)")
     assert noticed_s < 3 + 5 + 2, noticed_s  # the timeout, then up to one keepalive interval already waited
 
 
