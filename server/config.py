@@ -113,8 +113,8 @@ class SupervisionConfig:
 
     step_timeout_s: float = flag(
         60.0,
-        "the longest a replica's call (a step, a decode run, an embedding batch) may go unanswered before the replica counts as "
-        "failed, and the deadline of a call of a shape not seen yet (default %(default)s s); see --step-timeout-multiple",
+        "the longest a replica's call (a step, an embedding batch; a decode run: per step) may go unanswered before the replica "
+        "counts as failed, and the deadline of a call of a shape not seen yet (default %(default)s s); see --step-timeout-multiple",
         name="--step-timeout",
     )
     step_timeout_multiple: float = flag(

@@ -4,8 +4,9 @@ One fixed bound must cover the slowest legitimate step (a full prefill on a cold
 hung or stopped rank would go unnoticed that long. Instead each call's deadline follows what
 calls of its shape took: a moving average of the seconds per forward of its class (decode-only
 step, step with prefill chunks, or embedding batch; and tokens per forward rounded up to a power
-of two), times `multiple`, never under `floor_s` and never over `ceiling_s` (--step-timeout),
-which is also the deadline of a class nothing is known of yet.
+of two), times `multiple`, per forward the call runs, never under `floor_s` and never over
+`ceiling_s` (--step-timeout) per forward, which is also the deadline of a class nothing is
+known of yet.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ class StepDeadlines:
 
     def timeout(self, shape: CallShape) -> float:
         """Seconds to wait for a call of this shape."""
+        ceiling = self.ceiling_s * shape.forwards
         expected = self.expected(shape)
         if expected is None:
-            return self.ceiling_s
-        return min(self.ceiling_s, max(self.floor_s, self.multiple * expected * shape.forwards))
+            return ceiling
+        return min(ceiling, max(self.floor_s, self.multiple * expected * shape.forwards))
 
     def record(self, shape: CallShape, seconds: float) -> None:
         """Counts a call of this shape that answered in `seconds`."""

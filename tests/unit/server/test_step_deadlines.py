@@ -9,8 +9,9 @@ def deadlines() -> StepDeadlines:
     return StepDeadlines(ceiling_s=60, multiple=8, floor_s=2)
 
 
-def test_a_shape_nothing_is_known_of_gets_the_ceiling():
+def test_a_shape_nothing_is_known_of_gets_the_ceiling_per_forward():
     assert deadlines().timeout(CallShape(DECODE, 4)) == 60
+    assert deadlines().timeout(CallShape(DECODE, 4, forwards=4)) == 240
 
 
 def test_the_deadline_is_a_multiple_of_the_average_per_forward_between_floor_and_ceiling():
