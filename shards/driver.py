@@ -38,17 +38,29 @@ class MainThread:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = idle
         self._idle_interval_s = idle_interval_s if idle is not None else None
+        self._stopped_by: BaseException | None = None
+        """What ended serve(), when something did: later calls get an error, not a wait forever."""
 
     def call(self, function: Callable[..., T], *args) -> T:
         """Runs function(*args) on the main thread; returns its result or raises its exception."""
         future: Future = Future()
         self._calls.put((function, args, future))
+        if self._stopped_by is not None:
+            self._refuse_queued()
         return future.result()
 
     def serve(self) -> None:
         """The main thread: run calls until stop(). A call that raises anything but ValueError (a
         plan every rank rejects alike, before any collective) may leave the ranks out of step: its
         caller gets the exception, and serve() raises it too, as it does one of idle()."""
+        try:
+            self._serve()
+        except BaseException as error:
+            self._stopped_by = error
+            self._refuse_queued()
+            raise
+
+    def _serve(self) -> None:
         while True:
             try:
                 item = self._calls.get(timeout=self._idle_interval_s)
@@ -65,6 +77,15 @@ class MainThread:
             except BaseException as error:  # handed to the caller, which raises it; then the driver stops
                 future.set_exception(error)
                 raise
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[2].set_exception(RuntimeError(f"the driver is stopping after {type(self._stopped_by).__name__}: {self._stopped_by}"))
 
     def stop(self) -> None:
         self._calls.put(None)

@@ -51,6 +51,8 @@ def test_a_rejected_plan_keeps_serving_but_any_other_error_stops_the_main_thread
         main.call(break_down)
     thread.join(5)
     assert not thread.is_alive() and isinstance(raised[0], RuntimeError)
+    with pytest.raises(RuntimeError, match="the driver is stopping after RuntimeError: a rank stopped answering"):
+        main.call(lambda: "too late")  # refused, not left waiting
 
 
 def test_idle_heartbeats_come_well_within_the_collective_timeout():
