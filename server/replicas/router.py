@@ -63,7 +63,7 @@ class Router:
                 engine.adopt(handle)
 
     def _retries_spent(self, handle: RequestHandle) -> str:
-        return f"the model replica running this request failed, {handle.retries + 1} times in a row on different replicas"
+        return f"the model replicas running this request failed {handle.retries + 1} times"
 
     def cancel(self, handle: RequestHandle) -> None:
         self.engines[handle.replica].cancel(handle)

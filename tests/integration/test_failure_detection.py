@@ -101,7 +101,7 @@ def test_a_request_that_kills_its_replicas_ends_unavailable_after_one_retry(pois
         with pytest.raises(grpc.RpcError) as failure:
             poison(server, "a POISON pill")
         assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "failed, 2 times" in failure.value.details()
+        assert "failed 2 times" in failure.value.details()
 
         # both replicas went down (the first run and the one retry) and come back
         wait_until(lambda: replica_states(client) == [(True, 1), (True, 1)], timeout=120, what="both replicas restarted")

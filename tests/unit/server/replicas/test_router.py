@@ -120,7 +120,7 @@ def test_a_request_running_on_failed_replicas_moves_once_then_ends_unavailable()
 
     failed, moved_to, retries, event = run(scenario)
     assert moved_to != failed and retries == 1
-    assert isinstance(event, ErrorEvent) and event.code == grpc.StatusCode.UNAVAILABLE and "failed, 2 times" in event.message
+    assert isinstance(event, ErrorEvent) and event.code == grpc.StatusCode.UNAVAILABLE and "failed 2 times" in event.message
 
 
 def test_a_request_only_queued_on_a_failed_replica_moves_without_spending_a_retry():
