@@ -118,12 +118,14 @@ class SupervisionConfig:
         name="--step-timeout",
     )
     step_timeout_multiple: float = flag(
-        8.0,
+        10.0,
         "a call's deadline is this many times the moving average of calls of its shape (kind, tokens per forward), per "
         "forward it runs, between --step-timeout-floor and --step-timeout (default %(default)s)",
     )
     step_timeout_floor_s: float = flag(
-        4.0, "the shortest deadline of a replica's call, and of its heartbeat (default %(default)s s)", name="--step-timeout-floor"
+        8.0,
+        "the shortest deadline of a replica's call, and of its heartbeat: room for a host's hiccups (default %(default)s s)",
+        name="--step-timeout-floor",
     )
     heartbeat_interval_s: float = flag(
         2.0,

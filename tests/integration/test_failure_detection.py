@@ -50,8 +50,8 @@ def test_an_idle_replica_whose_rank_stops_is_noticed_by_its_heartbeat_and_restar
                 pass
         server.stop()
     print(f"idle replica's stopped rank noticed after {noticed_s:.2f} s")
-    # a heartbeat every 2 s (--heartbeat-interval), answered within 4 s (--step-timeout-floor)
-    assert noticed_s < 2 + 4 + 2, noticed_s
+    # a heartbeat every 2 s (--heartbeat-interval), answered within 8 s (--step-timeout-floor)
+    assert noticed_s < 2 + 8 + 2, noticed_s
     assert "heartbeat: DEADLINE_EXCEEDED" in server.log()
 
 

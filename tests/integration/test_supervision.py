@@ -99,7 +99,7 @@ def test_failed_replica_ends_its_streams_others_serve_and_it_comes_back(fault, t
     # gateway noticed it instead
     broke_at = noticed_at if fault == "raise" else broke_at
     # a stopped rank: noticed within 10 s of when its step should have answered (a few ms here), by a
-    # deadline of 8 × the measured time of such steps, at least --step-timeout-floor (4 s)
+    # deadline of 10 × the measured time of such steps, at least --step-timeout-floor (8 s)
     print(f"{fault}: noticed {noticed_at - broke_at:.2f} s after the fault")
     assert noticed_at - broke_at < 10, noticed_at - broke_at
     assert max(t for t, *_ in failed) - broke_at < 10 + 1
