@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReplicaSettings(_message.Message):
-    __slots__ = ("model", "dtype", "quantize", "device", "block_size", "kv_cache_memory", "tp", "pp")
+    __slots__ = ("model", "dtype", "quantize", "device", "block_size", "kv_cache_memory", "tp", "pp", "collective_timeout_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class ReplicaSettings(_message.Message):
     KV_CACHE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     quantize: str
@@ -23,7 +24,8 @@ class ReplicaSettings(_message.Message):
     kv_cache_memory: float
     tp: int
     pp: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_cache_memory: _Optional[float] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ...) -> None: ...
+    collective_timeout_s: float
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_cache_memory: _Optional[float] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., collective_timeout_s: _Optional[float] = ...) -> None: ...
 
 class BatchLimits(_message.Message):
     __slots__ = ("max_batch_tokens", "max_num_seqs", "decode_steps")

@@ -53,9 +53,16 @@ class ReplicaSettings:
     )
     tp: int = flag(1, "tensor-parallel size of each replica: ranks that split every layer (default %(default)s)")
     pp: int = flag(1, "pipeline-parallel size of each replica: stages of consecutive layers (default %(default)s)")
+    collective_timeout_s: float = flag(
+        60.0,
+        "seconds a collective between a replica's ranks (gloo, NCCL, the rendezvous store) may wait before it fails and the "
+        "replica with it; also bounds how far the ranks' model loads may drift apart at start (default %(default)s)",
+        name="--collective-timeout",
+    )
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")
+        _require(self.collective_timeout_s >= 1 and math.isfinite(self.collective_timeout_s), "collective_timeout_s must be >= 1 (seconds)")
         _require(self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)}, not {self.dtype!r}")
         _require(self.quantize in QUANTIZATIONS, f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         _require(

@@ -176,12 +176,24 @@ class ForgetSequences(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class HeartbeatRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("ranks",)
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ranks: int
+    def __init__(self, ranks: _Optional[int] = ...) -> None: ...
+
 class RankCommand(_message.Message):
-    __slots__ = ("step", "embed", "forget")
+    __slots__ = ("step", "embed", "forget", "heartbeat")
     STEP_FIELD_NUMBER: _ClassVar[int]
     EMBED_FIELD_NUMBER: _ClassVar[int]
     FORGET_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     step: StepRequest
     embed: EmbedStepRequest
     forget: ForgetSequences
-    def __init__(self, step: _Optional[_Union[StepRequest, _Mapping]] = ..., embed: _Optional[_Union[EmbedStepRequest, _Mapping]] = ..., forget: _Optional[_Union[ForgetSequences, _Mapping]] = ...) -> None: ...
+    heartbeat: HeartbeatRequest
+    def __init__(self, step: _Optional[_Union[StepRequest, _Mapping]] = ..., embed: _Optional[_Union[EmbedStepRequest, _Mapping]] = ..., forget: _Optional[_Union[ForgetSequences, _Mapping]] = ..., heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ...) -> None: ...

@@ -58,6 +58,11 @@ class ShardStub:
                 request_serializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepRequest.SerializeToString,
                 response_deserializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/shardgate.shard.v1.Shard/Heartbeat',
+                request_serializer=shardgate_dot_proto_dot_shard__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=shardgate_dot_proto_dot_shard__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -99,6 +104,14 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Checks that every rank of the replica answers: the driver's main thread runs a round trip
+        with all the other ranks on the control group. The gateway calls it on an idle replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +134,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepRequest.FromString,
                     response_serializer=shardgate_dot_proto_dot_shard__pb2.EmbedStepResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=shardgate_dot_proto_dot_shard__pb2.HeartbeatRequest.FromString,
+                    response_serializer=shardgate_dot_proto_dot_shard__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,6 +253,33 @@ class Shard:
             '/shardgate.shard.v1.Shard/Embed',
             shardgate_dot_proto_dot_shard__pb2.EmbedStepRequest.SerializeToString,
             shardgate_dot_proto_dot_shard__pb2.EmbedStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardgate.shard.v1.Shard/Heartbeat',
+            shardgate_dot_proto_dot_shard__pb2.HeartbeatRequest.SerializeToString,
+            shardgate_dot_proto_dot_shard__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

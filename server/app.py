@@ -133,7 +133,7 @@ async def serve(config: GatewayConfig) -> None:
                 tokenizer,
                 descriptions[0].model.eos_token_ids,
                 batcher,
-                config.supervision.step_timeout_s,
+                config.supervision,
                 telemetry.replica(index, len(info.model.devices)),
                 config.streams.stall_timeout_s,
             )

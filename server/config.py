@@ -137,10 +137,34 @@ class ReplicaConfig(ReplicaSettings):
 
 @dataclass(frozen=True)
 class SupervisionConfig:
-    """How the gateway notices and replaces a failed replica."""
+    """How the gateway notices and replaces a failed replica, and what becomes of its requests."""
 
     step_timeout_s: float = flag(
-        60.0, "a step unanswered this long marks its replica failed (default %(default)s s)", name="--step-timeout"
+        60.0,
+        "the longest a replica's call (a step, an embedding batch; a decode run: per step) may go unanswered before the replica "
+        "counts as failed, and the deadline of a call of a shape not seen yet (default %(default)s s); see --step-timeout-multiple",
+        name="--step-timeout",
+    )
+    step_timeout_multiple: float = flag(
+        10.0,
+        "a call's deadline is this many times the moving average of calls of its shape (kind, tokens per forward), per "
+        "forward it runs, between --step-timeout-floor and --step-timeout (default %(default)s)",
+    )
+    step_timeout_floor_s: float = flag(
+        8.0,
+        "the shortest deadline of a replica's call, and of its heartbeat: room for a host's hiccups (default %(default)s s)",
+        name="--step-timeout-floor",
+    )
+    heartbeat_interval_s: float = flag(
+        2.0,
+        "an idle replica's driver is asked to check that all its ranks answer after this many seconds without a call "
+        "(default %(default)s; 0: never)",
+        name="--heartbeat-interval",
+    )
+    max_request_retries: int = flag(
+        1,
+        "times a request that had streamed nothing moves to another replica after the one running it failed; then it ends "
+        "UNAVAILABLE (default %(default)s)",
     )
     restart_attempts: int = flag(5, "consecutive restarts of a failed replica before giving up (default %(default)s)")
     restart_backoff_s: float = flag(
@@ -149,6 +173,10 @@ class SupervisionConfig:
 
     def __post_init__(self) -> None:
         _require(self.step_timeout_s > 0, "step_timeout_s must be > 0")
+        _require(self.step_timeout_multiple >= 1 and math.isfinite(self.step_timeout_multiple), "step_timeout_multiple must be >= 1")
+        _require(self.step_timeout_floor_s > 0 and math.isfinite(self.step_timeout_floor_s), "step_timeout_floor_s must be > 0")
+        _require(self.heartbeat_interval_s >= 0 and math.isfinite(self.heartbeat_interval_s), "heartbeat_interval_s must be >= 0")
+        _require(self.max_request_retries >= 0, "max_request_retries must be >= 0")
         _require(self.restart_attempts >= 0, "restart_attempts must be >= 0")
         _require(self.restart_backoff_s >= 0, "restart_backoff_s must be >= 0")
 

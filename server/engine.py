@@ -10,6 +10,11 @@ Each iteration first ends the requests whose deadline has passed (a queued one n
 the replica; a running one keeps the tokens it streamed and frees its blocks before the next
 step). Then, when an embedding batch is ready, it runs it, unless the previous forward was an
 embedding batch and generation is waiting: the two kinds alternate, so neither starves.
+
+Failures: each call to the replica gets a deadline that follows the measured time of calls of
+its shape (step_deadlines.py); an idle replica gets a heartbeat (its driver checks that every
+rank answers) every --heartbeat-interval. A call that errs or runs past its deadline, and any
+exception in an iteration, fails the replica (never the gateway): the supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from dataclasses import dataclass, field
 import grpc
 from tokenizers import Tokenizer
 
-from shardgate.server.config import TelemetryConfig
+from shardgate.server.config import SupervisionConfig, TelemetryConfig
 from shardgate.server.delivery import OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.output_processor import ErrorEvent, Event, OutputProcessor
 from shardgate.server.replicas.client import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
-from shardgate.server.scheduler import Scheduler
+from shardgate.server.scheduler import Scheduler, StepPlan
+from shardgate.server.step_deadlines import DECODE, EMBED, PREFILL, CallShape, StepDeadlines
 from shardgate.server.telemetry import ReplicaTelemetry, Telemetry
 from shardgate.server.validation import ValidRequest
 
@@ -67,6 +73,9 @@ class RequestHandle:
         self.undelivered -= count
         self.stream.delivered(count)
 
+    retries: int = 0
+    """Times it moved to another replica after the one running it failed."""
+
     @property
     def done(self) -> bool:
         return self.request.status is Status.FINISHED
@@ -83,12 +92,16 @@ class Engine:
         tokenizer: Tokenizer,
         eos_token_ids: tuple[int, ...],
         batcher: DynamicBatcher | None = None,
-        step_timeout_s: float | None = None,
+        supervision: SupervisionConfig | None = None,
         telemetry: ReplicaTelemetry | None = None,
         stall_timeout_s: float = 60.0,
     ) -> None:
         self.index = index
-        self.step_timeout_s = step_timeout_s
+        self.supervision = supervision
+        """Deadlines and heartbeats; None: calls wait as long as they take, and no heartbeat."""
+        self.deadlines = None if supervision is None else self._new_deadlines()
+        self._last_answer = time.monotonic()
+        """When the replica last answered a call."""
         self.stall_timeout_s = stall_timeout_s
         """A request held back this long for its stream's reader ends DEADLINE_EXCEEDED."""
         self.healthy = True
@@ -179,9 +192,12 @@ class Engine:
                 handle.events.put_nowait(ErrorEvent(grpc.StatusCode.UNAVAILABLE, "the model replica failed"))
 
     def restore(self, replica: ReplicaClient, scheduler: Scheduler) -> None:
-        """Resumes on a restarted replica, with its fresh KV cache."""
+        """Resumes on a restarted replica, with its fresh KV cache (and step times learnt anew)."""
         self.replica = replica
         self.scheduler = scheduler
+        if self.supervision is not None:
+            self.deadlines = self._new_deadlines()
+        self._last_answer = time.monotonic()
         self.healthy = True
         self.failed.clear()
         self._restored.set()
@@ -192,40 +208,80 @@ class Engine:
             if not self.healthy:
                 await self._restored.wait()
                 continue
-            now = time.monotonic()
-            self._expire(now)
-            self._hold_stalled(now)
-            generation_waits = self.scheduler.has_work()
-            if not (generation_waits and self._last_was_embed):
-                if not self._embed_jobs and self.batcher is not None:
-                    self._embed_jobs = self.batcher.take(now)
-                if self._embed_jobs:
-                    self._last_was_embed = True
-                    await self._embed_step()
-                    continue
-            if generation_waits:
-                self._last_was_embed = False
-                await self._generation_step()
-                continue
-            self._wakeup.clear()
-            timeout = self.batcher.seconds_until_ready(now) if self.batcher is not None else None
-            timeout = min((t for t in (timeout, self._seconds_until_stall_end(now)) if t is not None), default=None)
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await self._iterate()
+            except Exception as error:  # whatever went wrong, it fails this replica, not the gateway
+                log.exception("replica %d: error in its engine loop", self.index)
+                self.fail(f"engine error: {type(error).__name__}: {error}")
+
+    async def _iterate(self) -> None:
+        now = time.monotonic()
+        self._expire(now)
+        self._hold_stalled(now)
+        generation_waits = self.scheduler.has_work()
+        if not (generation_waits and self._last_was_embed):
+            if not self._embed_jobs and self.batcher is not None:
+                self._embed_jobs = self.batcher.take(now)
+            if self._embed_jobs:
+                self._last_was_embed = True
+                await self._embed_step()
+                return
+        if generation_waits:
+            self._last_was_embed = False
+            await self._generation_step()
+            return
+        heartbeat_in = self._seconds_until_heartbeat(now)
+        if heartbeat_in == 0:
+            await self._heartbeat()
+            return
+        self._wakeup.clear()
+        batch_in = self.batcher.seconds_until_ready(now) if self.batcher is not None else None
+        timeouts = [t for t in (heartbeat_in, batch_in, self._seconds_until_stall_end(now)) if t is not None]
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), min(timeouts, default=None))
+        except asyncio.TimeoutError:
+            pass
+
+    def _new_deadlines(self) -> StepDeadlines:
+        supervision = self.supervision
+        return StepDeadlines(supervision.step_timeout_s, supervision.step_timeout_multiple, supervision.step_timeout_floor_s)
+
+    def _seconds_until_heartbeat(self, now: float) -> float | None:
+        """None when no heartbeat is due ever (none configured), 0 when one is due now."""
+        if self.supervision is None or not self.supervision.heartbeat_interval_s:
+            return None
+        return max(0.0, self._last_answer + self.supervision.heartbeat_interval_s - now)
+
+    async def _heartbeat(self) -> None:
+        """Asks the idle replica's driver to check that every rank answers."""
+        try:
+            await self.replica.heartbeat(timeout=self.deadlines.floor_s)
+        except grpc.aio.AioRpcError as error:
+            self.fail(f"heartbeat: {_describe(error, self.deadlines.floor_s)}")
+            return
+        self._last_answer = time.monotonic()
+
+    def _timeout(self, shape: CallShape) -> float | None:
+        return None if self.deadlines is None else self.deadlines.timeout(shape)
+
+    def _answered(self, shape: CallShape, started: float) -> None:
+        self._last_answer = time.monotonic()
+        if self.deadlines is not None:
+            self.deadlines.record(shape, self._last_answer - started)
 
     async def _generation_step(self) -> None:
         plan = self.scheduler.schedule()
         self.num_forward_passes += 1
         step = self.telemetry.step_started(plan)
+        shape = _step_shape(plan)
+        timeout, started = self._timeout(shape), time.monotonic()
         try:
-            timeout = None if self.step_timeout_s is None else self.step_timeout_s * plan.num_steps
             response = await self.replica.step(plan, timeout, metadata=step.metadata, report_timings=step.report_timings)
         except grpc.aio.AioRpcError as error:
             self.telemetry.step_failed(step, error.details() or error.code().name)
-            self.fail(f"step {plan.step_id}: {error.code().name} {error.details()}")
+            self.fail(f"step {plan.step_id}: {_describe(error, timeout)}")
             return
+        self._answered(shape, started)
         self.telemetry.step_finished(step, response)
         per_step = len(response.tokens) // plan.num_steps  # step-major: each step samples the same chunks
         for index in range(plan.num_steps):
@@ -252,14 +308,17 @@ class Engine:
         self.num_forward_passes += 1
         self.num_embed_forward_passes += 1
         step_id = next(self._embed_step_ids)
+        shape = CallShape(EMBED, sum(len(item.token_ids) for _, _, item in items))
+        timeout, started = self._timeout(shape), time.monotonic()
         try:
-            response = await self.replica.embed(step_id, [item for _, _, item in items], self.step_timeout_s)
+            response = await self.replica.embed(step_id, [item for _, _, item in items], timeout)
         except grpc.aio.AioRpcError as error:
-            self.fail(f"embedding batch {step_id}: {error.code().name} {error.details()}")
+            self.fail(f"embedding batch {step_id}: {_describe(error, timeout)}")
             return
         finally:
             for _, _, item in items:
                 self.scheduler.return_blocks(item.block_ids)
+        self._answered(shape, started)
         row = response.hidden_size * 4
         for position, (job, index, _) in enumerate(items):
             if not job.done:  # a call cancelled while the forward ran gets nothing
@@ -350,3 +409,14 @@ class Engine:
     @property
     def num_active(self) -> int:
         return len(self._handles)
+
+
+def _describe(error: grpc.aio.AioRpcError, timeout: float | None) -> str:
+    if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+        return f"DEADLINE_EXCEEDED: no answer within {timeout:.2f} s"
+    return f"{error.code().name} {error.details()}"
+
+
+def _step_shape(plan: StepPlan) -> CallShape:
+    decode_only = all(chunk.num_tokens == 1 for chunk in plan.chunks)
+    return CallShape(DECODE if decode_only else PREFILL, sum(chunk.num_tokens for chunk in plan.chunks), plan.num_steps)

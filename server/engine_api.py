@@ -242,7 +242,7 @@ class EngineAPI:
         supervisors: list[ReplicaSupervisor],
     ) -> None:
         self.engines = engines
-        self.router = Router(engines)
+        self.router = Router(engines, self.config.supervision.max_request_retries)
         self.batcher = batcher
         self.tokenizer = tokenizer
         self.descriptions = descriptions

@@ -33,6 +33,8 @@ from shardgate.shards.plan_check import PlanError, PlanLimits, check_embed, chec
 
 log = logging.getLogger("shardgate.shard")
 T = TypeVar("T")
+ANSWER_GRACE_S = 1.0
+"""Seconds a failing driver gives the gateway's call to receive its error before stopping."""
 
 # A gateway whose connection vanished without a reset (its host lost) is found by these pings,
 # and its session ends, so that another gateway can attach.
@@ -51,25 +53,63 @@ WORKERS = 4
 class MainThread:
     """Runs the model's work on the process's main thread, which gRPC's handler threads hand it
     to: the thread that loaded and warmed up the model, whose OpenMP team torch's intra-op
-    parallelism uses (a handler thread would run CPU steps on fewer cores)."""
+    parallelism uses (a handler thread would run CPU steps on fewer cores).
 
-    def __init__(self) -> None:
+    While no call comes for `idle_interval_s`, it runs `idle()` (the ranks' heartbeat: the other
+    ranks wait for the driver in a collective, which would otherwise time out on an idle replica)."""
+
+    def __init__(self, idle: Callable[[], object] | None = None, idle_interval_s: float | None = None) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = idle
+        self._idle_interval_s = idle_interval_s if idle is not None else None
+        self._stopped_by: BaseException | None = None
+        """What ended serve(), when something did: later calls get an error, not a wait forever."""
 
     def call(self, function: Callable[..., T], *args) -> T:
         """Runs function(*args) on the main thread; returns its result or raises its exception."""
         future: Future = Future()
         self._calls.put((function, args, future))
+        if self._stopped_by is not None:
+            self._refuse_queued()
         return future.result()
 
     def serve(self) -> None:
-        """The main thread: run calls until stop()."""
-        while (item := self._calls.get()) is not None:
+        """The main thread: run calls until stop(). A call that raises anything but ValueError (a
+        plan every rank rejects alike, before any collective) may leave the ranks out of step: its
+        caller gets the exception, and serve() raises it too, as it does one of idle()."""
+        try:
+            self._serve()
+        except BaseException as error:
+            self._stopped_by = error
+            self._refuse_queued()
+            raise
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                item = self._calls.get(timeout=self._idle_interval_s)
+            except queue.Empty:
+                self._idle()
+                continue
+            if item is None:
+                return
             function, args, future = item
             try:
                 future.set_result(function(*args))
-            except BaseException as error:  # handed to the caller, which raises it
+            except ValueError as error:
                 future.set_exception(error)
+            except BaseException as error:  # handed to the caller, which raises it; then the driver stops
+                future.set_exception(error)
+                raise
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[2].set_exception(RuntimeError(f"the driver is stopping after {type(self._stopped_by).__name__}: {self._stopped_by}"))
 
     def stop(self) -> None:
         self._calls.put(None)
@@ -78,7 +118,7 @@ class MainThread:
 class ShardService(shard_pb2_grpc.ShardServicer):
     """Attach opens the one gateway session; Describe answers the description made at start;
     Step and Embed are checked, then run on the main thread, one at a time (the gateway never
-    sends two at once)."""
+    sends two at once), as Heartbeat does."""
 
     def __init__(
         self, executor: StepExecutor, description: shard_pb2.DescribeResponse, main_thread: MainThread, sessions: SessionGate
@@ -130,6 +170,9 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         except ValueError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
+    def Heartbeat(self, request: shard_pb2.HeartbeatRequest, context) -> shard_pb2.HeartbeatResponse:
+        return shard_pb2.HeartbeatResponse(ranks=self.main_thread.call(self.executor.heartbeat))
+
     def _step(self, request: shard_pb2.StepRequest, parent) -> shard_pb2.StepResponse:
         """On the main thread, where the sequence table the check reads is only ever changed."""
         check_step(request, self.executor.sequences, self.limits)
@@ -180,7 +223,10 @@ def _listen(server: grpc.Server, config: ShardConfig) -> int:
 
 def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, config: ShardConfig, token: str | None) -> bool:
     """Serves the gateway on config.listen until SIGTERM, running steps on this (the main)
-    thread; calls must carry `token` when it is not None. False when the address cannot be bound."""
+    thread; calls must carry `token` when it is not None. False when the address cannot be
+    bound. Raises what a step, an embedding batch or a heartbeat raised that leaves the ranks out
+    of step (a rank that failed or stopped answering), after the gateway got it as the call's
+    error: the whole replica must then be restarted."""
     options = [
         ("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES),
@@ -188,7 +234,8 @@ def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, confi
     ]
     sessions = SessionGate()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), interceptors=[LinkGuard(token, sessions)], options=options)
-    main_thread = MainThread()
+    distributed = description.model.tp * description.model.pp > 1
+    main_thread = MainThread(executor.heartbeat if distributed else None, keepalive_interval(config.replica.collective_timeout_s))
     shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description, main_thread, sessions), server)
     try:
         bound = _listen(server, config)
@@ -218,6 +265,16 @@ def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, confi
         description.model.weight_bytes_per_step,
         description.model.kv_bytes_per_token,
     )
-    main_thread.serve()
+    try:
+        main_thread.serve()
+    except Exception:
+        server.stop(ANSWER_GRACE_S).wait()
+        raise
     server.wait_for_termination()
     return True
+
+
+def keepalive_interval(collective_timeout_s: float) -> float:
+    """Seconds an idle driver waits before a heartbeat keeps the other ranks' wait in the
+    control-group broadcast within the collective timeout."""
+    return min(5.0, collective_timeout_s / 4)

@@ -116,6 +116,15 @@ class StepExecutor:
             self._broadcast(shard_pb2.RankCommand(forget=shard_pb2.ForgetSequences()).SerializeToString())
         self.sequences.clear()
 
+    def heartbeat(self) -> int:
+        """Driver: a round trip with every rank on the control group; returns how many took
+        part. While a rank does not answer (stopped, hung in a step) it blocks, and fails once
+        the collective timeout passes."""
+        if not self._distributed:
+            return 1
+        self._broadcast(shard_pb2.RankCommand(heartbeat=shard_pb2.HeartbeatRequest()).SerializeToString())
+        return self._count_ranks()
+
     def follow(self) -> None:
         """Every other rank: run the driver's commands until it says stop."""
         reports = self.parallel.rank == self.parallel.sampler_rank != 0
@@ -123,6 +132,9 @@ class StepExecutor:
             command = shard_pb2.RankCommand.FromString(data)
             if command.HasField("forget"):
                 self.sequences.clear()
+                continue
+            if command.HasField("heartbeat"):
+                self._count_ranks()
                 continue
             try:
                 if command.HasField("embed"):
@@ -148,7 +160,7 @@ class StepExecutor:
         """Runs the plan's steps. Returns the samples of the steps before the last (every rank
         receives those: they feed the next step), the last step's samples (on the last pipeline
         stage; the sampler rank's are the ones reported) and this rank's time."""
-        self.faults.on_step()
+        self.faults.on_step(chunk.token_ids for chunk in request.chunks)
         traced = bool(request.traceparent) and self.tracer is not None
         timer = CommTimer(self.runner.device) if _gathers(request) else None
         chunks = self.sequences.apply(request)
@@ -257,6 +269,11 @@ class StepExecutor:
             buffer = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.broadcast(buffer, src=0, group=group)
         return buffer.numpy().tobytes()
+
+    def _count_ranks(self) -> int:
+        count = torch.ones(1, dtype=torch.int64)
+        dist.all_reduce(count, group=self.parallel.control)
+        return int(count.item())
 
     def _send_samples(self, results: list[SampleResult]) -> None:
         tokens = torch.tensor([r.token_id for r in results], dtype=torch.int64)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from shardgate.proto.common import SHARD_ERROR_PREFIX, TracingConfig
 from shardgate.proto.flags import add_flags, from_flags
@@ -35,10 +36,6 @@ from shardgate.shards.parallel import ParallelConfig, init_parallel
 from shardgate.shards.rank_model import build_rank_model, describe_replica, resolve_device
 
 log = logging.getLogger("shardgate.shard")
-
-# Ranks other than the driver wait in a broadcast between steps, however long the server idles;
-# a lost driver is caught by the parent watch (or torchrun's agent), not by this timeout.
-COLLECTIVE_TIMEOUT_S = 30 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         process.rank,
         process.world_size,
         backend="nccl" if device.type == "cuda" else "gloo",
-        timeout_s=COLLECTIVE_TIMEOUT_S,
+        timeout_s=config.replica.collective_timeout_s,
     )
     try:
         rank_model = build_rank_model(config, device, parallel)
@@ -151,16 +148,26 @@ def main(argv: list[str] | None = None) -> int:
         stop_with(error)
         return 2
     description = describe_replica(rank_model, config, device, parallel)
+    faults.bind_tokenizer(lambda text: Tokenizer.from_str(description.tokenizer_json).encode(text, add_special_tokens=False).ids)
     provider = init_tracing(process.tracing, "shardgate-shard")
     tracer = provider.get_tracer("shardgate.shards") if provider is not None else None
     memory = RankMemory(rank_model.loaded.model, rank_model.runner.kv_cache.nbytes, rank_model.step_peak_bytes, device)
     executor = StepExecutor(rank_model.runner, parallel, tracer, faults, memory)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", process.rank, parallel.tp_rank, parallel.pp_stage)
-        executor.follow()
+        try:
+            executor.follow()
+        except Exception as error:  # a collective timed out or failed, or this rank's forward raised
+            stop_with(f"rank {process.rank} stops after {type(error).__name__}: {error}")
+            return 1
         return 0
 
-    if not driver.serve(executor, description, config, token):
+    try:
+        served = driver.serve(executor, description, config, token)
+    except Exception as error:  # the ranks may be out of step: the replica must restart as a whole
+        stop_with(f"rank 0 stops after {type(error).__name__}: {error}")
+        return 1
+    if not served:
         stop_with(f"cannot listen on {config.listen}")
         return 2
     executor.stop()

@@ -1,6 +1,6 @@
 """The gateway's handle on one replica: its session on the driver (Attach), its description
-(shard.proto's DescribeResponse, kept as the message) and the Step and Embed RPCs to its driver.
-Every call carries the link's token (when the gateway has one) and the session's id."""
+(shard.proto's DescribeResponse, kept as the message) and the Step, Embed and Heartbeat RPCs to
+its driver. Every call carries the link's token (when the gateway has one) and the session's id."""
 
 from __future__ import annotations
 
@@ -147,6 +147,10 @@ class ReplicaClient:
         ]
         request = shard_pb2.EmbedStepRequest(step_id=step_id, inputs=inputs)
         return await self._stub.Embed(request, timeout=timeout, metadata=self._metadata())
+
+    async def heartbeat(self, timeout: float | None = None) -> shard_pb2.HeartbeatResponse:
+        """Returns once every rank of the replica answered its driver (see Heartbeat in shard.proto)."""
+        return await self._stub.Heartbeat(shard_pb2.HeartbeatRequest(), timeout=timeout, metadata=self._metadata())
 
     async def close(self) -> None:
         """Ends the session (the driver is free for another gateway at once) and the channel."""

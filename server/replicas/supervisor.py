@@ -6,6 +6,12 @@ that had sent nothing move to other replicas), the supervisor stops every proces
 replica, and restarts it with exponential backoff, giving up after --restart-attempts failed
 tries in a row. A remote replica (started by torchrun elsewhere) cannot be restarted from here:
 its supervisor reconnects, with the same backoff, until its driver answers again.
+
+The supervisor's own failure (an exception in its task) is logged and fails its replica (so its
+requests move and ServerStatus shows it down), and supervision starts over, which replaces the
+replica's processes: one replica's broken supervision must not take down a gateway whose other
+replicas serve. After --restart-attempts such failures in a row the replica stays down, as after
+failed restarts (health turns NOT_SERVING once no replica can serve).
 """
 
 from __future__ import annotations
@@ -44,6 +50,25 @@ class ReplicaSupervisor:
         self.restarts = 0
 
     async def run(self) -> None:
+        """Supervises the replica until it stays down."""
+        crashes, restarts = 0, self.restarts
+        while True:
+            try:
+                await self._supervise()
+                return
+            except Exception as error:
+                crashes = 1 if self.restarts > restarts else crashes + 1  # in a row: since the replica last came back
+                restarts = self.restarts
+                log.exception("replica %d: its supervisor failed (%d in a row)", self.engine.index, crashes)
+                self.engine.fail(f"its supervisor failed: {type(error).__name__}: {error}")
+                if crashes > self.config.supervision.restart_attempts:
+                    log.error("replica %d stays down: its supervisor failed %d times in a row", self.engine.index, crashes)
+                    if self.replica is not None:
+                        await asyncio.to_thread(self.replica.stop, 2.0)
+                    await self.on_change()
+                    return
+
+    async def _supervise(self) -> None:
         while True:
             await self._until_failure()
             await self.on_change()

@@ -15,7 +15,8 @@ from servers import start_server
 from shardgate.proto import inference_pb2
 
 KV = str(16 << 20)
-FLAGS = ("--replicas", "2", "--tp", "2", "--kv-cache-memory", KV, "--step-timeout", "2", "--restart-backoff", "0.2")
+# The default --step-timeout (60 s) is only the ceiling: a step's deadline follows the measured step time.
+FLAGS = ("--replicas", "2", "--tp", "2", "--kv-cache-memory", KV, "--restart-backoff", "0.2")
 STREAMS = 16
 
 
@@ -68,7 +69,7 @@ def test_failed_replica_ends_its_streams_others_serve_and_it_comes_back(fault, t
             elif fault == "sigstop":
                 stopped_pid = rank_pid(server.process.pid, 0, 1)
                 os.kill(stopped_pid, signal.SIGSTOP)
-            while status(client).replicas[0].healthy:  # kill: at once; sigstop: the step timeout; raise: step 40
+            while status(client).replicas[0].healthy:  # kill: at once; sigstop: the step's deadline; raise: step 40
                 assert time.monotonic() - broke_at < 60
                 time.sleep(0.05)
             noticed_at = time.monotonic()
@@ -97,7 +98,11 @@ def test_failed_replica_ends_its_streams_others_serve_and_it_comes_back(fault, t
     # the injected fault fires at step 40, some time after the streams started: count from when the
     # gateway noticed it instead
     broke_at = noticed_at if fault == "raise" else broke_at
-    assert max(t for t, *_ in failed) - broke_at < 2 * 4 + 3  # a run of 4 decode steps (the default) may take 4 step timeouts
+    # a stopped rank: noticed within 10 s of when its step should have answered (a few ms here), by a
+    # deadline of 10 × the measured time of such steps, at least --step-timeout-floor (8 s)
+    print(f"{fault}: noticed {noticed_at - broke_at:.2f} s after the fault")
+    assert noticed_at - broke_at < 10, noticed_at - broke_at
+    assert max(t for t, *_ in failed) - broke_at < 10 + 1
     assert all(len(r.token_ids) == 4 for r in during) and during[0].usage.replica == 1
     assert back_at - broke_at < 60 and all(len(r.token_ids) == 4 for r in after)
     assert "replica 0 is serving again" in server.log()

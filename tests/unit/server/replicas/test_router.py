@@ -103,3 +103,32 @@ def test_orphans_with_no_healthy_replica_end_unavailable():
 
     event = run(scenario)
     assert isinstance(event, ErrorEvent) and event.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_request_running_on_failed_replicas_moves_once_then_ends_unavailable():
+    def scenario():
+        first, second = engines(64, 64)
+        router = Router([first, second], max_request_retries=1)
+        handle = router.submit(valid())
+        handle.request.first_scheduled = 1.0  # it was running when its replica failed
+        failed = router.engines[handle.replica]
+        failed.fail("test")
+        moved_to = handle.replica
+        handle.request.first_scheduled = 1.0
+        router.engines[moved_to].fail("test")
+        return failed.index, moved_to, handle.retries, handle.events.get_nowait()
+
+    failed, moved_to, retries, event = run(scenario)
+    assert moved_to != failed and retries == 1
+    assert isinstance(event, ErrorEvent) and event.code == grpc.StatusCode.UNAVAILABLE and "failed 2 times" in event.message
+
+
+def test_a_request_only_queued_on_a_failed_replica_moves_without_spending_a_retry():
+    def scenario():
+        first, second, third = engines(64, 64, 64)
+        router = Router([first, second, third], max_request_retries=0)
+        handle = router.submit(valid())
+        router.engines[handle.replica].fail("test")
+        return handle.retries, router.engines[handle.replica].healthy, handle.events.empty()
+
+    assert run(scenario) == (0, True, True)

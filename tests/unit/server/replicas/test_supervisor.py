@@ -112,3 +112,58 @@ def test_the_supervisor_gives_up_after_its_attempts(tmp_path):
     assert supervision.asked == [1, 2, 3]  # backoffs 0.01, 0.02, 0.04 s
     assert elapsed >= 0.01 + 0.02 + 0.04 and supervisor.restarts == 0
     assert not engine.healthy and engine.replica is failed and changes == [False]
+
+
+class CrashingSupervisor(ReplicaSupervisor):
+    """Its own code fails (not the replica's start) the first `crashes` times it replaces the replica."""
+
+    def __init__(self, *args, crashes: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.crashes = crashes
+
+    async def _start(self):
+        if self.crashes:
+            self.crashes -= 1
+            raise TypeError("a bug in the supervisor")
+        return await super()._start()
+
+
+def supervise_crashing(target: str, crashes: int, attempts: int):
+    config = GatewayConfig(supervision=SupervisionConfig(restart_attempts=attempts, restart_backoff_s=0.01))
+
+    async def main():
+        server = grpc.aio.server()
+        shard_pb2_grpc.add_ShardServicer_to_server(FakeDriver(), server)
+        server.add_insecure_port(target)
+        await server.start()
+        engine = Engine(0, Scheduler(SchedulerConfig(), BlockManager(64, 4)), FailedClient(target), builtin_tokenizer(), (EOS_ID,))
+        changes = []
+
+        async def on_change():
+            changes.append(engine.healthy)
+
+        supervisor = CrashingSupervisor(engine, config, on_change, crashes=crashes)
+        task = asyncio.create_task(supervisor.run())
+        await asyncio.sleep(0)
+        engine.fail("test")
+        deadline = time.monotonic() + 10
+        while supervisor.restarts == 0 and not task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        gave_up = task.done() and task.exception() is None
+        task.cancel()
+        await supervisor.stop()
+        await server.stop(None)
+        return engine, supervisor, changes, gave_up
+
+    return asyncio.run(main())
+
+
+def test_a_failing_supervisor_is_noticed_and_supervision_starts_over(tmp_path):
+    engine, supervisor, changes, gave_up = supervise_crashing(f"unix://{tmp_path}/driver.sock", crashes=2, attempts=3)
+    assert supervisor.restarts == 1 and engine.healthy and not gave_up
+    assert changes[0] is False and changes[-1] is True
+
+
+def test_a_supervisor_that_keeps_failing_leaves_its_replica_down(tmp_path):
+    engine, supervisor, changes, gave_up = supervise_crashing(f"unix://{tmp_path}/driver.sock", crashes=100, attempts=2)
+    assert gave_up and supervisor.restarts == 0 and not engine.healthy and changes[-1] is False
