@@ -7,15 +7,20 @@ replica's engine loop (engine.py) and draining. Requests arrive as the public pr
 transport's deadline given apart as a time.monotonic() instant. Every refusal or failure is a
 RequestError carrying the gRPC status code to answer with.
 
-All methods run on the event loop's thread, as the engine loops do.
+All methods run on the event loop's thread, as the engine loops do; work that grows with an
+input's size (tokenizing, rendering chat templates) runs on the tokenizer pool's threads
+(tokenizer_pool.py), after the checks that cost nothing per character (a prompt the context could
+never hold is refused by its length alone, input_size.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 from opentelemetry import trace
@@ -27,13 +32,26 @@ from shardgate.server.chat_template import ChatTemplate
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import Engine, RequestHandle
+from shardgate.server.input_size import chars_per_token_bound
 from shardgate.server.measures import GENAI_CHAT, GENAI_EMBEDDINGS, GENAI_OPERATION, ReplicaStatus
 from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.replicas.router import Router
 from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
 from shardgate.server.telemetry import Telemetry
-from shardgate.server.validation import ModelLimits, RequestError, SamplingDefaults, tokenize_chat, validate, validate_embed
+from shardgate.server.tokenizer_pool import TokenizerPool
+from shardgate.server.validation import (
+    ModelLimits,
+    RequestError,
+    SamplingDefaults,
+    ValidRequest,
+    check_embed_sizes,
+    check_sizes,
+    encode,
+    tokenize_chat,
+    validate,
+    validate_embed,
+)
 
 log = logging.getLogger("shardgate.server")
 
@@ -87,6 +105,16 @@ class Tokenized:
     """What was tokenized: the text given, or the prompt the chat template made of the messages."""
     token_ids: list[int]
     tokens: list[str]
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A generation request validated and tokenized (EngineAPI.prepare), for EngineAPI.submit."""
+
+    valid: ValidRequest
+    operation: str
+    protocol: str
+    span: trace.Span
 
 
 @dataclass(frozen=True)
@@ -219,6 +247,7 @@ class EngineAPI:
         self._attached = False
         self.draining = False
         """Set by drain(): new calls get UNAVAILABLE while in-flight ones finish."""
+        self.tokenizer_pool = TokenizerPool(config.tokenizer)
 
     def attach(
         self,
@@ -240,7 +269,14 @@ class EngineAPI:
             vocab_size=first.model.vocab_size,
             max_context_tokens=max_context,
             max_embed_tokens=min(max_context, self.config.scheduler.max_batch_tokens),
+            max_chars_per_token=chars_per_token_bound(tokenizer),
         )
+        if self.limits.max_chars_per_token is None:
+            log.info("the tokenizer may drop input or cover unbounded text with a token: long inputs are tokenized before refused")
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self._token_names = [""] * (max(vocab.values(), default=-1) + 1)
+        for name, token_id in vocab.items():
+            self._token_names[token_id] = name
         self.chat_template = chat_template(first)
         self.sampling_defaults = SamplingDefaults.of_model(first.model)
         self.admission = Admission(self.config.admission, self._queue_load)
@@ -251,23 +287,41 @@ class EngineAPI:
         """Some replica can serve."""
         return self._attached and self.router.serving
 
-    def generate(self, request: inference_pb2.GenerateRequest, deadline: float | None = None, protocol: str = "grpc") -> Generation:
-        """Validates, admits and submits a request at once (no await between the admission
-        check and the enqueue); raises RequestError when it is refused. `deadline` is the
-        transport's, as time.monotonic(); the request's own timeout_ms also applies.
-        `protocol` names the frontend (grpc, openai, kserve) for the metrics. The request's
-        span (GenAI conventions) starts in the current OpenTelemetry context: a frontend makes
-        its call's context current first, so that the span joins the caller's trace."""
+    async def prepare(self, request: inference_pb2.GenerateRequest, protocol: str = "grpc") -> PreparedRequest:
+        """Validates a generation request and tokenizes its prompt off the event loop (one the
+        context could never hold is refused at once, by its length); raises RequestError when it
+        is refused. `protocol` names the frontend (grpc, openai, kserve) for the metrics. The
+        request's span (GenAI conventions) starts in the current OpenTelemetry context: a frontend
+        makes its call's context current first, so that the span joins the caller's trace."""
         self.check_ready()
         operation = GENAI_CHAT if request.WhichOneof("input") == "messages" else GENAI_OPERATION
         span = self.telemetry.start_request(operation, protocol)
         try:
             with self.telemetry.tracer.start_as_current_span("validate", trace.set_span_in_context(span)):
-                valid = validate(request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
-            self.telemetry.request_validated(span, valid.params, valid.stop)
-            ticket = self.admission.admit(len(valid.prompt_ids))
+                check_sizes(request, self.limits)
+                valid = await self.tokenizer_pool.run(
+                    partial(validate, request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
+                )
         except RequestError as error:
             self.telemetry.request_rejected(request.request_id, operation, protocol, error.code, str(error), span)
+            raise
+        except asyncio.CancelledError:  # the caller went away while its input was processed
+            message = "cancelled before it was submitted"
+            self.telemetry.request_rejected(request.request_id, operation, protocol, grpc.StatusCode.CANCELLED, message, span)
+            raise
+        self.telemetry.request_validated(span, valid.params, valid.stop)
+        return PreparedRequest(valid, operation, protocol, span)
+
+    def submit(self, prepared: PreparedRequest, deadline: float | None = None) -> Generation:
+        """Admits and submits a prepared request at once (no await between the admission check
+        and the enqueue); raises RequestError when it is refused. `deadline` is the transport's,
+        as time.monotonic(); the request's own timeout_ms also applies."""
+        valid, operation, protocol, span = prepared.valid, prepared.operation, prepared.protocol, prepared.span
+        try:
+            self.check_ready()  # the server may have begun to drain while the request was prepared
+            ticket = self.admission.admit(len(valid.prompt_ids))
+        except RequestError as error:
+            self.telemetry.request_rejected(valid.request_id, operation, protocol, error.code, str(error), span)
             raise
         try:
             handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline))
@@ -280,6 +334,10 @@ class EngineAPI:
         if span.get_span_context().is_valid:
             handle.request.span_context = span.get_span_context()
         return Generation(self, handle, ticket, span)
+
+    async def generate(self, request: inference_pb2.GenerateRequest, deadline: float | None = None, protocol: str = "grpc") -> Generation:
+        """prepare() then submit(): the submitted request, or RequestError when it is refused."""
+        return self.submit(await self.prepare(request, protocol), deadline)
 
     def refused(self, request_id: str, error: RequestError, protocol: str) -> None:
         """Records a generation request its frontend refused before handing it over (one that does
@@ -298,7 +356,8 @@ class EngineAPI:
         request_id, input_tokens = request.request_id, 0
         code, message = grpc.StatusCode.CANCELLED, ""  # unless it ends otherwise: the caller went away
         try:
-            valid = validate_embed(request, self.tokenizer, self.limits, self.config)
+            check_embed_sizes(request, self.limits, self.config)
+            valid = await self.tokenizer_pool.run(partial(validate_embed, request, self.tokenizer, self.limits, self.config))
             request_id, input_tokens = valid.request_id, sum(len(ids) for ids in valid.inputs)
             ticket = self.admission.admit(input_tokens)
             job = EmbedJob(
@@ -339,15 +398,32 @@ class EngineAPI:
         """Calls admitted and not yet ended (generations and embeddings)."""
         return self.admission.active if self._attached else 0
 
-    def tokenize(self, request: inference_pb2.TokenizeRequest) -> Tokenized:
+    async def tokenize(self, request: inference_pb2.TokenizeRequest) -> Tokenized:
         """The request's text, or its messages as a generation request's are rendered and
-        tokenized, with its token ids and token strings; RequestError for bad messages."""
+        tokenized, with its token ids and token strings; RequestError for bad messages or when it
+        is refused. Admitted as a generation is (it holds a place among the concurrent requests
+        while it is tokenized, off the event loop); its length is bounded by the message size
+        alone, since counting a long text's tokens is what it is for."""
         self.check_ready()
+        ticket = self.admission.admit(0)
+        try:
+            return await self.tokenizer_pool.run(partial(self._tokenize, request))
+        finally:
+            ticket.release()
+
+    def _tokenize(self, request: inference_pb2.TokenizeRequest) -> Tokenized:
+        """On a pool thread. Token strings come from the vocabulary, item by item (the
+        encoding's own list is built in one call that holds the GIL)."""
         if request.WhichOneof("input") == "messages":
-            text, encoding = tokenize_chat(request.messages, self.chat_template, self.tokenizer)
-            return Tokenized(text, encoding.ids, encoding.tokens)
-        encoding = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
-        return Tokenized(request.text, encoding.ids, encoding.tokens)
+            text, encoding = tokenize_chat(request.messages, self.chat_template, self.tokenizer, self.limits, None)
+        else:
+            text, encoding = request.text, encode(self.tokenizer, request.text, request.add_special_tokens)
+        ids = encoding.ids
+        return Tokenized(text, ids, [self._token_names[token_id] for token_id in ids])
+
+    def close(self) -> None:
+        """Stops the tokenizer pool's threads (at shutdown)."""
+        self.tokenizer_pool.close()
 
     def describe(self) -> inference_pb2.ModelInfoResponse:
         self.check_ready()

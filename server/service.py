@@ -15,6 +15,7 @@ import grpc
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 from shardgate.server.engine_api import EngineAPI, GenerateOutput, Generation, Usage
 from shardgate.server.request import FinishReason
+from shardgate.server.rich_status import abort, error_details
 from shardgate.server.validation import RequestError, invalid
 
 _FINISH_REASONS = {
@@ -75,9 +76,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _start(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Generation:
         try:
-            return self.api.generate(request, call_deadline(context))
+            return await self.api.generate(request, call_deadline(context))
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
 
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         generation = await self._start(request, context)
@@ -90,7 +91,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     logprobs += output.logprobs
                     last = output
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         return inference_pb2.GenerateResponse(
             request_id=last.request_id,
             text="".join(text),
@@ -107,7 +108,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 async for output in outputs:
                     yield _stream_message(output)
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
 
     async def GenerateBidi(self, request_iterator, context) -> AsyncIterator[inference_pb2.GenerateBidiResponse]:
         """Requests start as their messages arrive; each one's messages go out as they are made.
@@ -116,13 +117,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             self.api.check_ready()  # a stream opened while the engine cannot serve ends at once
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         out: asyncio.Queue = asyncio.Queue()
         live: dict[str, Generation] = {}
         relays: set[asyncio.Task] = set()
 
-        def fail(request_id: str, code: grpc.StatusCode, message: str) -> None:
-            status = inference_pb2.RequestStatus(request_id=request_id, code=code.value[0], message=message)
+        def fail(request_id: str, error: RequestError) -> None:
+            status = inference_pb2.RequestStatus(
+                request_id=request_id, code=error.code.value[0], message=str(error), details=error_details(error)
+            )
             out.put_nowait(inference_pb2.GenerateBidiResponse(error=status))
 
         async def relay(request_id: str, generation: Generation) -> None:
@@ -131,21 +134,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     async for output in outputs:
                         out.put_nowait(inference_pb2.GenerateBidiResponse(message=_stream_message(output)))
             except RequestError as error:
-                fail(request_id, error.code, str(error))
+                fail(request_id, error)
             finally:
                 del live[request_id]
                 out.put_nowait(_WAKE)
 
-        def start(message: inference_pb2.GenerateRequest) -> None:
+        async def start(message: inference_pb2.GenerateRequest) -> None:
+            """Starts one request; requests start in the order they came (each waits for the
+            one before it to be prepared)."""
             request_id = message.request_id
             try:
                 if not request_id:
                     raise invalid("request_id", "must be set on a multiplexed stream")
                 if request_id in live:
                     raise invalid("request_id", f"{request_id!r} is already live on this stream")
-                generation = self.api.generate(message, call_deadline(context))
+                generation = await self.api.generate(message, call_deadline(context))
             except RequestError as error:
-                fail(request_id, error.code, str(error))
+                fail(request_id, error)
                 return
             live[request_id] = generation
             task = asyncio.create_task(relay(request_id, generation), name=f"bidi {request_id}")
@@ -156,14 +161,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             async for message in request_iterator:
                 action = message.WhichOneof("action")
                 if action == "generate":
-                    start(message.generate)
+                    await start(message.generate)
                 elif action == "cancel":
                     # Cancelling a finished or unknown request does nothing: it has ended already.
                     generation = live.get(message.cancel.request_id)
                     if generation is not None:
                         self.api.abort(generation)
                 else:
-                    fail("", grpc.StatusCode.INVALID_ARGUMENT, "action: must be generate or cancel")
+                    fail("", invalid("action", "must be generate or cancel"))
 
         reader = asyncio.create_task(read(), name="bidi reader")
         reader.add_done_callback(lambda _: out.put_nowait(_WAKE))
@@ -186,7 +191,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             result = await self.api.embed(request, call_deadline(context))
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         return inference_pb2.EmbedResponse(
             request_id=result.request_id,
             embeddings=[inference_pb2.Embedding(values=_vector(v), tokens=n) for v, n in zip(result.vectors, result.input_tokens)],
@@ -197,7 +202,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             status = self.api.status()
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         replicas = [
             inference_pb2.ReplicaStatus(
                 total_kv_blocks=replica.state.total_blocks,
@@ -222,13 +227,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def Tokenize(self, request, context) -> inference_pb2.TokenizeResponse:
         try:
-            tokenized = self.api.tokenize(request)
+            tokenized = await self.api.tokenize(request)
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         return inference_pb2.TokenizeResponse(token_ids=tokenized.token_ids, tokens=tokenized.tokens, text=tokenized.text)
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         try:
             return self.api.describe()
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
