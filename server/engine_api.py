@@ -55,6 +55,9 @@ from shardgate.server.validation import (
 
 log = logging.getLogger("shardgate.server")
 
+LOADING_RETRY_DELAY_S = 5.0
+"""The wait a call refused while the model loads suggests (loading takes seconds to minutes)."""
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -455,7 +458,7 @@ class EngineAPI:
         if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the server is shutting down")
         if not self._attached:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the model is still loading")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the model is still loading", retry_delay_s=LOADING_RETRY_DELAY_S)
 
     def _queue_load(self) -> QueueLoad:
         statuses = [engine.scheduler.status() for engine in self.engines]
