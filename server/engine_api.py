@@ -118,6 +118,8 @@ class PreparedRequest:
     operation: str
     protocol: str
     span: trace.Span
+    arrival: float
+    """When prepare() began, as time.monotonic(): the request's timeout_ms counts from here."""
 
 
 @dataclass(frozen=True)
@@ -208,9 +210,9 @@ class Generation:
         )
 
 
-def _deadline(timeout_s: float | None, call_deadline: float | None) -> float | None:
-    """The earlier of the request's own timeout (from now) and the call's deadline."""
-    candidates = [d for d in (call_deadline, None if timeout_s is None else time.monotonic() + timeout_s) if d is not None]
+def _deadline(timeout_s: float | None, call_deadline: float | None, arrival: float) -> float | None:
+    """The earlier of the request's own timeout (from its arrival) and the call's deadline."""
+    candidates = [d for d in (call_deadline, None if timeout_s is None else arrival + timeout_s) if d is not None]
     return min(candidates, default=None)
 
 
@@ -297,6 +299,7 @@ class EngineAPI:
         request's span (GenAI conventions) starts in the current OpenTelemetry context: a frontend
         makes its call's context current first, so that the span joins the caller's trace."""
         self.check_ready()
+        arrival = time.monotonic()
         operation = GENAI_CHAT if request.WhichOneof("input") == "messages" else GENAI_OPERATION
         span = self.telemetry.start_request(operation, protocol)
         try:
@@ -313,7 +316,7 @@ class EngineAPI:
             self.telemetry.request_rejected(request.request_id, operation, protocol, grpc.StatusCode.CANCELLED, message, span)
             raise
         self.telemetry.request_validated(span, valid.params, valid.stop)
-        return PreparedRequest(valid, operation, protocol, span)
+        return PreparedRequest(valid, operation, protocol, span, arrival)
 
     def submit(self, prepared: PreparedRequest, deadline: float | None = None) -> Generation:
         """Admits and submits a prepared request at once (no await between the admission check
@@ -327,7 +330,7 @@ class EngineAPI:
             self.telemetry.request_rejected(valid.request_id, operation, protocol, error.code, str(error), span)
             raise
         try:
-            handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline))
+            handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline, prepared.arrival))
         except RequestError as error:
             ticket.release()
             self.telemetry.request_rejected(valid.request_id, operation, protocol, error.code, str(error), span)
@@ -363,9 +366,8 @@ class EngineAPI:
             valid = await self.tokenizer_pool.run(partial(validate_embed, request, self.tokenizer, self.limits, self.config))
             request_id, input_tokens = valid.request_id, sum(len(ids) for ids in valid.inputs)
             ticket = self.admission.admit(input_tokens)
-            job = EmbedJob(
-                valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, _deadline(valid.timeout_s, deadline)
-            )
+            expires = _deadline(valid.timeout_s, deadline, started)
+            job = EmbedJob(valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, expires)
             self.batcher.submit(job)
             try:
                 await job.finished.wait()

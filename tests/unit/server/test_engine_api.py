@@ -357,3 +357,21 @@ def test_tokenize_is_admitted_like_a_generation():
     error, ids, in_flight = serve(scenario, [ScriptedReplica({10: [H_]})], admission=AdmissionConfig(max_concurrent_requests=1))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.field == "max_concurrent_requests"
     assert ids == [H_, I_] and in_flight == 0
+
+
+def test_timeout_ms_counts_from_arrival_time_spent_tokenizing_included():
+    async def scenario(api, engines):
+        run = api.tokenizer_pool.run
+
+        async def slow_run(work):
+            await asyncio.sleep(0.3)  # a busy tokenizer pool
+            return await run(work)
+
+        api.tokenizer_pool.run = slow_run
+        generation = await api.generate(request(max_new_tokens=50, timeout_ms=200))
+        with pytest.raises(RequestError) as raised:
+            await collect(generation)
+        return raised.value, engines[0].replica.plans
+
+    error, plans = serve(scenario, [ScriptedReplica({10: [H_]})])
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED and not plans  # it expired in the queue, never ran
