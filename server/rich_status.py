@@ -16,11 +16,19 @@ DEFAULT_RETRY_DELAY_S = {grpc.StatusCode.RESOURCE_EXHAUSTED: 1.0, grpc.StatusCod
 """The wait a refusal of these codes suggests when its RequestError names none."""
 
 
+def retry_delay_s(error: RequestError) -> float | None:
+    """Seconds to wait before sending the call again, for the codes where waiting may help (an
+    HTTP frontend's Retry-After); None for the others."""
+    if error.code not in DEFAULT_RETRY_DELAY_S:
+        return None
+    return error.retry_delay_s if error.retry_delay_s is not None else DEFAULT_RETRY_DELAY_S[error.code]
+
+
 def error_details(error: RequestError) -> list[any_pb2.Any]:
     """The google.rpc detail messages of an error, packed (none for the other codes)."""
     detail = None
-    if error.code in DEFAULT_RETRY_DELAY_S:
-        delay = error.retry_delay_s if error.retry_delay_s is not None else DEFAULT_RETRY_DELAY_S[error.code]
+    delay = retry_delay_s(error)
+    if delay is not None:
         detail = error_details_pb2.RetryInfo()
         detail.retry_delay.FromNanoseconds(round(delay * 1e9))
     elif error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field:
