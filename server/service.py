@@ -9,11 +9,12 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 
 import grpc
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
-from shardgate.server.engine_api import EngineAPI, GenerateOutput, Generation, Usage
+from shardgate.server.engine_api import EngineAPI, GenerateOutput, Generation, Tokenized, Usage
 from shardgate.server.request import FinishReason
 from shardgate.server.rich_status import abort, error_details
 from shardgate.server.validation import RequestError, invalid
@@ -66,6 +67,17 @@ def _vector(data: bytes) -> array.array:
 
 
 _WAKE = object()
+_SLICE = 1 << 16
+"""Token ids copied into a response per call: a call holds the GIL, so a long text's response is
+built in slices, on a tokenizer thread, and the event loop gets the GIL between them."""
+
+
+def _tokenize_response(tokenized: Tokenized) -> inference_pb2.TokenizeResponse:
+    response = inference_pb2.TokenizeResponse(text=tokenized.text)
+    for start in range(0, len(tokenized.token_ids), _SLICE):
+        response.token_ids.extend(tokenized.token_ids[start : start + _SLICE])
+        response.tokens.extend(tokenized.tokens[start : start + _SLICE])
+    return response
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -228,9 +240,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Tokenize(self, request, context) -> inference_pb2.TokenizeResponse:
         try:
             tokenized = await self.api.tokenize(request)
+            return await self.api.tokenizer_pool.run(partial(_tokenize_response, tokenized))
         except RequestError as error:
             await abort(context, error)
-        return inference_pb2.TokenizeResponse(token_ids=tokenized.token_ids, tokens=tokenized.tokens, text=tokenized.text)
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         try:
