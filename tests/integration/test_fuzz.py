@@ -6,6 +6,8 @@ from collections import Counter
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from servers import start_server
@@ -19,6 +21,7 @@ FEWER = settings(FUZZ, max_examples=400)
 SERVICE = "/shardgate.v1.Inference/"
 GENERATE, STREAM, EMBED, TOKENIZE, BIDI = (SERVICE + name for name in ("Generate", "GenerateStream", "Embed", "Tokenize", "GenerateBidi"))
 
+CODES = {code.value[0]: code for code in grpc.StatusCode}
 uint32 = st.integers(0, 2**32 - 1)
 int32 = st.integers(-(2**31), 2**31 - 1)
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
@@ -55,7 +58,20 @@ def call(channel, method: str, payload: bytes) -> grpc.StatusCode:
         return grpc.StatusCode.OK
     except grpc.RpcError as error:
         assert "Traceback" not in (error.details() or "")
+        status = rpc_status.from_call(error)
+        check_details(error.code(), error.details(), status.details if status else [])
         return error.code()
+
+
+def check_details(code: grpc.StatusCode, message: str, details) -> None:
+    """A refusal's machine-readable details: INVALID_ARGUMENT names the field its message starts
+    with, RESOURCE_EXHAUSTED says when to retry."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        bad_request = error_details_pb2.BadRequest()
+        assert len(details) == 1 and details[0].Unpack(bad_request), message
+        assert message.startswith(bad_request.field_violations[0].field + ": ")
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and not message.startswith("Received message larger than max"):
+        assert len(details) == 1 and details[0].Unpack(error_details_pb2.RetryInfo()), message
 
 
 REQUEST_IDS = st.text(max_size=300)
@@ -178,11 +194,14 @@ def test_bidi_streams_end_every_request_exactly_once(channel, actions):
         responses = list(stub(iter(actions), timeout=60))
     except grpc.RpcError as error:
         assert error.code() in DOCUMENTED and "Traceback" not in (error.details() or "")
+        status = rpc_status.from_call(error)
+        check_details(error.code(), error.details(), status.details if status else [])
         return
     ended = Counter()
     for response in responses:
         if response.WhichOneof("event") == "error":
             assert response.error.code in {code.value[0] for code in DOCUMENTED - {grpc.StatusCode.OK}}, response.error
+            check_details(CODES[response.error.code], response.error.message, response.error.details)
             ended[response.error.request_id] += 1
         elif response.message.finish_reason:
             ended[response.message.request_id] += 1
