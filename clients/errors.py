@@ -1,12 +1,20 @@
 """gRPC statuses as a small exception hierarchy, so callers catch what they can act on.
 
 Every exception is also a `grpc.RpcError` with `code()` and `details()`, so code written
-against raw grpc keeps working.
+against raw grpc keeps working. The machine-readable details a status carries (google.rpc, in the
+`grpc-status-details-bin` trailer) are read too: `retry_delay` (RetryInfo) and `field`
+(BadRequest).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 
 class ShardgateError(grpc.RpcError):
@@ -15,10 +23,22 @@ class ShardgateError(grpc.RpcError):
     retryable = False
     """Whether the same call may succeed if sent again (overload, a server not up yet)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    retry_delay: float | None
+    """Seconds the server asks the caller to wait before sending the call again (RetryInfo); None if it said nothing."""
+    field: str | None
+    """The request field at fault (the first BadRequest field violation); None if none was named."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, status_details: Iterable[any_pb2.Any] = ()) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
+        self.retry_delay, self.field = None, None
+        for detail in status_details:
+            retry, bad_request = error_details_pb2.RetryInfo(), error_details_pb2.BadRequest()
+            if detail.Unpack(retry):
+                self.retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
+            elif detail.Unpack(bad_request) and bad_request.field_violations and self.field is None:
+                self.field = bad_request.field_violations[0].field
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -87,13 +107,28 @@ _BY_CODE: dict[grpc.StatusCode, type[ShardgateError]] = {
 }
 
 
-def error_for(code: grpc.StatusCode, details: str) -> ShardgateError:
-    """The exception for a status code and its message."""
-    return _BY_CODE.get(code, ServerError)(code, details)
+def error_for(code: grpc.StatusCode, details: str, status_details: Iterable[any_pb2.Any] = ()) -> ShardgateError:
+    """The exception for a status code, its message and its google.rpc details."""
+    return _BY_CODE.get(code, ServerError)(code, details, status_details)
 
 
 def from_rpc_error(error: grpc.RpcError) -> ShardgateError:
     """Maps an error raised by a grpc call (sync or aio) to the hierarchy."""
     if isinstance(error, ShardgateError):
         return error
-    return error_for(error.code(), error.details() or "")
+    return error_for(error.code(), error.details() or "", _status_details(error))
+
+
+def _status_details(error: grpc.RpcError) -> list[any_pb2.Any]:
+    """The details of the google.rpc.Status in the error's trailer (none if it has none, or an
+    unreadable one: the code and message still stand)."""
+    trailer = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailer or ():
+        if key == rpc_status.GRPC_DETAILS_METADATA_KEY:
+            status = status_pb2.Status()
+            try:
+                status.ParseFromString(value)
+            except DecodeError:  # a bad trailer must not hide the call's own error
+                return []
+            return list(status.details)
+    return []

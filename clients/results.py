@@ -105,7 +105,7 @@ def bidi_event(message: inference_pb2.GenerateBidiResponse) -> Delta | RequestFa
     if message.WhichOneof("event") == "error":
         status = message.error
         code = _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
-        return RequestFailed(status.request_id, error_for(code, status.message))
+        return RequestFailed(status.request_id, error_for(code, status.message, status.details))
     return Delta.from_proto(message.message)
 
 

@@ -180,6 +180,7 @@ async def serve(config: GatewayConfig) -> None:
                 await client.close()
             for replica in local:
                 replica.stop()
+        api.close()
         telemetry.close()
 
 

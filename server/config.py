@@ -92,6 +92,23 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class TokenizerPoolConfig:
+    """The threads that tokenize inputs and render chat templates, off the event loop (the
+    tokenizer releases the GIL while it encodes, so streams keep flowing meanwhile)."""
+
+    threads: int = flag(2, "threads that tokenize inputs and render chat templates (default %(default)s)", name="--tokenizer-threads")
+    max_pending: int = flag(
+        256,
+        "most calls whose inputs wait for or are in the tokenizer threads; more get RESOURCE_EXHAUSTED (default %(default)s)",
+        name="--max-tokenizing-requests",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.threads >= 1, "tokenizer threads must be >= 1")
+        _require(self.max_pending >= 1, "max_tokenizing_requests must be >= 1")
+
+
+@dataclass(frozen=True)
 class EmbedBatcherConfig:
     """The dynamic batcher that groups Embed calls into forward passes (as Triton's does)."""
 
@@ -300,6 +317,7 @@ class GatewayConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     streams: StreamConfig = field(default_factory=StreamConfig)
+    tokenizer: TokenizerPoolConfig = field(default_factory=TokenizerPoolConfig)
     embed: EmbedBatcherConfig = field(default_factory=EmbedBatcherConfig)
     max_message_bytes: int = flag(4 << 20, "largest request message; larger ones get RESOURCE_EXHAUSTED (default %(default)s)")
     drain_timeout_s: float = flag(

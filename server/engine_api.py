@@ -7,15 +7,20 @@ replica's engine loop (engine.py) and draining. Requests arrive as the public pr
 transport's deadline given apart as a time.monotonic() instant. Every refusal or failure is a
 RequestError carrying the gRPC status code to answer with.
 
-All methods run on the event loop's thread, as the engine loops do.
+All methods run on the event loop's thread, as the engine loops do; work that grows with an
+input's size (tokenizing, rendering chat templates) runs on the tokenizer pool's threads
+(tokenizer_pool.py), after the checks that cost nothing per character (a prompt the context could
+never hold is refused by its length alone, input_size.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 from opentelemetry import trace
@@ -28,6 +33,7 @@ from shardgate.server.config import GatewayConfig
 from shardgate.server.delivery import Outbox, OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
 from shardgate.server.engine import Engine, RequestHandle
+from shardgate.server.input_size import chars_per_token_bound
 from shardgate.server.measures import GENAI_CHAT, GENAI_EMBEDDINGS, GENAI_OPERATION, ReplicaStatus
 from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.replicas.router import Router
@@ -35,9 +41,24 @@ from shardgate.server.replicas.supervisor import ReplicaSupervisor
 from shardgate.server.request import FinishReason
 from shardgate.server.telemetry import Telemetry
 from shardgate.server.tenancy import cache_salt
-from shardgate.server.validation import ModelLimits, RequestError, SamplingDefaults, tokenize_chat, validate, validate_embed
+from shardgate.server.tokenizer_pool import TokenizerPool
+from shardgate.server.validation import (
+    ModelLimits,
+    RequestError,
+    SamplingDefaults,
+    ValidRequest,
+    check_embed_sizes,
+    check_sizes,
+    encode,
+    tokenize_chat,
+    validate,
+    validate_embed,
+)
 
 log = logging.getLogger("shardgate.server")
+
+LOADING_RETRY_DELAY_S = 5.0
+"""The wait a call refused while the model loads suggests (loading takes seconds to minutes)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,22 @@ class Tokenized:
     """What was tokenized: the text given, or the prompt the chat template made of the messages."""
     token_ids: list[int]
     tokens: list[str]
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A generation request validated and tokenized (EngineAPI.prepare), for EngineAPI.submit."""
+
+    valid: ValidRequest
+    operation: str
+    protocol: str
+    span: trace.Span
+    arrival: float
+    """When prepare() began, as time.monotonic(): the request's timeout_ms counts from here."""
+    tenant: str | None
+    """The caller's API key's opaque id (tenancy.py), for the per-key quota."""
+    salt: bytes
+    """The salt of its prefix-cache block hashes (tenancy.cache_salt)."""
 
 
 @dataclass(frozen=True)
@@ -190,9 +227,9 @@ class Generation:
         )
 
 
-def _deadline(timeout_s: float | None, call_deadline: float | None) -> float | None:
-    """The earlier of the request's own timeout (from now) and the call's deadline."""
-    candidates = [d for d in (call_deadline, None if timeout_s is None else time.monotonic() + timeout_s) if d is not None]
+def _deadline(timeout_s: float | None, call_deadline: float | None, arrival: float) -> float | None:
+    """The earlier of the request's own timeout (from its arrival) and the call's deadline."""
+    candidates = [d for d in (call_deadline, None if timeout_s is None else arrival + timeout_s) if d is not None]
     return min(candidates, default=None)
 
 
@@ -232,6 +269,7 @@ class EngineAPI:
         self._attached = False
         self.draining = False
         """Set by drain(): new calls get UNAVAILABLE while in-flight ones finish."""
+        self.tokenizer_pool = TokenizerPool(config.tokenizer)
 
     def attach(
         self,
@@ -253,7 +291,14 @@ class EngineAPI:
             vocab_size=first.model.vocab_size,
             max_context_tokens=max_context,
             max_embed_tokens=min(max_context, self.config.scheduler.max_batch_tokens),
+            max_chars_per_token=chars_per_token_bound(tokenizer),
         )
+        if self.limits.max_chars_per_token is None:
+            log.info("the tokenizer may drop input or cover unbounded text with a token: long inputs are tokenized before refused")
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self._token_names = [""] * (max(vocab.values(), default=-1) + 1)
+        for name, token_id in vocab.items():
+            self._token_names[token_id] = name
         self.chat_template = chat_template(first)
         self.sampling_defaults = SamplingDefaults.of_model(first.model)
         self.admission = Admission(self.config.admission, self._queue_load)
@@ -272,38 +317,51 @@ class EngineAPI:
         """The outbox of a multiplexed call, with a stream of its own (delivery.py)."""
         return Outbox(self.open_stream(), self.config.streams.stall_timeout_s)
 
-    def generate(
-        self,
-        request: inference_pb2.GenerateRequest,
-        deadline: float | None = None,
-        protocol: str = "grpc",
-        tenant: str | None = None,
-        stream: OutputStream | None = None,
-    ) -> Generation:
-        """Validates, admits and submits a request at once (no await between the admission
-        check and the enqueue); raises RequestError when it is refused. `deadline` is the
-        transport's, as time.monotonic(); the request's own timeout_ms also applies.
-        `protocol` names the frontend (grpc, openai, kserve) for the metrics. `tenant` is the
-        caller's API key's opaque id (tenancy.py; None without keys): it scopes the per-key
-        quota and the prefix cache. `stream` is the call's output stream (open_stream(); a
-        multiplexed call passes the same one with each request; default: a new one). The request's
-        span (GenAI conventions) starts in the current OpenTelemetry context: a frontend makes
-        its call's context current first, so that the span joins the caller's trace."""
+    async def prepare(self, request: inference_pb2.GenerateRequest, protocol: str = "grpc", tenant: str | None = None) -> PreparedRequest:
+        """Validates a generation request and tokenizes its prompt off the event loop (one the
+        context could never hold is refused at once, by its length); raises RequestError when it
+        is refused. `protocol` names the frontend (grpc, openai, kserve) for the metrics. `tenant`
+        is the caller's API key's opaque id (tenancy.py; None without keys): it scopes the per-key
+        quota and the prefix cache. The request's span (GenAI conventions) starts in the current
+        OpenTelemetry context: a frontend makes its call's context current first, so that the span
+        joins the caller's trace."""
         self.check_ready()
+        arrival = time.monotonic()
         operation = GENAI_CHAT if request.WhichOneof("input") == "messages" else GENAI_OPERATION
         span = self.telemetry.start_request(operation, protocol)
         try:
             with self.telemetry.tracer.start_as_current_span("validate", trace.set_span_in_context(span)):
-                valid = validate(request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
+                check_sizes(request, self.limits)
                 salt = cache_salt(tenant, request.cache_salt, self.config.security.prefix_cache_sharing)
-            self.telemetry.request_validated(span, valid.params, valid.stop)
-            ticket = self.admission.admit(len(valid.prompt_ids), tenant)
+                valid = await self.tokenizer_pool.run(
+                    partial(validate, request, self.tokenizer, self.limits, self.config, self.chat_template, self.sampling_defaults)
+                )
         except RequestError as error:
             self.telemetry.request_rejected(request.request_id, operation, protocol, error.code, str(error), span)
             raise
+        except asyncio.CancelledError:  # the caller went away while its input was processed
+            message = "cancelled before it was submitted"
+            self.telemetry.request_rejected(request.request_id, operation, protocol, grpc.StatusCode.CANCELLED, message, span)
+            raise
+        self.telemetry.request_validated(span, valid.params, valid.stop)
+        return PreparedRequest(valid, operation, protocol, span, arrival, tenant, salt)
+
+    def submit(self, prepared: PreparedRequest, deadline: float | None = None, stream: OutputStream | None = None) -> Generation:
+        """Admits and submits a prepared request at once (no await between the admission check
+        and the enqueue); raises RequestError when it is refused. `deadline` is the transport's,
+        as time.monotonic(); the request's own timeout_ms also applies. `stream` is the call's
+        output stream (open_stream(); a multiplexed call passes the same one with each request;
+        default: a new one)."""
+        valid, operation, protocol, span = prepared.valid, prepared.operation, prepared.protocol, prepared.span
+        try:
+            self.check_ready()  # the server may have begun to drain while the request was prepared
+            ticket = self.admission.admit(len(valid.prompt_ids), prepared.tenant)
+        except RequestError as error:
+            self.telemetry.request_rejected(valid.request_id, operation, protocol, error.code, str(error), span)
+            raise
         try:
             stream = stream if stream is not None else self.open_stream()
-            handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline), stream, salt)
+            handle = self.router.submit(valid, _deadline(valid.timeout_s, deadline, prepared.arrival), stream, prepared.salt)
             handle.on_stall_end = ticket.release
         except RequestError as error:
             ticket.release()
@@ -314,6 +372,17 @@ class EngineAPI:
         if span.get_span_context().is_valid:
             handle.request.span_context = span.get_span_context()
         return Generation(self, handle, ticket, span)
+
+    async def generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        deadline: float | None = None,
+        protocol: str = "grpc",
+        tenant: str | None = None,
+        stream: OutputStream | None = None,
+    ) -> Generation:
+        """prepare() then submit(): the submitted request, or RequestError when it is refused."""
+        return self.submit(await self.prepare(request, protocol, tenant), deadline, stream)
 
     def refused(self, request_id: str, error: RequestError, protocol: str) -> None:
         """Records a generation request its frontend refused before handing it over (one that does
@@ -335,12 +404,12 @@ class EngineAPI:
         request_id, input_tokens = request.request_id, 0
         code, message = grpc.StatusCode.CANCELLED, ""  # unless it ends otherwise: the caller went away
         try:
-            valid = validate_embed(request, self.tokenizer, self.limits, self.config)
+            check_embed_sizes(request, self.limits, self.config)
+            valid = await self.tokenizer_pool.run(partial(validate_embed, request, self.tokenizer, self.limits, self.config))
             request_id, input_tokens = valid.request_id, sum(len(ids) for ids in valid.inputs)
             ticket = self.admission.admit(input_tokens, tenant)
-            job = EmbedJob(
-                valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, _deadline(valid.timeout_s, deadline)
-            )
+            expires = _deadline(valid.timeout_s, deadline, started)
+            job = EmbedJob(valid.request_id, valid.inputs, valid.pooling, valid.normalize, valid.priority, expires)
             self.batcher.submit(job)
             try:
                 await job.finished.wait()
@@ -376,15 +445,32 @@ class EngineAPI:
         """Calls admitted and not yet ended (generations and embeddings)."""
         return self.admission.active if self._attached else 0
 
-    def tokenize(self, request: inference_pb2.TokenizeRequest) -> Tokenized:
+    async def tokenize(self, request: inference_pb2.TokenizeRequest, tenant: str | None = None) -> Tokenized:
         """The request's text, or its messages as a generation request's are rendered and
-        tokenized, with its token ids and token strings; RequestError for bad messages."""
+        tokenized, with its token ids and token strings; RequestError for bad messages or when it
+        is refused. Admitted as a generation is (it holds a place among the concurrent requests
+        while it is tokenized, off the event loop); its length is bounded by the message size
+        alone, since counting a long text's tokens is what it is for."""
         self.check_ready()
+        ticket = self.admission.admit(0, tenant)
+        try:
+            return await self.tokenizer_pool.run(partial(self._tokenize, request))
+        finally:
+            ticket.release()
+
+    def _tokenize(self, request: inference_pb2.TokenizeRequest) -> Tokenized:
+        """On a pool thread. Token strings come from the vocabulary, item by item (the
+        encoding's own list is built in one call that holds the GIL)."""
         if request.WhichOneof("input") == "messages":
-            text, encoding = tokenize_chat(request.messages, self.chat_template, self.tokenizer)
-            return Tokenized(text, encoding.ids, encoding.tokens)
-        encoding = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
-        return Tokenized(request.text, encoding.ids, encoding.tokens)
+            text, encoding = tokenize_chat(request.messages, self.chat_template, self.tokenizer, self.limits, None)
+        else:
+            text, encoding = request.text, encode(self.tokenizer, request.text, request.add_special_tokens)
+        ids = encoding.ids
+        return Tokenized(text, ids, [self._token_names[token_id] for token_id in ids])
+
+    def close(self) -> None:
+        """Stops the tokenizer pool's threads (at shutdown)."""
+        self.tokenizer_pool.close()
 
     def describe(self) -> inference_pb2.ModelInfoResponse:
         self.check_ready()
@@ -416,7 +502,7 @@ class EngineAPI:
         if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the server is shutting down")
         if not self._attached:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the model is still loading")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, None, "the model is still loading", retry_delay_s=LOADING_RETRY_DELAY_S)
 
     def _queue_load(self) -> QueueLoad:
         statuses = [engine.scheduler.status() for engine in self.engines]

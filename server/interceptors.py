@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterable
 import grpc
 from google.protobuf.message import DecodeError
 
+from shardgate.server.rich_status import abort
 from shardgate.server.tenancy import TENANT, ApiKeys
+from shardgate.server.validation import invalid
 
 log = logging.getLogger("shardgate.server")
 
@@ -148,17 +150,17 @@ async def _checked(request, context, streaming: bool):
     if streaming:
         return _checked_stream(request, context)
     if isinstance(request, _Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+        await abort(context, _MALFORMED)
     return request
 
 
-_MALFORMED = "request: not a valid message (string fields must be UTF-8)"
+_MALFORMED = invalid("request", "not a valid message (string fields must be UTF-8)")
 
 
 async def _checked_stream(requests, context):
     async for request in requests:
         if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED)
+            await abort(context, _MALFORMED)
         yield request
 
 

@@ -25,6 +25,7 @@ from shardgate.server.kserve_llm import (
     model_metadata,
     read_request,
 )
+from shardgate.server.rich_status import abort
 from shardgate.server.service import call_deadline
 from shardgate.server.tenancy import current_tenant
 from shardgate.server.validation import RequestError
@@ -57,7 +58,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             check_model(request.name, request.version, self.model())
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         return kserve_v2_pb2.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request, context) -> kserve_v2_pb2.ServerMetadataResponse:
@@ -68,16 +69,16 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
             model = self.model()
             check_model(request.name, request.version, model)
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         return model_metadata(model)
 
     async def ModelInfer(self, request, context) -> kserve_v2_pb2.ModelInferResponse:
         try:
-            llm, generation = self._start(request, call_deadline(context), streaming_call=False)
+            llm, generation = await self._start(request, call_deadline(context), streaming_call=False)
             async with aclosing(self._responses(llm, generation, on_stream=False)) as responses:
                 return await anext(responses)  # not streamed: the one response
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[kserve_v2_pb2.ModelStreamInferResponse]:
         """Requests start as they arrive, several at a time; each one's responses go out as they
@@ -86,7 +87,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             self.api.check_ready()  # a stream opened while the engine cannot serve ends at once
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         deadline = call_deadline(context)
         outbox = self.api.open_outbox()  # backpressure as on GenerateBidi (service.py)
         live: set[Generation] = set()
@@ -111,7 +112,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             async for request in request_iterator:
                 try:
-                    llm, generation = self._start(request, deadline, streaming_call=True, stream=outbox.stream)
+                    llm, generation = await self._start(request, deadline, streaming_call=True, stream=outbox.stream)
                 except RequestError as error:
                     fail(request, error)
                 else:
@@ -143,18 +144,19 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
     def _ready(self) -> bool:
         return self.api.serving and not self.api.draining
 
-    def _start(
+    async def _start(
         self, request: kserve_v2_pb2.ModelInferRequest, deadline: float | None, streaming_call: bool, stream: OutputStream | None = None
     ) -> tuple[LLMRequest, Generation]:
         """Reads the request and submits it to the engine; RequestError if either refuses it (a
-        request that does not translate counts in the metrics as one the engine refused)."""
+        request that does not translate counts in the metrics as one the engine refused). On a
+        stream, requests start in the order they came."""
         model = self.model()
         try:
             llm = read_request(request, model, streaming_call)
         except RequestError as error:
             self.api.refused(request.id, error, PROTOCOL)
             raise
-        return llm, self.api.generate(llm.generate, deadline, protocol=PROTOCOL, tenant=current_tenant(), stream=stream)
+        return llm, await self.api.generate(llm.generate, deadline, protocol=PROTOCOL, tenant=current_tenant(), stream=stream)
 
     async def _responses(self, llm: LLMRequest, generation: Generation, on_stream: bool) -> AsyncIterator[kserve_v2_pb2.ModelInferResponse]:
         """The request's responses: one per output when it streams, else one with the whole text

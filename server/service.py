@@ -9,12 +9,14 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 
 import grpc
 
 from shardgate.proto import inference_pb2, inference_pb2_grpc
-from shardgate.server.engine_api import EngineAPI, GenerateOutput, Generation, Usage
+from shardgate.server.engine_api import EngineAPI, GenerateOutput, Generation, Tokenized, Usage
 from shardgate.server.request import FinishReason
+from shardgate.server.rich_status import abort, error_details
 from shardgate.server.tenancy import current_tenant
 from shardgate.server.validation import RequestError, invalid
 
@@ -65,6 +67,19 @@ def _vector(data: bytes) -> array.array:
     return values
 
 
+_SLICE = 1 << 16
+"""Token ids copied into a response per call: a call holds the GIL, so a long text's response is
+built in slices, on a tokenizer thread, and the event loop gets the GIL between them."""
+
+
+def _tokenize_response(tokenized: Tokenized) -> inference_pb2.TokenizeResponse:
+    response = inference_pb2.TokenizeResponse(text=tokenized.text)
+    for start in range(0, len(tokenized.token_ids), _SLICE):
+        response.token_ids.extend(tokenized.token_ids[start : start + _SLICE])
+        response.tokens.extend(tokenized.tokens[start : start + _SLICE])
+    return response
+
+
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Every call goes to the engine API; a RequestError becomes the call's status."""
 
@@ -73,9 +88,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _start(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Generation:
         try:
-            return self.api.generate(request, call_deadline(context), tenant=current_tenant())
+            return await self.api.generate(request, call_deadline(context), tenant=current_tenant())
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
 
     async def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         generation = await self._start(request, context)
@@ -88,7 +103,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     logprobs += output.logprobs
                     last = output
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         return inference_pb2.GenerateResponse(
             request_id=last.request_id,
             text="".join(text),
@@ -105,7 +120,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 async for output in outputs:
                     yield _stream_message(output)
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
 
     async def GenerateBidi(self, request_iterator, context) -> AsyncIterator[inference_pb2.GenerateBidiResponse]:
         """Requests start as their messages arrive; each one's messages go out as they are made.
@@ -120,14 +135,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             self.api.check_ready()  # a stream opened while the engine cannot serve ends at once
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         tenant = current_tenant()
         outbox = self.api.open_outbox()
         live: dict[str, Generation] = {}
         relays: set[asyncio.Task] = set()
 
-        def fail(request_id: str, code: grpc.StatusCode, message: str) -> None:
-            status = inference_pb2.RequestStatus(request_id=request_id, code=code.value[0], message=message)
+        def fail(request_id: str, error: RequestError) -> None:
+            status = inference_pb2.RequestStatus(
+                request_id=request_id, code=error.code.value[0], message=str(error), details=error_details(error)
+            )
             outbox.put(inference_pb2.GenerateBidiResponse(error=status))
 
         async def relay(request_id: str, generation: Generation) -> None:
@@ -137,21 +154,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         message = inference_pb2.GenerateBidiResponse(message=_stream_message(output))
                         await outbox.send(message, on_stall=generation.release_admission)
             except RequestError as error:
-                fail(request_id, error.code, str(error))
+                fail(request_id, error)
             finally:
                 del live[request_id]
                 outbox.wake()
 
-        def start(message: inference_pb2.GenerateRequest) -> None:
+        async def start(message: inference_pb2.GenerateRequest) -> None:
+            """Starts one request; requests start in the order they came (each waits for the
+            one before it to be prepared)."""
             request_id = message.request_id
             try:
                 if not request_id:
                     raise invalid("request_id", "must be set on a multiplexed stream")
                 if request_id in live:
                     raise invalid("request_id", f"{request_id!r} is already live on this stream")
-                generation = self.api.generate(message, call_deadline(context), tenant=tenant, stream=outbox.stream)
+                generation = await self.api.generate(message, call_deadline(context), tenant=tenant, stream=outbox.stream)
             except RequestError as error:
-                fail(request_id, error.code, str(error))
+                fail(request_id, error)
                 return
             live[request_id] = generation
             task = asyncio.create_task(relay(request_id, generation), name=f"bidi {request_id}")
@@ -162,14 +181,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             async for message in request_iterator:
                 action = message.WhichOneof("action")
                 if action == "generate":
-                    start(message.generate)
+                    await start(message.generate)
                 elif action == "cancel":
                     # Cancelling a finished or unknown request does nothing: it has ended already.
                     generation = live.get(message.cancel.request_id)
                     if generation is not None:
                         self.api.abort(generation)
                 else:
-                    fail("", grpc.StatusCode.INVALID_ARGUMENT, "action: must be generate or cancel")
+                    fail("", invalid("action", "must be generate or cancel"))
                 await outbox.stream.room()  # a client that reads nothing cannot make the stream buffer more
 
         reader = asyncio.create_task(read(), name="bidi reader")
@@ -195,7 +214,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             result = await self.api.embed(request, call_deadline(context), tenant=current_tenant())
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         return inference_pb2.EmbedResponse(
             request_id=result.request_id,
             embeddings=[inference_pb2.Embedding(values=_vector(v), tokens=n) for v, n in zip(result.vectors, result.input_tokens)],
@@ -206,7 +225,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             status = self.api.status()
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)
         replicas = [
             inference_pb2.ReplicaStatus(
                 total_kv_blocks=replica.state.total_blocks,
@@ -231,13 +250,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def Tokenize(self, request, context) -> inference_pb2.TokenizeResponse:
         try:
-            tokenized = self.api.tokenize(request)
+            tokenized = await self.api.tokenize(request, tenant=current_tenant())
+            return await self.api.tokenizer_pool.run(partial(_tokenize_response, tokenized))
         except RequestError as error:
-            await context.abort(error.code, str(error))
-        return inference_pb2.TokenizeResponse(token_ids=tokenized.token_ids, tokens=tokenized.tokens, text=tokenized.text)
+            await abort(context, error)
 
     async def ModelInfo(self, request, context) -> inference_pb2.ModelInfoResponse:
         try:
             return self.api.describe()
         except RequestError as error:
-            await context.abort(error.code, str(error))
+            await abort(context, error)

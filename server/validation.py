@@ -24,12 +24,15 @@ MAX_REQUEST_ID_CHARS = 256
 
 class RequestError(Exception):
     """A request the server refuses or cannot finish; carries the gRPC status code to answer
-    with. Its message starts with the field (or bound) at fault, when one is."""
+    with. Its message starts with the field (or bound) at fault, when one is; `retry_delay_s`
+    is how long a client should wait before sending it again, when that may help (None: the
+    frontend's default for the code)."""
 
-    def __init__(self, code: grpc.StatusCode, field: str | None, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, field: str | None, message: str, retry_delay_s: float | None = None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.code = code
         self.field = field
+        self.retry_delay_s = retry_delay_s
 
 
 def invalid(field: str, message: str) -> RequestError:
@@ -43,6 +46,17 @@ class ModelLimits:
     """min(the model's positions, one replica's KV capacity)."""
     max_embed_tokens: int
     """Longest Embed input: min(max_context_tokens, the step token budget)."""
+    max_chars_per_token: int | None = None
+    """Most input characters one token can stand for (input_size.py); None: no such bound."""
+
+    def check_length(self, field: str, text: str, max_tokens: int) -> None:
+        """Refuses, without tokenizing it, a text that must make more than max_tokens tokens."""
+        if self.max_chars_per_token is not None and len(text) > self.max_chars_per_token * max_tokens:
+            raise invalid(
+                field,
+                f"{len(text)} characters make more than {max_tokens} tokens, the most it may have "
+                f"(one token of this model covers at most {self.max_chars_per_token} characters)",
+            )
 
 
 @dataclass(frozen=True)
@@ -108,8 +122,15 @@ def _timeout_s(message) -> float | None:
     return message.timeout_ms / 1000 if message.timeout_ms else None
 
 
-def validate_embed(message: inference_pb2.EmbedRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig) -> ValidEmbed:
-    request_id = _request_id(message)
+def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> Encoding:
+    """tokenizer.encode(text), through encode_batch: it releases the GIL while it works, so the
+    event loop runs on while a tokenizer thread encodes (encode holds the GIL throughout)."""
+    return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
+
+def check_embed_sizes(message: inference_pb2.EmbedRequest, limits: ModelLimits, config: GatewayConfig) -> None:
+    """The checks of an Embed call that cost nothing per character: run before it is tokenized."""
+    _request_id(message)
     if not message.inputs:
         raise invalid("inputs", "must not be empty")
     if len(message.inputs) > config.embed.max_inputs:
@@ -117,6 +138,14 @@ def validate_embed(message: inference_pb2.EmbedRequest, tokenizer: Tokenizer, li
     for i, text in enumerate(message.inputs):
         if not text:
             raise invalid(f"inputs[{i}]", "must not be empty")
+        limits.check_length(f"inputs[{i}]", text, limits.max_embed_tokens)
+
+
+def validate_embed(message: inference_pb2.EmbedRequest, tokenizer: Tokenizer, limits: ModelLimits, config: GatewayConfig) -> ValidEmbed:
+    """The call the batcher runs; tokenizes its inputs (run it off the event loop, after
+    check_embed_sizes)."""
+    check_embed_sizes(message, limits, config)
+    request_id = _request_id(message)
     if message.pooling not in _POOLINGS:
         raise invalid("pooling", f"unknown pooling {message.pooling}")
     priority = _priority(message)
@@ -148,16 +177,35 @@ def render_chat(messages: inference_pb2.ChatMessages, template: ChatTemplate | N
     return text
 
 
-def tokenize_chat(messages: inference_pb2.ChatMessages, template: ChatTemplate | None, tokenizer: Tokenizer) -> tuple[str, Encoding]:
+def tokenize_chat(
+    messages: inference_pb2.ChatMessages, template: ChatTemplate | None, tokenizer: Tokenizer, limits: ModelLimits, max_tokens: int | None
+) -> tuple[str, Encoding]:
     """The rendered prompt and its encoding: tokenized without adding special tokens, since
-    the template writes the ones the model expects (as transformers' apply_chat_template)."""
+    the template writes the ones the model expects (as transformers' apply_chat_template). A
+    prompt that must make more than max_tokens tokens is refused before it is tokenized."""
     text = render_chat(messages, template)
-    return text, tokenizer.encode(text, add_special_tokens=False)
+    if max_tokens is not None:
+        limits.check_length("messages", text, max_tokens)
+    return text, encode(tokenizer, text, add_special_tokens=False)
+
+
+def check_sizes(message: inference_pb2.GenerateRequest, limits: ModelLimits) -> None:
+    """The checks of a generation request that cost nothing per character or token: run before
+    it is tokenized (a prompt the context could never hold is refused by its length alone)."""
+    _request_id(message)
+    kind = message.WhichOneof("input")
+    if kind == "prompt_token_ids" and len(message.prompt_token_ids.ids) > limits.max_context_tokens:
+        raise invalid(
+            "prompt_token_ids", f"{len(message.prompt_token_ids.ids)} tokens exceed the model context ({limits.max_context_tokens} tokens)"
+        )
+    if kind == "prompt":
+        limits.check_length("prompt", message.prompt, limits.max_context_tokens)
 
 
 def _prompt_ids(
     message: inference_pb2.GenerateRequest, tokenizer: Tokenizer, limits: ModelLimits, template: ChatTemplate | None
 ) -> list[int]:
+    check_sizes(message, limits)
     kind = message.WhichOneof("input")
     if kind == "prompt_token_ids":
         prompt_ids = list(message.prompt_token_ids.ids)
@@ -168,10 +216,10 @@ def _prompt_ids(
             raise invalid("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
         return prompt_ids
     if kind == "messages":
-        return tokenize_chat(message.messages, template, tokenizer)[1].ids
+        return tokenize_chat(message.messages, template, tokenizer, limits, limits.max_context_tokens)[1].ids
     if not message.prompt:
         raise invalid("prompt", "must not be empty")
-    return tokenizer.encode(message.prompt, add_special_tokens=True).ids
+    return encode(tokenizer, message.prompt, add_special_tokens=True).ids
 
 
 def validate(
@@ -183,7 +231,8 @@ def validate(
     defaults: SamplingDefaults = API_DEFAULTS,
 ) -> ValidRequest:
     """The request the engine runs; `template` renders messages (None: the model has none) and
-    `defaults` fill the sampling parameters the request leaves unset."""
+    `defaults` fill the sampling parameters the request leaves unset. It tokenizes the prompt:
+    run it off the event loop, after check_sizes."""
     request_id = _request_id(message)
     prompt_ids = _prompt_ids(message, tokenizer, limits, template)
 

@@ -115,7 +115,8 @@ async def _timed(api: EngineAPI, item: WorkItem, index: int, ignore_eos: bool) -
     )
     record = RequestRecord(start=time.perf_counter(), prompt_tokens=len(item.prompt_ids))
     try:
-        async with aclosing(api.generate(request).outputs()) as outputs:
+        generation = await api.generate(request)
+        async with aclosing(generation.outputs()) as outputs:
             async for output in outputs:
                 now = time.perf_counter()
                 record.token_times += [now] * len(output.token_ids)

@@ -26,6 +26,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import uvicorn
@@ -150,7 +151,7 @@ class OpenAIFrontend:
         model = self._served(body.model)
         max_tokens = body.requested_max_tokens
         if max_tokens is None:
-            max_tokens = self._room_after(body)
+            max_tokens = await self._room_after(body)
         plan = schemas.chat_plan(body, self.config.http.max_choices, max_tokens)
         writer = responses.Writer("chat", model, self.api.tokenizer, body.logprobs, body.return_token_ids)
         return await self._respond(request, body, plan, writer)
@@ -170,7 +171,7 @@ class OpenAIFrontend:
     # --- generation ---------------------------------------------------------------------
 
     async def _respond(self, request: Request, body, plan: schemas.ChoicePlan, writer: responses.Writer) -> Response:
-        generations = self._start(plan, _deadline(request))
+        generations = await self._start(plan, _deadline(request))
         if body.stream:
             return _Stream(self._events(generations, plan, writer, body.include_usage), generations)
         choices = [responses.Choice() for _ in generations]
@@ -189,16 +190,19 @@ class OpenAIFrontend:
                 generation.abort()
         return JSONResponse(writer.response(choices, plan.prompt_of_choice))
 
-    def _start(self, plan: schemas.ChoicePlan, deadline: float | None) -> list[Generation]:
-        """Submits every choice's request, or none: a refusal aborts those already started."""
+    async def _start(self, plan: schemas.ChoicePlan, deadline: float | None) -> list[Generation]:
+        """Submits every choice's request, or none: a refusal (or the caller going away while
+        the prompts are tokenized) aborts those already started."""
         generations: list[Generation] = []
         try:
             for message in plan.requests:
-                generations.append(self.api.generate(message, deadline, protocol=PROTOCOL, tenant=current_tenant()))
-        except RequestError as error:
+                generations.append(await self.api.generate(message, deadline, protocol=PROTOCOL, tenant=current_tenant()))
+        except BaseException as error:
             for generation in generations:
                 generation.abort()
-            raise from_request_error(error, plan.renames) from None
+            if isinstance(error, RequestError):
+                raise from_request_error(error, plan.renames) from None
+            raise
         return generations
 
     async def _events(self, generations: list[Generation], plan: schemas.ChoicePlan, writer: responses.Writer, include_usage: bool):
@@ -242,11 +246,11 @@ class OpenAIFrontend:
             )
         return served
 
-    def _room_after(self, body: schemas.ChatRequest) -> int:
+    async def _room_after(self, body: schemas.ChatRequest) -> int:
         """The max_tokens of a chat request that sets none: all the context its prompt leaves
         (at least 1; validation then refuses a prompt that leaves none)."""
         try:
-            prompt = self.api.tokenize(inference_pb2.TokenizeRequest(messages=body.chat_messages()))
+            prompt = await self.api.tokenize(inference_pb2.TokenizeRequest(messages=body.chat_messages()), tenant=current_tenant())
         except RequestError as error:
             raise from_request_error(error) from None
         return max(1, min(self.config.max_new_tokens_limit, self.api.limits.max_context_tokens - len(prompt.token_ids)))
@@ -259,7 +263,7 @@ class OpenAIFrontend:
             if len(data) > limit:
                 raise OpenAIError(413, f"the request body is larger than {limit} bytes (--max-message-bytes)", "invalid_request_error")
         try:
-            return json.loads(data)
+            return await self.api.tokenizer_pool.run(partial(json.loads, bytes(data)))  # a big body parses off the event loop
         except ValueError:
             raise invalid_param(None, "the request body is not valid JSON") from None
 

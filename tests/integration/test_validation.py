@@ -5,6 +5,7 @@ import math
 import grpc
 import pytest
 
+from shardgate.clients.errors import from_rpc_error
 from shardgate.proto import inference_pb2
 
 CASES = {
@@ -45,6 +46,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, method, case):
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(f"{field}: "), raised.value.details()
     assert "Traceback" not in raised.value.details()
+    assert from_rpc_error(raised.value).field == field  # the status's BadRequest detail names it too
 
 
 def test_server_keeps_serving_after_bad_input(stub, client, tiny_server):

@@ -101,7 +101,7 @@ async def collect(generation):
 
 def test_generate_streams_outputs_up_to_the_finish_reason_and_usage():
     async def scenario(api, engines):
-        return await collect(api.generate(request(max_new_tokens=5, logprobs=True)))
+        return await collect(await api.generate(request(max_new_tokens=5, logprobs=True)))
 
     outputs = serve(scenario, [ScriptedReplica({10: [H_, I_]})])
     assert "".join(o.text for o in outputs) == "HIHIH" and sum(len(o.token_ids) for o in outputs) == 5
@@ -114,8 +114,8 @@ def test_generate_streams_outputs_up_to_the_finish_reason_and_usage():
 
 def test_generate_stops_at_eos_and_at_a_stop_string():
     async def scenario(api, engines):
-        eos = await collect(api.generate(request(10)))
-        stop = await collect(api.generate(request(11, stop=["IH"])))
+        eos = await collect(await api.generate(request(10)))
+        stop = await collect(await api.generate(request(11, stop=["IH"])))
         return eos, stop
 
     eos, stop = serve(scenario, [ScriptedReplica({10: [H_, I_, EOS_ID], 11: [H_, I_]})])
@@ -126,7 +126,7 @@ def test_generate_stops_at_eos_and_at_a_stop_string():
 def test_an_invalid_request_raises_the_typed_error_naming_the_field():
     async def scenario(api, engines):
         with pytest.raises(RequestError) as raised:
-            api.generate(request(max_new_tokens=0))
+            await api.generate(request(max_new_tokens=0))
         return raised.value, api.in_flight()
 
     error, in_flight = serve(scenario, [ScriptedReplica({})])
@@ -136,7 +136,7 @@ def test_an_invalid_request_raises_the_typed_error_naming_the_field():
 
 def test_abort_ends_the_request_and_frees_its_blocks():
     async def scenario(api, engines):
-        generation = api.generate(request(max_new_tokens=200))
+        generation = await api.generate(request(max_new_tokens=200))
         async with aclosing(generation.outputs()) as outputs:
             first = await anext(outputs)
             busy = api.status().replicas[0].state
@@ -164,9 +164,9 @@ def test_embed_returns_each_inputs_vector():
 
 def test_admission_refuses_with_resource_exhausted():
     async def scenario(api, engines):
-        held = api.generate(request(10, max_new_tokens=50))
+        held = await api.generate(request(10, max_new_tokens=50))
         with pytest.raises(RequestError) as raised:
-            api.generate(request(11))
+            await api.generate(request(11))
         api.abort(held)
         return raised.value
 
@@ -178,7 +178,7 @@ def test_no_healthy_replica_is_unavailable_and_releases_admission():
     async def scenario(api, engines):
         engines[0].fail("test")
         with pytest.raises(RequestError) as raised:
-            api.generate(request())
+            await api.generate(request())
         return raised.value, api.in_flight(), api.serving
 
     error, in_flight, serving = serve(scenario, [ScriptedReplica({})])
@@ -187,7 +187,7 @@ def test_no_healthy_replica_is_unavailable_and_releases_admission():
 
 def test_a_request_on_a_failed_replica_that_sent_nothing_runs_on_another():
     async def scenario(api, engines):
-        return await collect(api.generate(request(max_new_tokens=3)))
+        return await collect(await api.generate(request(max_new_tokens=3)))
 
     outputs = serve(scenario, [ScriptedReplica({10: [H_]}, fail_at_step=1), ScriptedReplica({10: [I_]})])
     assert "".join(o.text for o in outputs) == "III" and outputs[-1].usage.replica == 1
@@ -197,7 +197,7 @@ def test_a_replica_failing_after_tokens_raises_unavailable_after_them():
     async def scenario(api, engines):
         outputs = []
         with pytest.raises(RequestError) as raised:
-            async with aclosing(api.generate(request(max_new_tokens=50)).outputs()) as stream:
+            async with aclosing((await api.generate(request(max_new_tokens=50))).outputs()) as stream:
                 async for output in stream:
                     outputs.append(output)
         return outputs, raised.value
@@ -208,7 +208,7 @@ def test_a_replica_failing_after_tokens_raises_unavailable_after_them():
 
 def test_draining_refuses_new_calls_and_abort_all_cancels_in_flight():
     async def scenario(api, engines):
-        generation = api.generate(request(max_new_tokens=200))
+        generation = await api.generate(request(max_new_tokens=200))
         api.drain()
         with pytest.raises(RequestError) as raised:
             api.describe()
@@ -222,7 +222,12 @@ def test_draining_refuses_new_calls_and_abort_all_cancels_in_flight():
 
 def test_every_call_before_attach_is_unavailable():
     api = EngineAPI(GatewayConfig(), Telemetry(TelemetryConfig()))
-    for call in (lambda: api.generate(request()), api.describe, api.status, lambda: api.tokenize(inference_pb2.TokenizeRequest(text="a"))):
+    for call in (
+        lambda: asyncio.run(api.generate(request())),
+        api.describe,
+        api.status,
+        lambda: asyncio.run(api.tokenize(inference_pb2.TokenizeRequest(text="a"))),
+    ):
         with pytest.raises(RequestError, match="^the model is still loading$"):
             call()
     assert api.in_flight() == 0 and not api.serving
@@ -230,7 +235,7 @@ def test_every_call_before_attach_is_unavailable():
 
 def test_describe_and_tokenize():
     async def scenario(api, engines):
-        return api.describe(), api.tokenize(inference_pb2.TokenizeRequest(text="HI"))
+        return api.describe(), await api.tokenize(inference_pb2.TokenizeRequest(text="HI"))
 
     description, tokenized = serve(scenario, [ScriptedReplica({}), ScriptedReplica({})])
     assert description.model == "scripted" and description.replicas == 2 and description.max_context_tokens == 256
@@ -258,8 +263,8 @@ def chat(*contents: str, **fields) -> inference_pb2.GenerateRequest:
 
 def test_a_chat_request_runs_the_rendered_prompt_with_the_models_defaults():
     async def scenario(api, engines):
-        defaulted = await collect(api.generate(chat("H", "I")))
-        explicit = await collect(api.generate(chat("I", temperature=0.0, top_p=0.9, top_k=0)))
+        defaulted = await collect(await api.generate(chat("H", "I")))
+        explicit = await collect(await api.generate(chat("I", temperature=0.0, top_p=0.9, top_k=0)))
         return defaulted, explicit
 
     replica = ScriptedReplica({BOS: [H_]})
@@ -284,7 +289,7 @@ def _first_chunks(replica: ScriptedReplica) -> list:
 def test_tokenize_renders_messages_as_a_chat_request_would():
     async def scenario(api, engines):
         messages = chat("HI").messages
-        return api.tokenize(inference_pb2.TokenizeRequest(messages=messages, add_special_tokens=True))
+        return await api.tokenize(inference_pb2.TokenizeRequest(messages=messages, add_special_tokens=True))
 
     tokenized = serve(scenario, [ScriptedReplica({})], info=CHAT_INFO)
     assert tokenized.text == "<s>HI>" and tokenized.token_ids == [BOS, H_, I_, ord(">")]
@@ -295,7 +300,7 @@ def test_messages_to_a_model_without_a_chat_template_are_invalid():
         errors = []
         for call in (lambda: api.generate(chat("HI")), lambda: api.tokenize(inference_pb2.TokenizeRequest(messages=chat("HI").messages))):
             with pytest.raises(RequestError) as raised:
-                call()
+                await call()
             errors.append(raised.value)
         return errors, api.in_flight()
 
@@ -304,3 +309,69 @@ def test_messages_to_a_model_without_a_chat_template_are_invalid():
     for error in errors:
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert str(error) == "messages: the model has no chat template; send a prompt instead"
+
+
+# --- input size and the tokenizer pool ------------------------------------------------------
+
+
+def test_a_prompt_the_context_could_never_hold_is_refused_by_its_length_untokenized():
+    class Untouchable:
+        """Stands in for the tokenizer: refusing by length must not tokenize."""
+
+        def __getattr__(self, name):
+            raise AssertionError(f"tokenizer.{name} used")
+
+    async def scenario(api, engines):
+        api.tokenizer = Untouchable()
+        errors = []
+        for call in (
+            lambda: api.generate(inference_pb2.GenerateRequest(prompt="x" * 5000, max_new_tokens=1)),
+            lambda: api.generate(_token_ids(300)),
+            lambda: api.embed(inference_pb2.EmbedRequest(inputs=["ok", "y" * 5000])),
+        ):
+            with pytest.raises(RequestError) as raised:
+                await call()
+            errors.append(raised.value)
+        return errors, api.in_flight()
+
+    (prompt, ids, embed), in_flight = serve(scenario, [EmbeddingReplica()])
+    # The context is 256 tokens (64 blocks of 4) and a builtin token covers at most 4 characters.
+    assert prompt.field == "prompt" and "5000 characters make more than 256 tokens" in str(prompt)
+    assert ids.field == "prompt_token_ids" and "300 tokens exceed the model context (256 tokens)" in str(ids)
+    assert embed.field == "inputs[1]" and all(e.code == grpc.StatusCode.INVALID_ARGUMENT for e in (prompt, ids, embed)) and in_flight == 0
+
+
+def _token_ids(n: int) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(prompt_token_ids=inference_pb2.TokenIds(ids=[1] * n), max_new_tokens=1)
+
+
+def test_tokenize_is_admitted_like_a_generation():
+    async def scenario(api, engines):
+        held = await api.generate(request(10, max_new_tokens=50))
+        with pytest.raises(RequestError) as raised:
+            await api.tokenize(inference_pb2.TokenizeRequest(text="HI"))
+        api.abort(held)
+        await collect(held)
+        return raised.value, (await api.tokenize(inference_pb2.TokenizeRequest(text="HI"))).token_ids, api.in_flight()
+
+    error, ids, in_flight = serve(scenario, [ScriptedReplica({10: [H_]})], admission=AdmissionConfig(max_concurrent_requests=1))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.field == "max_concurrent_requests"
+    assert ids == [H_, I_] and in_flight == 0
+
+
+def test_timeout_ms_counts_from_arrival_time_spent_tokenizing_included():
+    async def scenario(api, engines):
+        run = api.tokenizer_pool.run
+
+        async def slow_run(work):
+            await asyncio.sleep(0.3)  # a busy tokenizer pool
+            return await run(work)
+
+        api.tokenizer_pool.run = slow_run
+        generation = await api.generate(request(max_new_tokens=50, timeout_ms=200))
+        with pytest.raises(RequestError) as raised:
+            await collect(generation)
+        return raised.value, engines[0].replica.plans
+
+    error, plans = serve(scenario, [ScriptedReplica({10: [H_]})])
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED and not plans  # it expired in the queue, never ran
