@@ -18,7 +18,7 @@ from servers import start_server, wait_until
 from shardgate.clients import build_request
 from shardgate.proto import inference_pb2, inference_pb2_grpc
 
-STALL_TIMEOUT_S = 15  # long enough for 64 requests to be admitted and started on a loaded 2-core machine
+STALL_TIMEOUT_S = 15  # long enough for 64 requests to be admitted on a loaded 2-core machine
 MAX_CONCURRENT = 64
 UNDELIVERED_TOKENS = 256
 REQUESTS = 1200
@@ -57,9 +57,15 @@ def test_a_stream_that_never_reads_is_held_to_its_bounds_and_ends_after_the_stal
         try:
             wait_until(lambda: client.server_status().active_requests == MAX_CONCURRENT, what="64 requests admitted")
             stalled_at = time.monotonic()
-            # Held: no decode steps for requests whose stream is over its bound, no more starts.
-            wait_until(lambda: client.server_status().replicas[0].running_requests == MAX_CONCURRENT, what="64 running")
-            started = client.server_status().replicas[0].started_requests
+
+            # Held: no decode steps for requests whose stream is over its bound, no more starts. All
+            # 64 are at the replica; how many got their first step before the stream went over its
+            # bound (256 undelivered tokens) depends on how fast they arrived.
+            def at_the_replica() -> bool:
+                replica_status = client.server_status().replicas[0]
+                return replica_status.running_requests + replica_status.waiting_requests == MAX_CONCURRENT
+
+            wait_until(at_the_replica, what="64 at the replica")
             samples, answers = [], []
             while time.monotonic() - stalled_at < STALL_TIMEOUT_S - 2:
                 began = time.monotonic()
@@ -73,8 +79,9 @@ def test_a_stream_that_never_reads_is_held_to_its_bounds_and_ends_after_the_stal
                     answers.append((error.code().name, time.monotonic() - began))
                 time.sleep(0.2)
             assert all(active <= MAX_CONCURRENT for active, _, _ in samples)
-            assert all(count == started for _, count, _ in samples)  # nothing else started: the stalled ones hold their slots
-            assert started - replica.started_requests <= MAX_CONCURRENT + 1
+            # Only the 64 admitted ever start (some may start late, as the client's receive window
+            # takes a few messages); the warm-up is the one more.
+            assert max(count for _, count, _ in samples) - replica.started_requests <= MAX_CONCURRENT + 1
             assert max(rss for _, _, rss in samples) - rss_before < RSS_GROWTH_BOUND
             assert max(seconds for _, seconds in answers) < 2.0, answers  # answered at once, never left hanging
 
@@ -85,6 +92,8 @@ def test_a_stream_that_never_reads_is_held_to_its_bounds_and_ends_after_the_stal
 
             wait_until(recovered, timeout=STALL_TIMEOUT_S + 20, what="KV blocks and admission back to baseline")
             assert client.server_status().replicas[0].free_kv_blocks == baseline.replicas[0].free_kv_blocks
+            started = client.server_status().replicas[0].started_requests
+            assert started - replica.started_requests <= MAX_CONCURRENT + 1
             served = client.generate("another client after the stall", max_new_tokens=8)  # while the stalled stream is open
             assert len(served.token_ids) == 8
             assert client.server_status().replicas[0].started_requests == started + 1  # the stalled stream read no new request
