@@ -13,7 +13,7 @@ DEADLINE_EXCEEDED past the stall timeout), and a multiplexed stream reads no new
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sized
 
 
 class OutputStream:
@@ -93,3 +93,19 @@ class Outbox:
 
     def empty(self) -> bool:
         return self._queue.empty()
+
+    async def messages(self, reader: asyncio.Task, live: Sized) -> AsyncIterator[object]:
+        """The call's messages for its handler to yield, each taken once the one before it was
+        written (the handler's `yield` resumes once the transport took it), until the call's
+        `reader` task is done, no request is `live` and none is queued; then the reader's
+        exception, if any, ends the call."""
+        reader.add_done_callback(lambda _: self.wake())
+        while True:
+            item = await self.next()
+            if item is not None:
+                message, written = item
+                yield message
+                written()
+            elif reader.done() and not live and self.empty():
+                reader.result()
+                return

@@ -192,17 +192,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 await outbox.stream.room()  # a client that reads nothing cannot make the stream buffer more
 
         reader = asyncio.create_task(read(), name="bidi reader")
-        reader.add_done_callback(lambda _: outbox.wake())
         try:
-            while True:
-                item = await outbox.next()
-                if item is not None:
-                    message, written = item
+            async with aclosing(outbox.messages(reader, live)) as messages:
+                async for message in messages:
                     yield message  # resumes once the transport took it
-                    written()
-                elif reader.done() and not live and outbox.empty():  # ended requests' messages all sent
-                    reader.result()  # a broken request stream ends the call with its error
-                    return
         finally:
             reader.cancel()
             for task in list(relays):
