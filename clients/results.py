@@ -33,6 +33,8 @@ class Usage:
     """device_seconds priced by the server's --device-cost-per-hour (0 when unpriced)."""
     cached_tokens: int
     """Prompt tokens served from the server's prefix cache instead of computed."""
+    resumes: int = 0
+    """Times the generation moved to another replica (its own failed or was preempted) and continued there."""
 
     @classmethod
     def from_proto(cls, message: inference_pb2.Usage) -> Usage:
@@ -45,6 +47,7 @@ class Usage:
             message.device_seconds,
             message.cost,
             message.cached_tokens,
+            message.resumes,
         )
 
 

@@ -85,7 +85,7 @@ class ChatMessages(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "queue_time_s", "time_to_first_token_s", "replica", "device_seconds", "cost", "cached_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "queue_time_s", "time_to_first_token_s", "replica", "device_seconds", "cost", "cached_tokens", "resumes")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class Usage(_message.Message):
     DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     queue_time_s: float
@@ -102,7 +103,8 @@ class Usage(_message.Message):
     device_seconds: float
     cost: float
     cached_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., replica: _Optional[int] = ..., device_seconds: _Optional[float] = ..., cost: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    resumes: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., replica: _Optional[int] = ..., device_seconds: _Optional[float] = ..., cost: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., resumes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage")

@@ -21,10 +21,12 @@ class AttachRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "stopping")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    stopping: bool
+    def __init__(self, session_id: _Optional[str] = ..., stopping: _Optional[bool] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()

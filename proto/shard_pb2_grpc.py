@@ -77,7 +77,8 @@ class ShardServicer:
         lasts while this call stays open (the gateway keeps it open while it uses the replica;
         closing its channel or losing its connection ends it, found by keepalive pings at the
         latest). FAILED_PRECONDITION while another session is open. A new session starts with
-        no sequences: those of an earlier gateway are forgotten.
+        no sequences: those of an earlier gateway are forgotten. A later message with `stopping`
+        set tells the gateway that the driver is stopping (SIGTERM), even while the replica is idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

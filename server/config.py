@@ -180,8 +180,13 @@ class SupervisionConfig:
     )
     max_request_retries: int = flag(
         1,
-        "times a request that had streamed nothing moves to another replica after the one running it failed; then it ends "
-        "UNAVAILABLE (default %(default)s)",
+        "times a generation running on a replica that fails moves to another and continues there; at the next such failure "
+        "it ends UNAVAILABLE (default %(default)s). Moves off a replica whose driver got SIGTERM do not count",
+    )
+    resume_on_restart: bool = flag(
+        False,
+        "when a replica fails and no other can serve, its generations wait (within their deadlines) for a replica to come "
+        "back from its restart and continue there, instead of ending UNAVAILABLE (default off: the wait can be long)",
     )
     restart_attempts: int = flag(5, "consecutive restarts of a failed replica before giving up (default %(default)s)")
     restart_backoff_s: float = flag(

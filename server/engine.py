@@ -15,6 +15,11 @@ Failures: each call to the replica gets a deadline that follows the measured tim
 its shape (step_deadlines.py); an idle replica gets a heartbeat (its driver checks that every
 rank answers) every --heartbeat-interval. A call that errs or runs past its deadline, and any
 exception in an iteration, fails the replica (never the gateway): the supervisor restarts it.
+Every generation it was serving then moves (on_orphans: the router) to another replica, which
+recomputes its prompt and the tokens it generated and goes on from there, the request's output
+processor unchanged: its stream continues with no repeated or missing token. A replica whose
+driver says it is stopping (SIGTERM: a spot node being reclaimed) hands its generations over the
+same way at the next step boundary (a preemption: it spends no request's retries).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from tokenizers import Tokenizer
@@ -40,7 +46,12 @@ from shardgate.server.step_deadlines import DECODE, EMBED, PREFILL, CallShape, S
 from shardgate.server.telemetry import ReplicaTelemetry, Telemetry
 from shardgate.server.validation import ValidRequest
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 log = logging.getLogger(__name__)
+FAILURE, PREEMPTION = "failure", "preemption"
+"""Why a generation moved: its replica failed, or its driver got SIGTERM and handed it over."""
 
 
 @dataclass(eq=False)
@@ -74,7 +85,12 @@ class RequestHandle:
         self.stream.delivered(count)
 
     retries: int = 0
-    """Times it moved to another replica after the one running it failed."""
+    """Times it moved to another replica after the one running it failed (preemptions apart)."""
+    was_running: bool = False
+    """It was running (not merely queued) on the replica it last moved off: a failure there
+    spends one of its retries."""
+    span: Span | None = None
+    """The request's span (set by the engine API), which gets an event per resume."""
 
     @property
     def done(self) -> bool:
@@ -108,10 +124,21 @@ class Engine:
         self.failed = asyncio.Event()
         """Set when the replica fails; the supervisor waits on it."""
         self._restored = asyncio.Event()
-        self.on_orphans: Callable[[list[RequestHandle]], None] | None = None
-        """Receives the requests of a failed replica that had sent nothing yet, to run elsewhere."""
+        self.on_orphans: Callable[[list[RequestHandle], str], None] | None = None
+        """Receives the generations of a failed or stopping replica, and why (FAILURE,
+        PREEMPTION), to continue elsewhere; without it they end UNAVAILABLE."""
+        self.on_state_change: Callable[[], None] | None = None
+        """Called when the replica serves again after a restart, or stays down for good."""
+        self.preempted = False
+        """The replica was handed over because its driver is stopping (not failed): the
+        supervisor lets its processes exit by themselves before it restarts it."""
+        self.abandoned = False
+        """Its supervisor gave up: it will not serve again."""
+        self._stopping = False
+        """Its driver said it is stopping: hand every generation over at the next step boundary."""
         self.scheduler = scheduler
         self.replica = replica
+        self._watch_replica(replica)
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.batcher = batcher
@@ -143,16 +170,29 @@ class Engine:
         self._wakeup.set()
         return handle
 
-    def adopt(self, handle: RequestHandle) -> None:
-        """Takes over a request that had sent nothing yet from a failed replica."""
+    def adopt(self, handle: RequestHandle, cause: str = FAILURE) -> None:
+        """Takes over a generation of a failed or stopping replica (or of this one before its
+        restart): a new sequence with the same prompt and generated tokens, queued in its old
+        place (arrival and priority unchanged) and computed again from position 0, as after a
+        preemption. Its output processor (detokenizer, stop strings, token count) stays with the
+        handle, so its stream goes on where it was. One that had started counts a resume."""
         old = handle.request
-        handle.request = Request(
-            next(self._seq_ids), old.request_id, old.prompt_ids, old.params, old.priority, old.deadline, arrival=old.arrival
-        )
-        handle.request.cache_salt = old.cache_salt
+        request = old.moved(next(self._seq_ids))
+        if old.first_scheduled is not None:
+            request.num_resumes += 1
+            self.telemetry.request_resumed(handle.span, request, handle.replica, cause)
+            log.info(
+                "request %s resumes on replica %d after %d generated tokens (%s of replica %d)",
+                request.request_id,
+                self.index,
+                len(request.output_ids),
+                cause,
+                handle.replica,
+            )
+        handle.request = request
         handle.replica = self.index
-        self._handles[handle.request.seq_id] = handle
-        self.scheduler.add(handle.request)
+        self._handles[request.seq_id] = handle
+        self.scheduler.add(request)
         self._wakeup.set()
 
     def cancel(self, handle: RequestHandle) -> None:
@@ -165,43 +205,65 @@ class Engine:
         for handle in list(self._handles.values()):
             self.cancel(handle)
 
-    def fail(self, reason: str) -> None:
-        """Marks the replica failed. Requests that already streamed tokens end UNAVAILABLE (after
-        those tokens); those that sent nothing go to on_orphans, to run on another replica."""
+    def fail(self, reason: str, cause: str = FAILURE) -> None:
+        """Marks the replica failed (or, with cause PREEMPTION, handed over: its driver is
+        stopping). Every generation it serves goes to on_orphans, with its tokens so far, to
+        continue on another replica; embedding calls end UNAVAILABLE."""
         if not self.healthy:
             return
-        log.error("replica %d failed: %s", self.index, reason)
+        if cause == PREEMPTION:
+            log.warning("replica %d is stopping (%s): moving its %d generations", self.index, reason, len(self._handles))
+        else:
+            log.error("replica %d failed: %s", self.index, reason)
         self.healthy = False
+        self.preempted = cause == PREEMPTION
+        self._stopping = False
         self._restored.clear()
         orphans = []
         for handle in list(self._handles.values()):
-            if handle.request.output_ids:
-                self._abort(handle, grpc.StatusCode.UNAVAILABLE, "the model replica serving this request failed")
-            else:
-                self.scheduler.finish(handle.request, FinishReason.ERROR)
-                del self._handles[handle.request.seq_id]
-                orphans.append(handle)
+            handle.was_running = handle.request.status is Status.RUNNING
+            self.scheduler.finish(handle.request, FinishReason.ERROR)
+            del self._handles[handle.request.seq_id]
+            orphans.append(handle)
         for job in self._embed_jobs:
             job.fail(grpc.StatusCode.UNAVAILABLE, "the model replica serving this call failed")
         self._embed_jobs = []
         self.failed.set()
         if self.on_orphans is not None:
-            self.on_orphans(orphans)
+            self.on_orphans(orphans, cause)
         else:
             for handle in orphans:
-                handle.events.put_nowait(ErrorEvent(grpc.StatusCode.UNAVAILABLE, "the model replica failed"))
+                handle.put(ErrorEvent(grpc.StatusCode.UNAVAILABLE, "the model replica serving this request failed"))
 
     def restore(self, replica: ReplicaClient, scheduler: Scheduler) -> None:
         """Resumes on a restarted replica, with its fresh KV cache (and step times learnt anew)."""
         self.replica = replica
+        self._watch_replica(replica)
         self.scheduler = scheduler
         if self.supervision is not None:
             self.deadlines = self._new_deadlines()
         self._last_answer = time.monotonic()
         self.healthy = True
+        self.preempted = False
         self.failed.clear()
         self._restored.set()
         self._wakeup.set()
+        if self.on_state_change is not None:
+            self.on_state_change()
+
+    def abandon(self) -> None:
+        """The replica stays down for good (its supervisor gave up)."""
+        self.abandoned = True
+        if self.on_state_change is not None:
+            self.on_state_change()
+
+    def _watch_replica(self, replica: ReplicaClient) -> None:
+        def stopping() -> None:
+            if replica is self.replica and self.healthy:
+                self._stopping = True
+                self._wakeup.set()
+
+        replica.watch_stopping(stopping)
 
     async def run(self) -> None:
         while True:
@@ -215,6 +277,9 @@ class Engine:
                 self.fail(f"engine error: {type(error).__name__}: {error}")
 
     async def _iterate(self) -> None:
+        if self._stopping:  # between two steps: nothing of this replica's is in flight
+            self.fail("its driver got SIGTERM", PREEMPTION)
+            return
         now = time.monotonic()
         self._expire(now)
         self._hold_stalled(now)
@@ -279,7 +344,8 @@ class Engine:
             response = await self.replica.step(plan, timeout, metadata=step.metadata, report_timings=step.report_timings)
         except grpc.aio.AioRpcError as error:
             self.telemetry.step_failed(step, error.details() or error.code().name)
-            self.fail(f"step {plan.step_id}: {_describe(error, timeout)}")
+            # A stopping driver refuses new sequences: a step planned before its notice came is a hand-over.
+            self.fail(f"step {plan.step_id}: {_describe(error, timeout)}", PREEMPTION if self._stopping else FAILURE)
             return
         self._answered(shape, started)
         self.telemetry.step_finished(step, response)

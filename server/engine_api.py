@@ -66,6 +66,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    resumes: int
+    """Times the generation moved to another replica and continued there."""
     queue_time_s: float
     """0 if the request never ran."""
     time_to_first_token_s: float
@@ -219,6 +221,7 @@ class Generation:
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(request.output_ids),
             cached_tokens=request.num_cached_tokens,
+            resumes=request.num_resumes,
             queue_time_s=(request.first_scheduled - request.arrival) if request.first_scheduled else 0.0,
             time_to_first_token_s=(request.first_token - request.arrival) if request.first_token else 0.0,
             replica=self._handle.replica,
@@ -280,7 +283,8 @@ class EngineAPI:
         supervisors: list[ReplicaSupervisor],
     ) -> None:
         self.engines = engines
-        self.router = Router(engines, self.config.supervision.max_request_retries)
+        supervision = self.config.supervision
+        self.router = Router(engines, supervision.max_request_retries, supervision.resume_on_restart)
         self.batcher = batcher
         self.tokenizer = tokenizer
         self.descriptions = descriptions
@@ -369,6 +373,7 @@ class EngineAPI:
             raise
         handle.request.protocol = protocol
         handle.request.operation = operation
+        handle.span = span
         if span.get_span_context().is_valid:
             handle.request.span_context = span.get_span_context()
         return Generation(self, handle, ticket, span)
@@ -434,8 +439,7 @@ class EngineAPI:
     def abort_all(self) -> None:
         """Ends every generation request with finish reason `cancelled` (a drain out of time)."""
         if self._attached:
-            for engine in self.engines:
-                engine.cancel_all()
+            self.router.cancel_all()
 
     def drain(self) -> None:
         """From now on new calls get UNAVAILABLE; in-flight ones go on."""

@@ -150,6 +150,19 @@ class Metrics:
             "shardgate_device_seconds", "Device time of batch steps: wall time × the replica's devices.", ("replica",)
         )
         self.cost = counter("shardgate_cost", "Device time priced at --device-cost-per-hour (its currency).", ("replica",))
+        self.resumed = counter(
+            "shardgate_resumed_generations",
+            "Generations that moved to another replica (or their own, restarted) after theirs failed (cause failure) or its "
+            "driver got SIGTERM (cause preemption), and continued there.",
+            ("cause",),
+        )
+        self.resume_recompute_tokens = histogram(
+            "shardgate_resume_recompute_tokens",
+            "Tokens a resumed generation has computed again (prompt + tokens generated before the move; the prefix cache may "
+            "serve part of them).",
+            (),
+            REQUEST_TOKENS_BUCKETS,
+        )
 
     def request_finished(self, request: Request, times: RequestTimes) -> None:
         model = self.model
@@ -174,6 +187,10 @@ class Metrics:
         self.generation_tokens.labels(model).inc(len(request.output_ids))
         if request.finish_reason is not None:
             self.finished.labels(model, request.finish_reason.value).inc()
+
+    def request_resumed(self, cause: str, recompute_tokens: int) -> None:
+        self.resumed.labels(self.model, cause).inc()
+        self.resume_recompute_tokens.labels(self.model).observe(recompute_tokens)
 
     def embed_finished(self, protocol: str, input_tokens: int, duration_s: float, ok: bool) -> None:
         self.request_duration.labels(self.model, GENAI_EMBEDDINGS, self.model, protocol).observe(duration_s)

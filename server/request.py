@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -79,6 +79,9 @@ class Request:
     known_to_replica: bool = False
     """The replica holds this sequence's block table and sampling settings."""
     num_preemptions: int = 0
+    num_resumes: int = 0
+    """Times it moved, after it had started, to another replica (or its own, restarted) whose
+    predecessor failed or was preempted, and continued there (usage.resumes)."""
     first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
@@ -96,6 +99,28 @@ class Request:
     """The frontend the request came in by (grpc, openai, kserve): a metrics label."""
     operation: str = "text_completion"
     """Its gen_ai.operation.name: text_completion, or chat for chat messages (a metrics label)."""
+
+    def moved(self, seq_id: int) -> Request:
+        """The same generation as a new sequence of another replica: its prompt, the tokens it
+        generated (kept at their positions: the replica recomputes prompt + output from position
+        0, as after a preemption, and samples the next token with output_index = len(output_ids)),
+        its settings, deadline and timings, with no KV blocks and nothing computed. A new object,
+        so that a step of the old replica still in flight can never touch it."""
+        return replace(
+            self,
+            seq_id=seq_id,
+            output_ids=list(self.output_ids),
+            output_logprobs=list(self.output_logprobs),
+            num_computed_tokens=0,
+            block_ids=[],
+            block_hashes=list(self.block_hashes),
+            status=Status.WAITING,
+            held=False,
+            known_to_replica=False,
+            token_gaps=list(self.token_gaps),
+            finished_at=None,
+            finish_reason=None,
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -34,6 +34,7 @@ def _usage(usage: Usage) -> inference_pb2.Usage:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
+        resumes=usage.resumes,
         queue_time_s=usage.queue_time_s,
         time_to_first_token_s=usage.time_to_first_token_s,
         replica=usage.replica,

@@ -1,7 +1,7 @@
 """What the engine loops and the engine API report, and where it goes: spans, metrics, cost, logs.
 
 Each replica's engine calls its `ReplicaTelemetry` around every step (`step_started`,
-`step_finished`, `step_failed`); the engine API opens each request's span with
+`step_finished`, `step_failed`, and `request_resumed` when a generation moves to it); the engine API opens each request's span with
 `Telemetry.start_request` and calls `request_finished` once per generation request with its
 final status, `request_rejected` for one refused before it reached a replica, and
 `embed_finished` once per Embed call. The rest of the gateway knows nothing of Prometheus, and
@@ -35,12 +35,14 @@ from shardgate.server.metrics import Metrics
 from shardgate.server.request import Request, SamplingParams
 from shardgate.server.scheduler import StepPlan
 from shardgate.server.tracing import (
+    RESUME_EVENT,
     StepSampler,
     end_request_span,
     record_request_spans,
     records_step,
     request_attributes,
     request_parameters,
+    resume_event_attributes,
     start_request_span,
     start_step_span,
 )
@@ -151,6 +153,7 @@ class Telemetry:
             "completion_tokens": len(request.output_ids),
             "cached_tokens": request.num_cached_tokens,
             "preemptions": request.num_preemptions,
+            "resumes": request.num_resumes,
             "queue_s": times.queue_s,
             "ttft_s": times.ttft_s,
             "tpot_s": times.tpot_s,
@@ -215,6 +218,13 @@ class ReplicaTelemetry:
         if step.span is not None:
             step.span.set_attribute("shardgate.step.device_seconds", device_seconds)
             step.span.end()
+
+    def request_resumed(self, span: trace.Span | None, request: Request, from_replica: int, cause: str) -> None:
+        """A generation moved from replica from_replica to this one (and counts one more resume):
+        an event on its span, the resume counter and the recompute histogram."""
+        if span is not None and span.is_recording():
+            span.add_event(RESUME_EVENT, resume_event_attributes(request, from_replica, self.index, cause))
+        self.telemetry.metrics.request_resumed(cause, request.num_tokens)
 
     def step_failed(self, step: StepRecord, message: str) -> None:
         if step.span is not None:

@@ -134,6 +134,22 @@ def request_parameters(params: SamplingParams, stop: list[str]) -> dict:
     }
 
 
+RESUME_EVENT = "shardgate.resume"
+
+
+def resume_event_attributes(request: Request, from_replica: int, to_replica: int, cause: str) -> dict:
+    """The attributes of a request span's event for one resume: the replicas involved, why it
+    moved, and what the new replica computes again."""
+    return {
+        "shardgate.resume.from_replica": from_replica,
+        "shardgate.resume.to_replica": to_replica,
+        "shardgate.resume.cause": cause,
+        "shardgate.resume.generated_tokens": len(request.output_ids),
+        "shardgate.resume.recompute_tokens": request.num_tokens,
+        "shardgate.resume.number": request.num_resumes,
+    }
+
+
 def request_attributes(request: Request, model: str, replica: int, times: RequestTimes, cost: float) -> dict:
     """gen_ai.response.* and gen_ai.usage.* attributes of a finished request, with its latencies and cost."""
     attributes = {
@@ -144,6 +160,7 @@ def request_attributes(request: Request, model: str, replica: int, times: Reques
         "gen_ai.usage.output_tokens": len(request.output_ids),
         "shardgate.latency.e2e": times.duration_s,
         "shardgate.preemptions": request.num_preemptions,
+        "shardgate.resumes": request.num_resumes,
         "shardgate.cached_tokens": request.num_cached_tokens,
         "shardgate.replica": replica,
         "shardgate.device_seconds": request.device_seconds,

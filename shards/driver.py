@@ -35,6 +35,9 @@ log = logging.getLogger("shardgate.shard")
 T = TypeVar("T")
 ANSWER_GRACE_S = 1.0
 """Seconds a failing driver gives the gateway's call to receive its error before stopping."""
+STOP_GRACE_S = 25.0
+"""Seconds a driver that got SIGTERM waits for the gateway to move its generations and end the
+session before it stops anyway (within Kubernetes' default 30 s termination grace)."""
 
 # A gateway whose connection vanished without a reset (its host lost) is found by these pings,
 # and its session ends, so that another gateway can attach.
@@ -115,6 +118,47 @@ class MainThread:
         self._calls.put(None)
 
 
+class StopNotice:
+    """SIGTERM on the driver (a spot or preemptible node being reclaimed), as the gateway sees
+    it: the session's Attach call says so at once, even on an idle replica; new sequences and new
+    sessions are refused; steps of the sequences the replica holds still run, so the gateway can
+    move them at its next step boundary; the driver stops once the session has ended (the gateway
+    let go), or after a bounded wait."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.requested = False
+        self._sessions = 0
+        """Attach calls open (at most one is past the session gate)."""
+
+    def request(self) -> None:
+        with self._changed:
+            self.requested = True
+            self._changed.notify_all()
+
+    def opened(self) -> None:
+        with self._changed:
+            self._sessions += 1
+
+    def closed(self) -> None:
+        with self._changed:
+            self._sessions -= 1
+            self._changed.notify_all()
+
+    def changed(self) -> None:
+        """Wakes the waiters (a session's call ended)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Waits until done() holds (checked whenever something changes); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(done, timeout)
+
+    def wait_sessions_ended(self, timeout: float) -> bool:
+        return self.wait(lambda: self._sessions == 0, timeout)
+
+
 class ShardService(shard_pb2_grpc.ShardServicer):
     """Attach opens the one gateway session; Describe answers the description made at start;
     Step and Embed are checked, then run on the main thread, one at a time (the gateway never
@@ -128,8 +172,11 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.main_thread = main_thread
         self.sessions = sessions
         self.limits = PlanLimits.of(description, BatchLimits.from_message(description.limits))
+        self.stop_notice = StopNotice()
 
     def Attach(self, request, context):
+        if self.stop_notice.requested:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this driver is stopping (SIGTERM): it takes no new session")
         session = self.sessions.open()
         if session is None:
             context.abort(
@@ -137,15 +184,22 @@ class ShardService(shard_pb2_grpc.ShardServicer):
                 "this driver serves another gateway's session (one at a time); it ends when that gateway disconnects",
             )
         ended = threading.Event()
+        notice = self.stop_notice
+        notice.opened()
         try:
-            if not context.add_callback(ended.set):
+            if not context.add_callback(lambda: (ended.set(), notice.changed())):
                 return  # the call has ended already
             self.main_thread.call(self.executor.forget_all)  # nothing of an earlier session's sequences
             log.info("gateway session opened by %s", context.peer())
             yield shard_pb2.AttachResponse(session_id=session)
-            ended.wait()
+            notice.wait(lambda: ended.is_set() or notice.requested)
+            if not ended.is_set():
+                log.info("telling the gateway that this driver is stopping (SIGTERM)")
+                yield shard_pb2.AttachResponse(stopping=True)
+                ended.wait()
         finally:
             self.sessions.close(session)
+            notice.closed()
             log.info("gateway session of %s ended", context.peer())
 
     def Describe(self, request, context) -> shard_pb2.DescribeResponse:
@@ -175,6 +229,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
 
     def _step(self, request: shard_pb2.StepRequest, parent) -> shard_pb2.StepResponse:
         """On the main thread, where the sequence table the check reads is only ever changed."""
+        if self.stop_notice.requested and any(chunk.HasField("sampling") for chunk in request.chunks):
+            raise ValueError("this driver is stopping (SIGTERM): it takes no new sequences")
         check_step(request, self.executor.sequences, self.limits)
         return self.executor.run(request, parent)
 
@@ -236,7 +292,8 @@ def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, confi
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), interceptors=[LinkGuard(token, sessions)], options=options)
     distributed = description.model.tp * description.model.pp > 1
     main_thread = MainThread(executor.heartbeat if distributed else None, keepalive_interval(config.replica.collective_timeout_s))
-    shard_pb2_grpc.add_ShardServicer_to_server(ShardService(executor, description, main_thread, sessions), server)
+    service = ShardService(executor, description, main_thread, sessions)
+    shard_pb2_grpc.add_ShardServicer_to_server(service, server)
     try:
         bound = _listen(server, config)
     except RuntimeError:
@@ -245,9 +302,22 @@ def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, confi
         return False
     server.start()
 
-    def terminate(*_) -> None:
+    def stop() -> None:
         server.stop(0)
         main_thread.stop()
+
+    def stop_when_let_go() -> None:
+        if not service.stop_notice.wait_sessions_ended(STOP_GRACE_S):
+            log.warning("the gateway did not end its session within %.0f s of SIGTERM; stopping anyway", STOP_GRACE_S)
+        stop()
+
+    def terminate(*_) -> None:
+        """SIGTERM: tell the gateway (its session's Attach call) and stop once it has let go."""
+        if service.stop_notice.requested:
+            return
+        log.info("SIGTERM: stopping once the gateway has moved this replica's generations (at most %.0f s)", STOP_GRACE_S)
+        service.stop_notice.request()
+        threading.Thread(target=stop_when_let_go, name="stop-when-let-go", daemon=True).start()
 
     signal.signal(signal.SIGTERM, terminate)
     log.info(

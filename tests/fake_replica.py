@@ -17,6 +17,15 @@ class ScriptedReplica:
         self.fail_at_step = fail_at_step
         self.plans = []
         self.metadata = []
+        self._on_stopping = []
+
+    def watch_stopping(self, callback) -> None:
+        self._on_stopping.append(callback)
+
+    def announce_stopping(self) -> None:
+        """What the client does when the driver's Attach call says it is stopping (SIGTERM)."""
+        for callback in self._on_stopping:
+            callback()
 
     async def step(self, plan, timeout=None, metadata=(), report_timings=False):
         self.plans.append(plan)

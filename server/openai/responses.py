@@ -66,6 +66,8 @@ def usage(choices: list[Choice], prompt_of_choice: list[int]) -> dict:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in first.values())},
+        # An extension: times the choices' generations moved to another replica and continued there.
+        "resumes": sum(c.usage.resumes for c in choices),
     }
 
 

@@ -1,12 +1,16 @@
 """The gateway's handle on one replica: its session on the driver (Attach), its description
 (shard.proto's DescribeResponse, kept as the message) and the Step, Embed and Heartbeat RPCs to
-its driver. Every call carries the link's token (when the gateway has one) and the session's id."""
+its driver. Every call carries the link's token (when the gateway has one) and the session's id.
+The Attach call stays open for the session; a later message on it says that the driver is
+stopping (SIGTERM), which watch_stopping() hands to the replica's engine."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -88,6 +92,11 @@ class ReplicaClient:
         self._session: str | None = None
         self._attach_call = None
         """The open Attach call: the session lasts while it does."""
+        self._watch: asyncio.Task | None = None
+        """Reads the Attach call's later messages: the driver's word that it is stopping."""
+        self.stopping = False
+        """The driver said it is stopping (it got SIGTERM): move its work elsewhere, then close()."""
+        self._on_stopping: list[Callable[[], None]] = []
 
     def reconnected(self) -> ReplicaClient:
         """A new client of the same driver, with the same credentials and token (close this one first:
@@ -120,7 +129,24 @@ class ReplicaClient:
             if response is grpc.aio.EOF:
                 raise _error(grpc.StatusCode.UNAVAILABLE, f"{self.target} ended the session at once (it is stopping)")
             self._attach_call, self._session = call, response.session_id
+            self._watch = asyncio.create_task(self._watch_session(call), name=f"session of {self.target}")
             return
+
+    async def _watch_session(self, call) -> None:
+        """Waits for the driver's stopping notice on the open Attach call, until the call ends."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while (message := await call.read()) is not grpc.aio.EOF:
+                if message.stopping and not self.stopping:
+                    log.warning("replica %s says it is stopping (its driver got SIGTERM)", self.target)
+                    self.stopping = True
+                    for callback in self._on_stopping:
+                        callback()
+
+    def watch_stopping(self, callback: Callable[[], None]) -> None:
+        """Calls callback() once the driver says it is stopping (at once if it has said so)."""
+        self._on_stopping.append(callback)
+        if self.stopping:
+            callback()
 
     async def describe(self, timeout: float | None = None) -> shard_pb2.DescribeResponse:
         """The replica's model, tokenizer and KV cache (see DescribeResponse in shard.proto);
@@ -154,6 +180,8 @@ class ReplicaClient:
 
     async def close(self) -> None:
         """Ends the session (the driver is free for another gateway at once) and the channel."""
+        if self._watch is not None:
+            self._watch.cancel()
         await self._channel.close()
 
 

@@ -181,6 +181,13 @@ class LocalReplica:
         await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
         raise RuntimeError(await asyncio.to_thread(self.exit_reason))
 
+    async def wait_exited(self, timeout: float) -> list[int | None]:
+        """Waits up to timeout for every rank to exit by itself; returns their exit codes (None: still running)."""
+        deadline = time.monotonic() + timeout
+        while any(process.poll() is None for process in self.processes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return [process.poll() for process in self.processes]
+
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every rank, SIGKILL what is left after timeout, remove the socket folder."""
         for process in self.processes:

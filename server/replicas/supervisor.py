@@ -1,11 +1,18 @@
 """Replica supervision: notice a failed replica, stop all its processes, start it again.
 
 A replica fails when one of its ranks exits, when a step errors, or when a step goes unanswered
-for --step-timeout (a hung or stopped rank). Its engine then ends what it was serving (requests
-that had sent nothing move to other replicas), the supervisor stops every process of the
-replica, and restarts it with exponential backoff, giving up after --restart-attempts failed
-tries in a row. A remote replica (started by torchrun elsewhere) cannot be restarted from here:
-its supervisor reconnects, with the same backoff, until its driver answers again.
+for --step-timeout (a hung or stopped rank). Its engine then hands its generations to the router
+(they continue on other replicas), the supervisor stops every process of the replica, and
+restarts it with exponential backoff, giving up after --restart-attempts failed tries in a row.
+A remote replica (started by torchrun elsewhere) cannot be restarted from here: its supervisor
+reconnects, with the same backoff, until its driver answers again.
+
+A replica whose driver got SIGTERM (a spot node being reclaimed) is handed over rather than
+failed: once its engine has moved its generations, the supervisor ends the session (the driver's
+cue to stop), lets the processes exit by themselves (logging their exit codes), and then brings
+the replica back as after a crash: a local one is started again (the same host, so the same
+flags serve), a remote one is reconnected once its driver (restarted by torchrun or Kubernetes
+on a new node) answers.
 
 The supervisor's own failure (an exception in its task) is logged and fails its replica (so its
 requests move and ServerStatus shows it down), and supervision starts over, which replaces the
@@ -32,6 +39,9 @@ from shardgate.server.replicas.launcher import LocalReplica
 from shardgate.server.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+EXIT_WAIT_S = 30.0
+"""How long a preempted local replica's processes get to exit by themselves once its session has
+ended (its driver stops within its own grace, 25 s)."""
 
 
 class ReplicaSupervisor:
@@ -65,6 +75,7 @@ class ReplicaSupervisor:
                     log.error("replica %d stays down: its supervisor failed %d times in a row", self.engine.index, crashes)
                     if self.replica is not None:
                         await asyncio.to_thread(self.replica.stop, 2.0)
+                    self.engine.abandon()
                     await self.on_change()
                     return
 
@@ -74,6 +85,7 @@ class ReplicaSupervisor:
             await self.on_change()
             if not await self._replace():
                 log.error("replica %d stays down after %d failed restarts", self.engine.index, self.config.supervision.restart_attempts)
+                self.engine.abandon()
                 return
             self.restarts += 1
             await self.on_change()
@@ -94,11 +106,13 @@ class ReplicaSupervisor:
 
     async def _replace(self) -> bool:
         """Stops the failed replica and brings up a new one; False when every attempt failed."""
-        old_client = self.engine.replica
+        # Ends the session first: a driver serves one at a time, and a stopping one stops once it has ended.
+        await self.engine.replica.close()
         if self.replica is not None:
+            if self.engine.preempted:
+                codes = await self.replica.wait_exited(EXIT_WAIT_S)
+                log.info("replica %d: its processes exited with codes %s after its driver's SIGTERM", self.engine.index, codes)
             await asyncio.to_thread(self.replica.stop, 2.0)
-        else:  # a driver serves one gateway session at a time: end ours before opening the next
-            await old_client.close()
         supervision = self.config.supervision
         for attempt in range(1, supervision.restart_attempts + 1):
             await asyncio.sleep(supervision.backoff(attempt))
@@ -107,7 +121,6 @@ class ReplicaSupervisor:
             except (RuntimeError, grpc.aio.AioRpcError) as error:
                 log.warning("replica %d restart %d failed: %s", self.engine.index, attempt, error)
                 continue
-            await old_client.close()
             scheduler = Scheduler(self.config.scheduler, BlockManager(info.num_kv_blocks, info.block_size))
             self.engine.restore(client, scheduler)
             log.info("replica %d is serving again (restart %d)", self.engine.index, attempt)

@@ -111,6 +111,7 @@ def test_request_attributes_follow_the_genai_conventions():
     request = finished_request(first_scheduled=0.25, first_token=0.75, outputs=4)
     request.finish_reason = FinishReason.LENGTH
     request.num_preemptions = 1
+    request.num_resumes = 2
     request.device_seconds = 0.125
     attributes = request_attributes(request, "m", replica=2, times=RequestTimes.of(request, time.monotonic()), cost=0.5)
     latencies = {name: attributes.pop(name) for name in list(attributes) if name.startswith("shardgate.latency.")}
@@ -130,6 +131,7 @@ def test_request_attributes_follow_the_genai_conventions():
         "gen_ai.usage.output_tokens": 4,
         "gen_ai.response.finish_reasons": ["length"],
         "shardgate.preemptions": 1,
+        "shardgate.resumes": 2,
         "shardgate.cached_tokens": 0,
         "shardgate.replica": 2,
         "shardgate.device_seconds": 0.125,

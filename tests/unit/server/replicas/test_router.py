@@ -1,4 +1,4 @@
-"""The router: where a new request goes, and where a failed replica's unstarted requests go."""
+"""The router: where a new request goes, and where a failed replica's requests go."""
 
 import asyncio
 
@@ -110,11 +110,11 @@ def test_a_request_running_on_failed_replicas_moves_once_then_ends_unavailable()
         first, second = engines(64, 64)
         router = Router([first, second], max_request_retries=1)
         handle = router.submit(valid())
-        handle.request.first_scheduled = 1.0  # it was running when its replica failed
         failed = router.engines[handle.replica]
+        failed.scheduler.schedule()  # it was running when its replica failed
         failed.fail("test")
         moved_to = handle.replica
-        handle.request.first_scheduled = 1.0
+        router.engines[moved_to].scheduler.schedule()
         router.engines[moved_to].fail("test")
         return failed.index, moved_to, handle.retries, handle.events.get_nowait()
 
