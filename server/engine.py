@@ -324,7 +324,16 @@ class Engine:
         except grpc.aio.AioRpcError as error:
             self.fail(f"heartbeat: {_describe(error, self.deadlines.floor_s)}")
             return
+        except asyncio.CancelledError:
+            if not self._closed_under_call():
+                raise
+            return
         self._last_answer = time.monotonic()
+
+    def _closed_under_call(self) -> bool:
+        """A call to the replica was cancelled because the replica failed meanwhile and its
+        supervisor closed the channel (not because this task is being cancelled)."""
+        return not self.healthy and not asyncio.current_task().cancelling()
 
     def _timeout(self, shape: CallShape) -> float | None:
         return None if self.deadlines is None else self.deadlines.timeout(shape)
@@ -346,6 +355,11 @@ class Engine:
             self.telemetry.step_failed(step, error.details() or error.code().name)
             # A stopping driver refuses new sequences: a step planned before its notice came is a hand-over.
             self.fail(f"step {plan.step_id}: {_describe(error, timeout)}", PREEMPTION if self._stopping else FAILURE)
+            return
+        except asyncio.CancelledError:
+            if not self._closed_under_call():
+                raise
+            self.telemetry.step_failed(step, "the replica failed")
             return
         self._answered(shape, started)
         self.telemetry.step_finished(step, response)
@@ -380,6 +394,10 @@ class Engine:
             response = await self.replica.embed(step_id, [item for _, _, item in items], timeout)
         except grpc.aio.AioRpcError as error:
             self.fail(f"embedding batch {step_id}: {_describe(error, timeout)}")
+            return
+        except asyncio.CancelledError:
+            if not self._closed_under_call():
+                raise
             return
         finally:
             for _, _, item in items:

@@ -106,7 +106,9 @@ class ReplicaSupervisor:
 
     async def _replace(self) -> bool:
         """Stops the failed replica and brings up a new one; False when every attempt failed."""
-        # Ends the session first: a driver serves one at a time, and a stopping one stops once it has ended.
+        # Ends the session first: a driver serves one at a time, a stopping one stops once it has
+        # ended, and one that gets SIGTERM with no session open stops at once. (A call the engine
+        # still awaits is cancelled: the engine knows its replica failed.)
         await self.engine.replica.close()
         if self.replica is not None:
             if self.engine.preempted:

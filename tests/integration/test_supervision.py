@@ -1,4 +1,4 @@
-"""A broken replica is noticed, its requests end UNAVAILABLE, the other replica keeps serving,
+"""A broken replica is noticed, its streams continue on the other replica, which keeps serving,
 and the broken one comes back."""
 
 import os
@@ -34,10 +34,10 @@ def status(client) -> inference_pb2.ServerStatusResponse:
 
 
 def run_streams(server, started: threading.Barrier):
-    """One stream; returns (end time, status code name, replica or None, tokens)."""
+    """One stream; returns (end time, status code name, replica or None, tokens, resumes)."""
 
     def one(i):
-        tokens, replica = 0, None
+        tokens, replica, resumes = 0, None, 0
         try:
             with server.client(timeout=300) as client:
                 for delta in client.stream(f"stream {i}", max_new_tokens=600, temperature=0, ignore_eos=True):
@@ -45,10 +45,10 @@ def run_streams(server, started: threading.Barrier):
                     if tokens == 1:
                         started.wait(120)
                     if delta.usage is not None:
-                        replica = delta.usage.replica
-            return time.monotonic(), "OK", replica, tokens
+                        replica, resumes = delta.usage.replica, delta.usage.resumes
+            return time.monotonic(), "OK", replica, tokens, resumes
         except grpc.RpcError as error:
-            return time.monotonic(), error.code().name, replica, tokens
+            return time.monotonic(), error.code().name, replica, tokens, resumes
 
     return one
 
@@ -90,11 +90,10 @@ def test_failed_replica_ends_its_streams_others_serve_and_it_comes_back(fault, t
                 pass
         server.stop()
 
-    failed = [r for r in results if r[1] == "UNAVAILABLE"]
-    completed = [r for r in results if r[1] == "OK"]
-    assert failed and len(failed) + len(completed) == STREAMS, results
-    assert all(tokens >= 1 for _, _, _, tokens in failed)  # ended after the tokens already sent
-    assert all(replica == 1 and tokens == 600 for _, _, replica, tokens in completed)
+    # every stream completes: those of replica 0 continued on replica 1 (tests/integration/test_resume.py checks their tokens)
+    assert all(code == "OK" and tokens == 600 and replica == 1 for _, code, replica, tokens, _ in results), results
+    resumed = [r for r in results if r[4] == 1]
+    assert resumed and all(resumes in (0, 1) for *_, resumes in results)
     # the injected fault fires at step 40, some time after the streams started: count from when the
     # gateway noticed it instead
     broke_at = noticed_at if fault == "raise" else broke_at
@@ -102,7 +101,6 @@ def test_failed_replica_ends_its_streams_others_serve_and_it_comes_back(fault, t
     # deadline of 10 × the measured time of such steps, at least --step-timeout-floor (8 s)
     print(f"{fault}: noticed {noticed_at - broke_at:.2f} s after the fault")
     assert noticed_at - broke_at < 10, noticed_at - broke_at
-    assert max(t for t, *_ in failed) - broke_at < 10 + 1
     assert all(len(r.token_ids) == 4 for r in during) and during[0].usage.replica == 1
     assert back_at - broke_at < 60 and all(len(r.token_ids) == 4 for r in after)
     assert "replica 0 is serving again" in server.log()
