@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -107,6 +108,17 @@ def watch_parent(parent_pid: int, socket_path: str | None) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def follow_through_sigterm(rank: int) -> None:
+    """Under torchrun, which forwards a node's SIGTERM to every rank, a rank other than the driver
+    keeps following it: the driver hands its generations over to other replicas first, which
+    takes steps of every rank, then tells the ranks to stop (torchrun's own SIGKILL bounds it)."""
+
+    def note(*_) -> None:
+        log.info("rank %d got SIGTERM: it stops when the driver tells it to", rank)
+
+    signal.signal(signal.SIGTERM, note)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         process = ShardProcess.from_environ(parse_args(argv), os.environ)
@@ -155,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     executor = StepExecutor(rank_model.runner, parallel, tracer, faults, memory)
     if not parallel.is_driver:
         log.info("rank %d (tp %d, pp stage %d) following the driver", process.rank, parallel.tp_rank, parallel.pp_stage)
+        if not config.parent_pid:
+            follow_through_sigterm(process.rank)
         try:
             executor.follow()
         except Exception as error:  # a collective timed out or failed, or this rank's forward raised

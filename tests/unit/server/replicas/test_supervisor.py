@@ -167,3 +167,62 @@ def test_a_failing_supervisor_is_noticed_and_supervision_starts_over(tmp_path):
 def test_a_supervisor_that_keeps_failing_leaves_its_replica_down(tmp_path):
     engine, supervisor, changes, gave_up = supervise_crashing(f"unix://{tmp_path}/driver.sock", crashes=100, attempts=2)
     assert gave_up and supervisor.restarts == 0 and not engine.healthy and changes[-1] is False
+
+
+class StoppingDriver(FakeDriver):
+    """Its first session is told that the driver stops (SIGTERM) once `stop` is set."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.sessions = 0
+        self.first_ended = asyncio.Event()
+
+    async def Attach(self, request, context):
+        self.sessions += 1
+        if self.sessions > 1:
+            async for message in super().Attach(request, context):
+                yield message
+            return
+        try:
+            yield shard_pb2.AttachResponse(session_id="first")
+            await self.stop.wait()
+            yield shard_pb2.AttachResponse(stopping=True)
+            await asyncio.Event().wait()
+        finally:
+            self.first_ended.set()
+
+
+def test_a_remote_driver_that_says_it_stops_is_handed_over_its_session_ended_and_reconnected(tmp_path):
+    target = f"unix://{tmp_path}/driver.sock"
+    config = GatewayConfig(supervision=SupervisionConfig(restart_backoff_s=0.01), replica=ReplicaConfig(start_timeout_s=2))
+
+    async def main():
+        driver = StoppingDriver()
+        server = grpc.aio.server()
+        shard_pb2_grpc.add_ShardServicer_to_server(driver, server)
+        server.add_insecure_port(target)
+        await server.start()
+        client = ReplicaClient(target)
+        await client.describe(timeout=5)
+        engine = Engine(0, Scheduler(SchedulerConfig(), BlockManager(64, 4)), client, builtin_tokenizer(), (EOS_ID,))
+        causes = []
+        engine.on_orphans = lambda handles, cause: causes.append(cause)
+
+        async def on_change():
+            pass
+
+        supervisor = ReplicaSupervisor(engine, config, on_change)
+        tasks = [asyncio.create_task(engine.run()), asyncio.create_task(supervisor.run())]
+        driver.stop.set()
+        await asyncio.wait_for(driver.first_ended.wait(), 10)  # the gateway let go of the stopping driver
+        while supervisor.restarts == 0:
+            await asyncio.sleep(0.01)
+        result = causes, client.stopping, engine.healthy, driver.sessions
+        for task in tasks:
+            task.cancel()
+        await supervisor.stop()
+        await server.stop(None)
+        return result
+
+    causes, told, healthy, sessions = asyncio.run(main())
+    assert causes == ["preemption"] and told and healthy and sessions == 2
