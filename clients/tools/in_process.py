@@ -43,6 +43,9 @@ class _DirectReplica:
         message.report_timings = report_timings
         return self.executor.run(message)
 
+    def watch_stopping(self, callback) -> None:
+        """A replica in this process has no driver to be told to stop (SIGTERM): nothing to watch."""
+
 
 @dataclass(frozen=True)
 class InProcessEngine:
