@@ -5,7 +5,7 @@ import logging
 
 import grpc
 import pytest
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 from span_capture import capture_spans
 
@@ -233,3 +233,25 @@ def test_replica_state_is_read_when_scraped():
     assert sample(metrics, "shardgate_replica_healthy", replica=0) == 1 and sample(metrics, "shardgate_replica_healthy", replica=1) == 0
     assert sample(metrics, "shardgate_replica_restarts_total", replica=1) == 2
     assert metrics.registry.get_sample_value("process_cpu_seconds_total") > 0  # prometheus_client's process collector
+
+
+def test_a_resume_is_an_event_on_the_request_span_a_count_and_its_recompute_tokens():
+    telemetry, exporter = traced_telemetry(ALWAYS_ON)
+    span = telemetry.start_request("text_completion", "grpc")
+    request = Request(7, "r7", [1] * 5, PARAMS, output_ids=[9] * 20, num_resumes=1)
+    telemetry.replica(1, num_devices=1).request_resumed(span, request, from_replica=0, cause="failure")
+    span.end()
+    (finished,) = exporter.get_finished_spans()
+    (event,) = finished.events
+    assert event.name == "shardgate.resume"
+    assert dict(event.attributes) == {
+        "shardgate.resume.from_replica": 0,
+        "shardgate.resume.to_replica": 1,
+        "shardgate.resume.cause": "failure",
+        "shardgate.resume.generated_tokens": 20,
+        "shardgate.resume.recompute_tokens": 25,
+        "shardgate.resume.number": 1,
+    }
+    metrics = telemetry.metrics
+    assert sample(metrics, "shardgate_resumed_generations_total", cause="failure") == 1
+    assert sample(metrics, "shardgate_resume_recompute_tokens_sum") == 25
