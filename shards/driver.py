@@ -4,7 +4,12 @@ and the server it runs on. Steps run on the process's main thread (MainThread).
 The door is guarded (shards/link.py): on a TCP address, mutual TLS or a shared token (or an
 explicit --insecure-listen); one gateway session at a time; and every plan is checked
 (shards/plan_check.py) before it reaches a rank. A unix socket is made readable and writable by
-its owner only, and removed when the gateway that started the driver dies (main.watch_parent)."""
+its owner only, and removed when the gateway that started the driver dies (main.watch_parent).
+
+SIGTERM (a spot node being reclaimed) does not stop the driver at once while a gateway session
+is open: the driver tells the gateway on the session's Attach call, takes no new sequences or
+sessions, lets the gateway move its generations off at its next step boundary, and stops once
+the gateway has ended the session (StopNotice), or after STOP_GRACE_S."""
 
 from __future__ import annotations
 
@@ -278,11 +283,12 @@ def _listen(server: grpc.Server, config: ShardConfig) -> int:
 
 
 def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, config: ShardConfig, token: str | None) -> bool:
-    """Serves the gateway on config.listen until SIGTERM, running steps on this (the main)
-    thread; calls must carry `token` when it is not None. False when the address cannot be
-    bound. Raises what a step, an embedding batch or a heartbeat raised that leaves the ranks out
-    of step (a rank that failed or stopped answering), after the gateway got it as the call's
-    error: the whole replica must then be restarted."""
+    """Serves the gateway on config.listen until SIGTERM (and the gateway letting go of its
+    session: StopNotice), running steps on this (the main) thread; calls must carry `token`
+    when it is not None. False when the address cannot be bound. Raises what a step, an
+    embedding batch or a heartbeat raised that leaves the ranks out of step (a rank that failed
+    or stopped answering), after the gateway got it as the call's error: the whole replica must
+    then be restarted."""
     options = [
         ("grpc.max_send_message_length", INTERNAL_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", INTERNAL_MESSAGE_BYTES),

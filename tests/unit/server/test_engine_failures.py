@@ -115,3 +115,37 @@ def test_an_idle_replica_gets_heartbeats_and_an_unanswered_one_fails_it():
 
     answered, healthy = asyncio.run(scenario())
     assert answered >= 3 and healthy
+
+
+class ClosedUnderStepReplica(ScriptedReplica):
+    """Its step is cancelled once `close` is set, as a grpc.aio call is when its channel closes."""
+
+    def __init__(self) -> None:
+        super().__init__(SCRIPTS)
+        self.in_step = asyncio.Event()
+        self.close = asyncio.Event()
+
+    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
+        self.in_step.set()
+        await self.close.wait()
+        raise asyncio.CancelledError()
+
+
+def test_a_step_cancelled_by_the_supervisor_closing_a_failed_replicas_channel_does_not_end_the_loop():
+    async def scenario():
+        replica = ClosedUnderStepReplica()
+        engine = make_engine(replica)
+        loop = asyncio.create_task(engine.run())
+        handle = engine.submit(valid(max_new_tokens=3))
+        await asyncio.wait_for(replica.in_step.wait(), 5)
+        engine.fail("a rank exited")  # as the supervisor does when it sees a rank exit
+        replica.close.set()  # then closes the channel: the step in flight is cancelled
+        await asyncio.sleep(0.05)
+        survived = not loop.done()
+        engine.restore(ScriptedReplica(SCRIPTS), Scheduler(SchedulerConfig(decode_steps=1), BlockManager(64, 4)))
+        after = await drain(engine.submit(valid(max_new_tokens=3)))
+        loop.cancel()
+        return survived, await drain(handle), after
+
+    survived, failed, after = asyncio.run(scenario())
+    assert survived and isinstance(failed[-1], ErrorEvent) and isinstance(after[-1], FinishEvent)
