@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from tokenizers import Tokenizer
@@ -119,6 +120,18 @@ def follow_through_sigterm(rank: int) -> None:
     signal.signal(signal.SIGTERM, note)
 
 
+def exit_cleanly(provider) -> NoReturn:
+    """Exits 0 once the replica was told to stop: spans exported and logs flushed, then without
+    the interpreter's teardown, in which torch.distributed's C++ threads can abort the process
+    (SIGABRT, "terminate called without an active exception") when another rank is gone first."""
+    if provider is not None:
+        provider.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         process = ShardProcess.from_environ(parse_args(argv), os.environ)
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # a collective timed out or failed, or this rank's forward raised
             stop_with(f"rank {process.rank} stops after {type(error).__name__}: {error}")
             return 1
-        return 0
+        exit_cleanly(provider)
 
     try:
         served = driver.serve(executor, description, config, token)
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_with(f"cannot listen on {config.listen}")
         return 2
     executor.stop()
-    return 0
+    exit_cleanly(provider)
 
 
 if __name__ == "__main__":
