@@ -191,6 +191,7 @@ class Engine:
             )
         handle.request = request
         handle.replica = self.index
+        handle.held_since = None  # this engine's loop must be woken when its stream drains
         self._handles[request.seq_id] = handle
         self.scheduler.add(request)
         self._wakeup.set()

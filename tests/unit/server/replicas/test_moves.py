@@ -10,6 +10,7 @@ from fake_replica import ScriptedReplica
 
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import SchedulerConfig
+from shardgate.server.delivery import OutputStream
 from shardgate.server.engine import PREEMPTION, Engine
 from shardgate.server.output_processor import ErrorEvent, FinishEvent, TokenEvent
 from shardgate.server.replicas.client import plan_to_proto
@@ -182,3 +183,23 @@ def test_without_resume_on_restart_a_generation_with_no_replica_left_ends_unavai
 
     events, parked = asyncio.run(scenario())
     assert events[-1].code == grpc.StatusCode.UNAVAILABLE and parked == 0
+
+
+def test_a_generation_held_for_its_slow_reader_moves_and_goes_on_once_the_reader_reads():
+    async def scenario():
+        engines = make_engines(ScriptedReplica({7: SCRIPT}), ScriptedReplica({7: SCRIPT}))
+        handle = Router(engines).submit(valid(), stream=OutputStream(limit=2))
+        first = asyncio.create_task(engines[0].run())
+        while not handle.request.held:  # two tokens made, none written: held back
+            await asyncio.sleep(0.01)
+        engines[0].fail("test")
+        second = asyncio.create_task(engines[1].run())
+        events = []
+        while not events or not isinstance(events[-1], (FinishEvent, ErrorEvent)):
+            events.append(await asyncio.wait_for(handle.events.get(), 5))
+            handle.delivered(1)  # the reader wrote it: the stream has room again
+        first.cancel(), second.cancel()
+        return events
+
+    events = asyncio.run(scenario())
+    assert tokens_of(events) == SCRIPT[:12] and isinstance(events[-1], FinishEvent)
