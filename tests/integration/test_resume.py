@@ -50,13 +50,14 @@ class Stream:
     finish_reason: str | None = None
     replica: int | None = None
     resumes: int = 0
+    prompt_tokens: int = 0
 
 
-def alone(server, **sampling) -> list[tuple[list[int], str]]:
-    """Each prompt's tokens and text, run alone (one after another)."""
+def alone(server, sampling_of=lambda i: {}) -> list[tuple[list[int], str, int]]:
+    """Each prompt's tokens, text and prompt tokens, run alone (one after another)."""
     with server.client(timeout=300) as client:
-        results = [client.generate(prompt, max_new_tokens=TOKENS, ignore_eos=True, **sampling) for prompt in PROMPTS]
-    return [(result.token_ids, result.text) for result in results]
+        results = [client.generate(p, max_new_tokens=TOKENS, ignore_eos=True, **sampling_of(i)) for i, p in enumerate(PROMPTS)]
+    return [(result.token_ids, result.text, result.usage.prompt_tokens) for result in results]
 
 
 def streams_through(server, fault, sampling_of=lambda i: {}) -> tuple[list[Stream], float]:
@@ -78,6 +79,7 @@ def streams_through(server, fault, sampling_of=lambda i: {}) -> tuple[list[Strea
                         started.wait(120)
                     if delta.usage is not None:
                         seen.finish_reason, seen.replica, seen.resumes = delta.finish_reason, delta.usage.replica, delta.usage.resumes
+                        seen.prompt_tokens = delta.usage.prompt_tokens
         except grpc.RpcError as error:
             seen.code = error.code().name
         return seen
@@ -95,15 +97,16 @@ def move_latencies(streams: list[Stream], fault_at: float) -> list[float]:
     return [next(t for t in s.arrivals if t > fault_at) - fault_at for s in streams if s.resumes]
 
 
-def check_continued(streams: list[Stream], expected: list[tuple[list[int], str]]) -> None:
-    """Every stream completed, some moved to replica 1, and each one's tokens and text are those of the prompt run alone."""
+def check_continued(streams: list[Stream], expected: list[tuple[list[int], str, int]]) -> None:
+    """Every stream completed, some moved to replica 1, and each one's tokens and text are those
+    of the prompt run alone (its usage counting the prompt once)."""
     assert [s.code for s in streams] == ["OK"] * STREAMS
     assert all(s.finish_reason == "length" and len(s.token_ids) == TOKENS for s in streams)
     moved = [s for s in streams if s.resumes]
     assert moved and all(s.resumes == 1 and s.replica == 1 for s in moved), [(s.replica, s.resumes) for s in streams]
-    for stream, (token_ids, text) in zip(streams, expected):
+    for stream, (token_ids, text, prompt_tokens) in zip(streams, expected):
         assert stream.token_ids == token_ids  # no token repeated or lost at the seam
-        assert stream.text == text
+        assert stream.text == text and stream.prompt_tokens == prompt_tokens
 
 
 def wait_both_serve(server) -> None:
@@ -112,7 +115,7 @@ def wait_both_serve(server) -> None:
 
 
 def test_greedy_streams_continue_on_the_other_replica_when_a_shard_is_killed(server):
-    expected = alone(server, temperature=0)
+    expected = alone(server, lambda i: {"temperature": 0})
     streams, fault_at = streams_through(
         server, lambda: os.kill(rank_pid(server.process.pid, 0, 1), signal.SIGKILL), lambda i: {"temperature": 0}
     )
@@ -123,25 +126,20 @@ def test_greedy_streams_continue_on_the_other_replica_when_a_shard_is_killed(ser
 def test_seeded_streams_draw_the_same_tokens_after_a_move(server):
     wait_both_serve(server)
     sampling = [{"temperature": 0.8, "seed": 1000 + i} for i in range(STREAMS)]
-    with server.client(timeout=300) as client:
-        expected = [
-            (r.token_ids, r.text)
-            for r in (client.generate(p, max_new_tokens=TOKENS, ignore_eos=True, **s) for p, s in zip(PROMPTS, sampling))
-        ]
+    expected = alone(server, lambda i: sampling[i])
     streams, _ = streams_through(server, lambda: os.kill(rank_pid(server.process.pid, 0, 1), signal.SIGKILL), lambda i: sampling[i])
     check_continued(streams, expected)
 
 
 def test_a_preempted_replica_hands_its_streams_over_and_exits_cleanly(server):
     wait_both_serve(server)
-    expected = alone(server, temperature=0)
+    expected = alone(server, lambda i: {"temperature": 0})
     driver = rank_pid(server.process.pid, 0, 0)
     streams, fault_at = streams_through(server, lambda: os.kill(driver, signal.SIGTERM), lambda i: {"temperature": 0})
     check_continued(streams, expected)
     latency = max(move_latencies(streams, fault_at))
     print(f"kill -TERM: next token {latency:.3f} s after the signal (slowest of {STREAMS} streams)")
     assert latency < 10  # the hand-over is at the next step boundary, not after the driver's 25 s grace or a drain timeout
-    log = server.log()
     wait_until(lambda: "after its driver's SIGTERM" in server.log(), 60, "replica 0's processes exited")
     log = server.log()
     assert "replica 0 is stopping (its driver got SIGTERM)" in log
