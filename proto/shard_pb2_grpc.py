@@ -92,7 +92,8 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
-        """Runs one batch step.
+        """Runs one batch step. ABORTED, with nothing run, for a step that adds a sequence once the
+        driver is stopping (see AttachResponse.stopping).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

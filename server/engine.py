@@ -354,8 +354,9 @@ class Engine:
             response = await self.replica.step(plan, timeout, metadata=step.metadata, report_timings=step.report_timings)
         except grpc.aio.AioRpcError as error:
             self.telemetry.step_failed(step, error.details() or error.code().name)
-            # A stopping driver refuses new sequences: a step planned before its notice came is a hand-over.
-            self.fail(f"step {plan.step_id}: {_describe(error, timeout)}", PREEMPTION if self._stopping else FAILURE)
+            # A stopping driver refuses new sequences (ABORTED), maybe before its notice came: a hand-over.
+            stopping = self._stopping or error.code() is grpc.StatusCode.ABORTED
+            self.fail(f"step {plan.step_id}: {_describe(error, timeout)}", PREEMPTION if stopping else FAILURE)
             return
         except asyncio.CancelledError:
             if not self._closed_under_call():

@@ -123,6 +123,10 @@ class MainThread:
         self._calls.put(None)
 
 
+class DriverStopping(ValueError):
+    """A step that adds a sequence after SIGTERM: refused (ABORTED), nothing run; the replica stays in step."""
+
+
 class StopNotice:
     """SIGTERM on the driver (a spot or preemptible node being reclaimed), as the gateway sees
     it: the session's Attach call says so at once, even on an idle replica; new sequences and new
@@ -217,6 +221,8 @@ class ShardService(shard_pb2_grpc.ShardServicer):
             return self.main_thread.call(self._step, request, parent)
         except PlanError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except DriverStopping as error:
+            context.abort(grpc.StatusCode.ABORTED, str(error))
         except ValueError as error:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
@@ -235,7 +241,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
     def _step(self, request: shard_pb2.StepRequest, parent) -> shard_pb2.StepResponse:
         """On the main thread, where the sequence table the check reads is only ever changed."""
         if self.stop_notice.requested and any(chunk.HasField("sampling") for chunk in request.chunks):
-            raise ValueError("this driver is stopping (SIGTERM): it takes no new sequences")
+            raise DriverStopping("this driver is stopping (SIGTERM): it takes no new sequences")
         check_step(request, self.executor.sequences, self.limits)
         return self.executor.run(request, parent)
 

@@ -8,7 +8,7 @@ import pytest
 
 from shardgate.proto import shard_pb2
 from shardgate.proto.shard_config import BatchLimits
-from shardgate.shards.driver import MainThread, ShardService, keepalive_interval
+from shardgate.shards.driver import DriverStopping, MainThread, ShardService, keepalive_interval
 from shardgate.shards.link import SessionGate
 
 
@@ -113,7 +113,7 @@ def test_sigterm_is_told_on_the_open_session_and_the_driver_waits_until_the_gate
         time.sleep(0.01)
     assert [message.stopping for message in told] == [True] and reader.is_alive()
     step = shard_pb2.StepRequest(chunks=[shard_pb2.SeqChunk(seq_id=1, token_ids=[1], sampling=shard_pb2.Sampling())])
-    with pytest.raises(ValueError, match="takes no new sequences"):
+    with pytest.raises(DriverStopping, match="takes no new sequences"):  # a ValueError: the driver keeps serving
         main.call(service._step, step, None)
     later = FakeContext()
     with pytest.raises(RuntimeError, match="takes no new session"):

@@ -203,3 +203,33 @@ def test_a_generation_held_for_its_slow_reader_moves_and_goes_on_once_the_reader
 
     events = asyncio.run(scenario())
     assert tokens_of(events) == SCRIPT[:12] and isinstance(events[-1], FinishEvent)
+
+
+class StoppingReplica(ScriptedReplica):
+    """A driver that got SIGTERM refuses a step adding a sequence (ABORTED) before its notice arrives."""
+
+    async def step(self, plan, timeout=None, metadata=(), report_timings=False):
+        if any(chunk.is_new for chunk in plan.chunks) and plan.step_id > 1:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.ABORTED, None, None, details="this driver is stopping (SIGTERM)")
+        return await super().step(plan)
+
+
+def test_a_step_refused_by_a_stopping_driver_hands_over_without_spending_retries():
+    async def scenario():
+        engines = make_engines(StoppingReplica({7: SCRIPT}), ScriptedReplica({7: SCRIPT}))
+        router = Router(engines, max_request_retries=0)
+        first = router.submit(valid())
+        loop = asyncio.create_task(engines[0].run())
+        while len(first.request.output_ids) < 2:
+            await asyncio.sleep(0)
+        engines[1].healthy = False  # the next request lands on replica 0 too, whose driver refuses it
+        second = router.submit(valid())
+        engines[1].healthy = True
+        await asyncio.wait_for(engines[0].failed.wait(), 5)
+        other = asyncio.create_task(engines[1].run())
+        results = [await drain(first), await drain(second)]
+        loop.cancel(), other.cancel()
+        return results, engines[0].preempted
+
+    (first, second), preempted = asyncio.run(scenario())
+    assert preempted and tokens_of(first) == SCRIPT[:12] and tokens_of(second) == SCRIPT[:12]
