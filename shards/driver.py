@@ -319,17 +319,19 @@ def serve(executor: StepExecutor, description: shard_pb2.DescribeResponse, confi
         main_thread.stop()
 
     def stop_when_let_go() -> None:
+        log.info("SIGTERM: stopping once the gateway has moved this replica's generations (at most %.0f s)", STOP_GRACE_S)
+        service.stop_notice.request()
         if not service.stop_notice.wait_sessions_ended(STOP_GRACE_S):
             log.warning("the gateway did not end its session within %.0f s of SIGTERM; stopping anyway", STOP_GRACE_S)
         stop()
 
+    stopping = threading.Thread(target=stop_when_let_go, name="stop-when-let-go", daemon=True)
+
     def terminate(*_) -> None:
-        """SIGTERM: tell the gateway (its session's Attach call) and stop once it has let go."""
-        if service.stop_notice.requested:
-            return
-        log.info("SIGTERM: stopping once the gateway has moved this replica's generations (at most %.0f s)", STOP_GRACE_S)
-        service.stop_notice.request()
-        threading.Thread(target=stop_when_let_go, name="stop-when-let-go", daemon=True).start()
+        """SIGTERM: tell the gateway (its session's Attach call) and stop once it has let go; on a
+        thread of its own, since a signal handler interrupts the main thread anywhere."""
+        if not stopping.is_alive() and not service.stop_notice.requested:
+            stopping.start()
 
     signal.signal(signal.SIGTERM, terminate)
     log.info(
