@@ -98,6 +98,34 @@ class AttentionMetadata:
                 groups.append(group)
         return cls(slot_mapping=slot_mapping.to(device), groups=tuple(group.to(device) for group in groups))
 
+    @classmethod
+    def for_decodes(
+        cls,
+        slot_mapping: torch.Tensor,
+        positions: torch.Tensor,
+        block_tables: torch.Tensor,
+        block_size: int,
+        sliding_window: int | None = None,
+    ) -> AttentionMetadata:
+        """Metadata of a step of single-token chunks (decodes), built from tensors alone, so
+        that a compiled step (shards/compiled_step.py) traces it: slot_mapping, positions (B,),
+        block_tables (B, max_blocks). The same group `build` makes for such a step."""
+        context_pos = torch.arange(block_tables.shape[1] * block_size, device=positions.device)  # (C,)
+        mask = context_pos <= positions[:, None]  # (B, C)
+        if sliding_window is not None:
+            mask &= context_pos > positions[:, None] - sliding_window
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        group = AttentionGroup(
+            token_index=rows,
+            padded_index=rows,
+            block_tables=block_tables,
+            mask=mask[:, None, None, :],
+            num_seqs=positions.shape[0],
+            max_query_len=1,
+            covers_batch=True,
+        )
+        return cls(slot_mapping=slot_mapping, groups=(group,))
+
 
 def _build_group(
     offsets: list[int],

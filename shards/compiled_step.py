@@ -1,0 +1,148 @@
+"""The compiled decode step: the model's forward over a step of single-token chunks (decodes),
+compiled by torch.compile (inductor) once per batch-size bucket and padded up to the next
+bucket, the CPU counterpart of CUDA-graph capture sizes.
+
+- Freezing (inductor's `freezing`): the weights become constants of the graph, prepacked once
+  for oneDNN, and the norms, RoPE, SiLU·mul and residual adds fuse into a few C++ kernels
+  around the matmuls. Prefill and mixed steps run eager (their token counts vary per step).
+- Buckets: 1, 2, 4, ... up to --max-num-seqs. A step of n decodes runs in the smallest bucket
+  ≥ n; the padding rows embed token 0 at position 0 and write their keys and values into the
+  cache's spare `pad_block`, which no sequence holds.
+- Attention inside the graph: the gathered context's length (blocks per sequence) is the one
+  dynamic dimension of each bucket's graph (`mark_dynamic`), so contexts that grow step by step
+  do not recompile. The tables get at least two columns: a size of one would be specialised.
+- Tensor parallelism: the row-parallel layers' all-reduces are traced into the graph (dynamo
+  turns them into functional collectives), so every rank runs one graph per step. Pipeline
+  stages hand their padded hidden states on as they are.
+- Warm-up compiles every bucket before the shard serves; a failed compile (no C++ compiler, an
+  inductor error) logs one line and the replica runs eager. Compiled graphs and kernels are
+  cached in --compile-cache-dir (inductor's FX graph and kernel caches), so a restart reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from shardgate.shards.attention import AttentionMetadata
+from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.llama import LlamaForCausalLM
+
+log = logging.getLogger("shardgate.shard")
+
+MIN_TABLE_BLOCKS = 2
+"""Block-table columns of a compiled step at least (one would be specialised by the compiler)."""
+
+
+def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Batch sizes with a compiled graph: powers of two below max_num_seqs, then max_num_seqs."""
+    buckets, size = [], 1
+    while size < max_num_seqs:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_num_seqs)
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/shardgate/compile, else ~/.cache/shardgate/compile."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "shardgate" / "compile"
+
+
+class CompiledDecode:
+    """One rank's compiled decode forward, per bucket; counts which bucket served each step."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, max_num_seqs: int, cache_dir: Path) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.buckets = decode_buckets(max_num_seqs)
+        self.hits: Counter[int] = Counter()
+        """Steps each bucket served since warm-up."""
+        self.rows: Counter[int] = Counter()
+        """Sequences those steps held (the rest of bucket × hits was padding)."""
+        self.cache_dir = cache_dir
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by inductor when it first compiles
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 1)
+        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False, options={"freezing": True})
+        self._device = kv_cache.keys[0].device if kv_cache.keys else torch.device("cpu")
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        received: torch.Tensor | None,
+    ) -> torch.Tensor:
+        block_size, window = self.kv_cache.block_size, self.model.config.sliding_window
+        metadata = AttentionMetadata.for_decodes(slot_mapping, positions, block_tables, block_size, window)
+        return self.model(input_ids, positions, metadata, self.kv_cache, received)
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        """The smallest bucket that holds num_seqs decodes (None: more than the largest)."""
+        return next((bucket for bucket in self.buckets if bucket >= num_seqs), None)
+
+    def forward(
+        self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], received: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Hidden states (n, hidden) of n decodes (one token each, at positions, with their
+        block tables) in their bucket's graph; `received`: a later pipeline stage's input (n, hidden)."""
+        num_seqs = len(token_ids)
+        bucket = self.bucket_for(num_seqs)
+        if bucket is None:
+            raise ValueError(f"{num_seqs} decodes exceed the largest compiled bucket {self.buckets[-1]}")
+        self.hits[bucket] += 1
+        self.rows[bucket] += num_seqs
+        return self._run(bucket, token_ids, positions, block_tables, received)[:num_seqs]
+
+    def _run(
+        self, bucket: int, token_ids: list[int], positions: list[int], block_tables: list[list[int]], received: torch.Tensor | None
+    ) -> torch.Tensor:
+        size, pad_block = self.kv_cache.block_size, self.kv_cache.pad_block
+        padding = bucket - len(token_ids)
+        width = max(MIN_TABLE_BLOCKS, *(pos // size + 1 for pos in positions)) if positions else MIN_TABLE_BLOCKS
+        tables = [table[: pos // size + 1] for table, pos in zip(block_tables, positions)]
+        tables = [table + [pad_block] * (width - len(table)) for table in tables] + [[pad_block] * width] * padding
+        slots = [table[pos // size] * size + pos % size for table, pos in zip(block_tables, positions)] + [pad_block * size] * padding
+        device = self._device
+        block_table = torch.tensor(tables, device=device)  # (bucket, width)
+        torch._dynamo.maybe_mark_dynamic(block_table, 1)
+        if received is not None and padding:
+            received = torch.cat((received, received.new_zeros(padding, received.shape[1])))
+        return self._compiled(
+            torch.tensor(token_ids + [0] * padding, device=device),
+            torch.tensor(positions + [0] * padding, device=device),
+            torch.tensor(slots, device=device),
+            block_table,
+            received,
+        )
+
+    def warm_up(self, hidden_size: int, dtype: torch.dtype, first_stage: bool) -> bool:
+        """Compiles every bucket (a step of padding rows only); logs one line per bucket and
+        the total. Returns False, having logged why in one line, when compiling failed."""
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for bucket in self.buckets:
+                    bucket_started = time.perf_counter()
+                    received = None if first_stage else torch.zeros(0, hidden_size, dtype=dtype, device=self._device)
+                    self._run(bucket, [], [], [], received)
+                    log.info("compiled decode bucket %d in %.1f s", bucket, time.perf_counter() - bucket_started)
+        except Exception as error:  # a missing C++ compiler, an inductor or dynamo error: serve eager
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log.warning("compile failed (%s: %s); decode steps run eager", type(error).__name__, reason[:300])
+            return False
+        log.info(
+            "compiled %d decode buckets (%s) in %.1f s; cache %s",
+            len(self.buckets),
+            ",".join(map(str, self.buckets)),
+            time.perf_counter() - started,
+            self.cache_dir,
+        )
+        return True
