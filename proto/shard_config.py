@@ -70,6 +70,11 @@ class ReplicaSettings:
         "folder where the compiled graphs and kernels are cached, so a restart compiles faster "
         "(default: $XDG_CACHE_HOME/shardgate/compile, else ~/.cache/shardgate/compile)",
     )
+    compile_stats_dir: str = flag(
+        "",
+        "folder where each replica's driver writes, after every step, how many decode steps each compiled bucket served and "
+        "how many sequences they held (decode-buckets-PID.json; shardgate bench reads it); default: none",
+    )
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")

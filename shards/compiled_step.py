@@ -8,9 +8,11 @@ bucket, the CPU counterpart of CUDA-graph capture sizes.
 - Buckets: 1, 2, 4, ... up to --max-num-seqs. A step of n decodes runs in the smallest bucket
   ≥ n; the padding rows embed token 0 at position 0 and write their keys and values into the
   cache's spare `pad_block`, which no sequence holds.
-- Attention inside the graph: the gathered context's length (blocks per sequence) is the one
-  dynamic dimension of each bucket's graph (`mark_dynamic`), so contexts that grow step by step
-  do not recompile. The tables get at least two columns: a size of one would be specialised.
+- Attention between the fused regions: the graph calls paged attention (the cache write, the
+  block gathers and SDPA) as one opaque operator, `shardgate::paged_decode_attention`
+  (shards/attention.py says why). Its block tables' width (the longest context, in blocks) is
+  the one dynamic dimension of each bucket's graph (`mark_dynamic`), so contexts that grow step
+  by step do not recompile; the tables get at least two columns (one would be specialised).
 - Tensor parallelism: the row-parallel layers' all-reduces are traced into the graph (dynamo
   turns them into functional collectives), so every rank runs one graph per step. Pipeline
   stages hand their padded hidden states on as they are.
@@ -21,11 +23,13 @@ bucket, the CPU counterpart of CUDA-graph capture sizes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +41,16 @@ log = logging.getLogger("shardgate.shard")
 
 MIN_TABLE_BLOCKS = 2
 """Block-table columns of a compiled step at least (one would be specialised by the compiler)."""
+
+
+class LayerCaches(NamedTuple):
+    """Each layer's keys and values, as views the graph takes of the cache's one storage tensor.
+
+    The graph gets the storage whole: given the layers' views, which alias one another, the
+    compiler would copy the whole cache around every write."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -65,6 +79,8 @@ class CompiledDecode:
         """Steps each bucket served since warm-up."""
         self.rows: Counter[int] = Counter()
         """Sequences those steps held (the rest of bucket × hits was padding)."""
+        self.stats_file: Path | None = None
+        """Where hits and rows are written after every step (shardgate bench reads them), if anywhere."""
         self.cache_dir = cache_dir
         cache_dir.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by inductor when it first compiles
@@ -79,10 +95,11 @@ class CompiledDecode:
         slot_mapping: torch.Tensor,
         block_tables: torch.Tensor,
         received: torch.Tensor | None,
+        storage: torch.Tensor,
     ) -> torch.Tensor:
         block_size, window = self.kv_cache.block_size, self.model.config.sliding_window
         metadata = AttentionMetadata.for_decodes(slot_mapping, positions, block_tables, block_size, window)
-        return self.model(input_ids, positions, metadata, self.kv_cache, received)
+        return self.model(input_ids, positions, metadata, LayerCaches(storage[0].unbind(0), storage[1].unbind(0)), received)
 
     def bucket_for(self, num_seqs: int) -> int | None:
         """The smallest bucket that holds num_seqs decodes (None: more than the largest)."""
@@ -99,7 +116,16 @@ class CompiledDecode:
             raise ValueError(f"{num_seqs} decodes exceed the largest compiled bucket {self.buckets[-1]}")
         self.hits[bucket] += 1
         self.rows[bucket] += num_seqs
-        return self._run(bucket, token_ids, positions, block_tables, received)[:num_seqs]
+        hidden = self._run(bucket, token_ids, positions, block_tables, received)[:num_seqs]
+        if self.stats_file is not None:
+            self._write_stats()
+        return hidden
+
+    def _write_stats(self) -> None:
+        """{"hits": {bucket: steps}, "rows": {bucket: sequences}}, replaced whole (a reader never sees half)."""
+        partial = self.stats_file.with_suffix(".tmp")
+        partial.write_text(json.dumps({"hits": self.hits, "rows": self.rows}))
+        os.replace(partial, self.stats_file)
 
     def _run(
         self, bucket: int, token_ids: list[int], positions: list[int], block_tables: list[list[int]], received: torch.Tensor | None
@@ -121,6 +147,7 @@ class CompiledDecode:
             torch.tensor(slots, device=device),
             block_table,
             received,
+            self.kv_cache.storage,
         )
 
     def warm_up(self, hidden_size: int, dtype: torch.dtype, first_stage: bool) -> bool:

@@ -51,6 +51,8 @@ class KVCache:
             dtype=dtype,
             device=device,
         )
+        self.storage = storage
+        """(2, layers, num_blocks + 1, block_size, kv_heads, head_dim): keys, then values."""
         self.nbytes = storage.nbytes
         """Bytes of the allocation behind every layer's keys and values."""
         self.keys: list[torch.Tensor] = list(storage[0].unbind(0))  # each (num_blocks, block_size, kv_heads, head_dim)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,14 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     runner = ModelRunner(loaded.model, loaded.config, kv_cache, device)
     if settings.compile:
         cache_dir = Path(settings.compile_cache_dir) if settings.compile_cache_dir else default_cache_dir()
-        compile_decode_step(runner, cache_dir, limits, parallel)
+        compile_decode_step(runner, cache_dir, limits, parallel, settings.compile_stats_dir)
     return RankModel(loaded, choice, runner, num_blocks, profile.step_peak_bytes)
 
 
-def compile_decode_step(runner: ModelRunner, cache_dir: Path, limits: BatchLimits, parallel: ParallelState) -> None:
+def compile_decode_step(runner: ModelRunner, cache_dir: Path, limits: BatchLimits, parallel: ParallelState, stats_dir: str = "") -> None:
     """Compiles the runner's decode step for every bucket (shards/compiled_step.py), on CPU; the
-    replica uses it only when every rank compiled (their steps must pad alike)."""
+    replica uses it only when every rank compiled (their steps must pad alike). The driver
+    writes the buckets' hits into stats_dir, if given."""
     if runner.device.type != "cpu":
         log.info("compile: off on %s (the compiled decode step is built for CPU); steps run eager", runner.device.type)
         return
@@ -83,6 +85,9 @@ def compile_decode_step(runner: ModelRunner, cache_dir: Path, limits: BatchLimit
     ok = compiled.warm_up(runner.config.hidden_size, runner.dtype, parallel.is_first_stage)
     if replica_sum(int(ok), parallel) == parallel.config.world_size:
         runner.compiled = compiled
+        if stats_dir and parallel.is_driver:
+            Path(stats_dir).mkdir(parents=True, exist_ok=True)
+            compiled.stats_file = Path(stats_dir) / f"decode-buckets-{os.getpid()}.json"
     elif ok:
         log.warning("compile failed on another rank of this replica; decode steps run eager")
 
