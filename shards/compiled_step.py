@@ -85,7 +85,10 @@ class CompiledDecode:
         cache_dir.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by inductor when it first compiles
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 1)
-        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False, options={"freezing": True})
+        # Process-wide, not torch.compile(options=...): passed as an option, freezing did not
+        # happen (no frozen constants, no prepacked linears in the generated code).
+        torch._inductor.config.freezing = True
+        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
         self._device = kv_cache.keys[0].device if kv_cache.keys else torch.device("cpu")
 
     def _forward(
