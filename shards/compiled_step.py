@@ -71,10 +71,11 @@ def default_cache_dir() -> Path:
 class CompiledDecode:
     """One rank's compiled decode forward, per bucket; counts which bucket served each step."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, max_num_seqs: int, cache_dir: Path) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, buckets: tuple[int, ...], cache_dir: Path) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.buckets = decode_buckets(max_num_seqs)
+        self.buckets = buckets
+        """Batch sizes with a graph, ascending (decode_buckets)."""
         self.hits: Counter[int] = Counter()
         """Steps each bucket served since warm-up."""
         self.rows: Counter[int] = Counter()

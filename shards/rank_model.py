@@ -14,7 +14,7 @@ import torch
 
 from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.proto.shard_config import BatchLimits, ShardConfig
-from shardgate.shards.compiled_step import CompiledDecode, default_cache_dir
+from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
 from shardgate.shards.dtype_choice import DtypeChoice, choose_dtype
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
@@ -81,7 +81,7 @@ def compile_decode_step(runner: ModelRunner, cache_dir: Path, limits: BatchLimit
     if runner.device.type != "cpu":
         log.info("compile: off on %s (the compiled decode step is built for CPU); steps run eager", runner.device.type)
         return
-    compiled = CompiledDecode(runner.model, runner.kv_cache, limits.max_num_seqs, cache_dir)
+    compiled = CompiledDecode(runner.model, runner.kv_cache, decode_buckets(limits.max_num_seqs), cache_dir)
     ok = compiled.warm_up(runner.config.hidden_size, runner.dtype, parallel.is_first_stage)
     if replica_sum(int(ok), parallel) == parallel.config.world_size:
         runner.compiled = compiled
