@@ -1,14 +1,21 @@
 """A server with its decode step compiled (--compile): the warm-up's log lines, the compile cache
 reused by a restart, the eager fallback when compiling fails, and the eager server's greedy tokens.
 
-Each compiled start costs tens of seconds on a small machine, so the module starts three: a cold
-start and a restart on one fresh cache folder, and one whose C++ compiler is missing."""
+Each compiled start costs tens of seconds on a small machine, so the module starts four: a cold
+start and a restart on one fresh cache folder, one whose C++ compiler is missing, and the
+bench's (compiled, then eager)."""
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from servers import start_server
 
+COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "compile-tests"
+"""Shared by the compile tests (git-ignored): later compiles reuse its kernels."""
 COMPILED = ("--compile", "--max-num-seqs", "2", "--kv-cache-memory", str(64 << 20))
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 
@@ -65,3 +72,30 @@ def test_without_a_compiler_the_server_runs_eager_after_one_line(tmp_path, tiny_
         assert len(failures) == 1 and failures[0].endswith("decode steps run eager"), server.log()
     finally:
         server.stop()
+
+
+def test_bench_compares_compiled_and_eager_with_the_bucket_hits_and_a_profile(tmp_path):
+    command = [sys.executable, "-m", "shardgate.clients.cli", "bench", "--model", "builtin:tiny", *COMPILED]
+    command += ["--compile-cache-dir", str(COMPILE_CACHE), "--compare-compile", "--profile", "--concurrency", "1,2"]
+    command += ["--num-requests", "2,4", "--prompt-len", "6", "--output-len", "8", "--warmup", "0", "--no-progress", "--json", str(tmp_path / "b.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("metric"))
+    assert "eager (--no-compile)" in header and "shardgate ÷ eager (--no-compile)" in header
+    report = json.loads((tmp_path / "b.json").read_text())
+    for level, batch in zip(report["levels"], (1, 2)):
+        assert set(level["results"]) == {"shardgate", "eager (--no-compile)"}
+        assert level["results"]["eager (--no-compile)"]["output_tokens"] == level["results"]["shardgate"]["output_tokens"]
+        buckets = level["decode_buckets"]["buckets"]
+        decodes = sum(b["sequences"] for b in buckets.values())
+        if batch == 1:  # each request's 7 decode steps ran compiled
+            assert buckets == {"1": {"steps": 14, "sequences": 14}}
+        else:  # a decode in a step beside another request's prefill ran eager
+            assert set(buckets) <= {"1", "2"} and 0 < decodes <= 28
+    assert "padding waste: " in result.stdout
+    profiles = report["step_profiles"]
+    assert [(p["label"], p["batch"]) for p in profiles] == [("compiled", 1), ("compiled", 2), ("eager", 1), ("eager", 2)]
+    for profile in profiles:
+        shares = profile["shares"]
+        assert profile["step_ms"] > 0 and 0 < shares["linears"] < 1 and 0 < shares["attention"] < 1
+        assert sum(shares.values()) == pytest.approx(1)
