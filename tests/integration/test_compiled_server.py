@@ -77,7 +77,8 @@ def test_without_a_compiler_the_server_runs_eager_after_one_line(tmp_path, tiny_
 def test_bench_compares_compiled_and_eager_with_the_bucket_hits_and_a_profile(tmp_path):
     command = [sys.executable, "-m", "shardgate.clients.cli", "bench", "--model", "builtin:tiny", *COMPILED]
     command += ["--compile-cache-dir", str(COMPILE_CACHE), "--compare-compile", "--profile", "--concurrency", "1,2"]
-    command += ["--num-requests", "2,4", "--prompt-len", "6", "--output-len", "8", "--warmup", "0", "--no-progress", "--json", str(tmp_path / "b.json")]
+    command += ["--num-requests", "2,4", "--prompt-len", "6", "--output-len", "8", "--warmup", "0", "--no-progress"]
+    command += ["--json", str(tmp_path / "b.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if line.startswith("metric"))
