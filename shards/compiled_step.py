@@ -83,13 +83,8 @@ class CompiledDecode:
         self.stats_file: Path | None = None
         """Where hits and rows are written after every step (shardgate bench reads them), if anywhere."""
         self.cache_dir = cache_dir
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read by inductor when it first compiles
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 1)
-        # Process-wide, not torch.compile(options=...): passed as an option, freezing did not
-        # happen (no frozen constants, no prepacked linears in the generated code).
-        torch._inductor.config.freezing = True
-        self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self._compiled = None
+        """The torch.compile'd forward, made by warm_up."""
         self._device = kv_cache.keys[0].device if kv_cache.keys else torch.device("cpu")
 
     def _forward(
@@ -159,13 +154,20 @@ class CompiledDecode:
         the total. Returns False, having logged why in one line, when compiling failed."""
         started = time.perf_counter()
         try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)  # read by inductor when it first compiles
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 1)
+            # Process-wide, not torch.compile(options=...): passed as an option, freezing did not
+            # happen (no frozen constants, no prepacked linears in the generated code).
+            torch._inductor.config.freezing = True
+            self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
             with torch.inference_mode():
                 for bucket in self.buckets:
                     bucket_started = time.perf_counter()
                     received = None if first_stage else torch.zeros(0, hidden_size, dtype=dtype, device=self._device)
                     self._run(bucket, [], [], [], received)
                     log.info("compiled decode bucket %d in %.1f s", bucket, time.perf_counter() - bucket_started)
-        except Exception as error:  # a missing C++ compiler, an inductor or dynamo error: serve eager
+        except Exception as error:  # no C++ compiler, an unwritable cache folder, an inductor or dynamo error: serve eager
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             log.warning("compile failed (%s: %s); decode steps run eager", type(error).__name__, reason[:300])
             return False

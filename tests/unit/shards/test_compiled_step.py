@@ -84,6 +84,16 @@ def test_a_missing_compiler_falls_back_to_eager_with_one_line(tmp_path, monkeypa
     assert len(failures) == 1 and failures[0].endswith("decode steps run eager"), caplog.text
 
 
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_eager(tmp_path, caplog):
+    loaded = load_model("builtin:tiny", torch.float32, CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU)
+    (tmp_path / "file").write_text("")
+    compiled = CompiledDecode(loaded.model, kv_cache, (1,), tmp_path / "file" / "cache")
+    with caplog.at_level(logging.INFO, logger="shardgate.shard"):
+        assert not compiled.warm_up(loaded.config.hidden_size, torch.float32, first_stage=True)
+    assert "compile failed (FileExistsError" in caplog.text or "compile failed (NotADirectoryError" in caplog.text, caplog.text
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles its own model's graphs."""
