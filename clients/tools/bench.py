@@ -197,10 +197,10 @@ def bench_profile(args: argparse.Namespace, levels: list[Level]) -> list:
     batches = [level.load.concurrency for level in levels]
     workload = levels[0].workload
     context = round(_mean(workload.prompt_len) + _mean(workload.output_len) / 2)
-    profiles = profile_steps(args, batches, context, "compiled" if args.compile else "eager")
+    profiles = profile_steps(args, batches, context)
     if args.compare_compile:
         args.compile = False
-        profiles += profile_steps(args, batches, context, "eager")
+        profiles += profile_steps(args, batches, context)
         args.compile = True
     return profiles
 

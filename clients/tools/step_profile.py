@@ -50,14 +50,19 @@ class StepProfile:
         )
 
 
-def profile_steps(args: Namespace, batches: list[int], context: int, label: str) -> list[StepProfile]:
-    """Builds the model the serve flags in args describe (in this process, one rank) and
-    profiles decode steps of each batch size at the given context length."""
+def profile_steps(args: Namespace, batches: list[int], context: int) -> list[StepProfile]:
+    """Builds the model the serve flags in args describe (in this process, one rank; compiled
+    for the profiled batch sizes' buckets only) and profiles decode steps of each batch size (at
+    most --max-num-seqs) at the given context length."""
+    from dataclasses import replace
+    from pathlib import Path
+
     import torch
     import torch._inductor.config
 
     from shardgate.server.cli import config_from_args
     from shardgate.server.replicas.launcher import shard_config
+    from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
     from shardgate.shards.parallel import ParallelConfig, ParallelState
     from shardgate.shards.rank_model import build_rank_model, resolve_device
 
@@ -65,10 +70,19 @@ def profile_steps(args: Namespace, batches: list[int], context: int, label: str)
         raise ValueError("--profile runs one rank in this process: drop --tp and --pp")
     torch._inductor.config.cpp.enable_kernel_profile = True  # the fused kernels show in the profile
     gateway = config_from_args(args)
-    config = shard_config(gateway.replica, gateway.scheduler, listen="profile")
+    config = shard_config(replace(gateway.replica, compile=False), gateway.scheduler, listen="profile")
     rank_model = build_rank_model(config, resolve_device(config.replica.device, 0), ParallelState(ParallelConfig()))
     runner = rank_model.runner
+    batches = [min(batch, gateway.scheduler.max_num_seqs) for batch in batches]
+    if gateway.replica.compile:
+        buckets = decode_buckets(gateway.scheduler.max_num_seqs)
+        needed = tuple(sorted({next(bucket for bucket in buckets if bucket >= batch) for batch in batches}))
+        cache_dir = Path(gateway.replica.compile_cache_dir) if gateway.replica.compile_cache_dir else default_cache_dir()
+        compiled = CompiledDecode(runner.model, runner.kv_cache, needed, cache_dir)
+        if compiled.warm_up(runner.config.hidden_size, runner.dtype, first_stage=True):
+            runner.compiled = compiled
     capacity = runner.kv_cache.num_blocks * runner.kv_cache.block_size
+    label = "eager" if runner.compiled is None else "compiled"
     return [_profile(runner, batch, min(context, capacity // batch - 1), label) for batch in batches]
 
 
