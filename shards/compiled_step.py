@@ -16,9 +16,12 @@ bucket, the CPU counterpart of CUDA-graph capture sizes.
 - Tensor parallelism: the row-parallel layers' all-reduces are traced into the graph (dynamo
   turns them into functional collectives), so every rank runs one graph per step. Pipeline
   stages hand their padded hidden states on as they are.
-- Warm-up compiles every bucket before the shard serves; a failed compile (no C++ compiler, an
-  inductor error) logs one line and the replica runs eager. Compiled graphs and kernels are
-  cached in --compile-cache-dir (inductor's FX graph and kernel caches), so a restart reuses them.
+- Warm-up compiles every bucket before the shard serves; a failed compile (no C++ compiler, a
+  cache folder that cannot be made, an inductor error) logs one line and the replica runs eager.
+  The compiled C++ kernels are cached in --compile-cache-dir, so a restart only traces and
+  lowers the graphs again (inductor's whole-graph cache skips graphs holding prepacked oneDNN
+  weights, which cannot be pickled).
+- int8 weights stay int8 in the graph (int8_linear.py).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ MIN_TABLE_BLOCKS = 2
 class LayerCaches(NamedTuple):
     """Each layer's keys and values, as views the graph takes of the cache's one storage tensor.
 
-    The graph gets the storage whole: given the layers' views, which alias one another, the
-    compiler would copy the whole cache around every write."""
+    The graph gets the storage whole, as one input, rather than the layers' views of it: graph
+    inputs that alias one another and are written make the compiler rebuild their common base
+    around the writes."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
