@@ -67,7 +67,7 @@ def chat(args: argparse.Namespace) -> int:
                 from shardgate.clients.tools.local_server import LocalServer
 
                 print(f"[starting a server on {args.model}]", file=sys.stderr)
-                address = stack.enter_context(LocalServer(["--model", args.model])).address
+                address = stack.enter_context(LocalServer(["--model", args.model, "--no-compile"])).address
             client = stack.enter_context(Client(address, **options))
             session = ChatSession(client, args.system, generation_params(args))
             return run_once(session, message) if message is not None else run_interactive(session)
@@ -147,7 +147,7 @@ def demo(args: argparse.Namespace) -> int:
     from shardgate.clients.tools.local_server import LocalServer
 
     try:
-        with LocalServer(["--model", args.model]) as server, Client(server.address, timeout=60) as client:
+        with LocalServer(["--model", args.model, "--no-compile"]) as server, Client(server.address, timeout=60) as client:
             info = client.model_info()
             print(f"[serving {info.model} ({info.model_type}, {info.dtype}) on {server.address}]", file=sys.stderr)
             params = generation_params(args)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardgate/proto/config.proto\x12\x12shardgate.shard.v1\"\xb4\x01\n\x0fReplicaSettings\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x10\n\x08quantize\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fkv_cache_memory\x18\x06 \x01(\x01\x12\n\n\x02tp\x18\x07 \x01(\r\x12\n\n\x02pp\x18\x08 \x01(\r\x12\x1c\n\x14\x63ollective_timeout_s\x18\t \x01(\x01\"S\n\x0b\x42\x61tchLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x03 \x01(\r\"\xef\x02\n\x0bShardConfig\x12\x34\n\x07replica\x18\x01 \x01(\x0b\x32#.shardgate.shard.v1.ReplicaSettings\x12/\n\x06limits\x18\x02 \x01(\x0b\x32\x1f.shardgate.shard.v1.BatchLimits\x12\x0e\n\x06listen\x18\x03 \x01(\t\x12\x12\n\nparent_pid\x18\x04 \x01(\r\x12\x15\n\x08tls_cert\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07tls_key\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x1a\n\rtls_client_ca\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x12\n\nlog_format\x18\x08 \x01(\t\x12\x1e\n\x11listen_token_file\x18\t \x01(\tH\x03\x88\x01\x01\x12\x17\n\x0finsecure_listen\x18\n \x01(\x08\x42\x0b\n\t_tls_certB\n\n\x08_tls_keyB\x10\n\x0e_tls_client_caB\x14\n\x12_listen_token_fileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardgate/proto/config.proto\x12\x12shardgate.shard.v1\"\xfb\x01\n\x0fReplicaSettings\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x10\n\x08quantize\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x17\n\x0fkv_cache_memory\x18\x06 \x01(\x01\x12\n\n\x02tp\x18\x07 \x01(\r\x12\n\n\x02pp\x18\x08 \x01(\r\x12\x1c\n\x14\x63ollective_timeout_s\x18\t \x01(\x01\x12\x0f\n\x07\x63ompile\x18( \x01(\x08\x12\x19\n\x11\x63ompile_cache_dir\x18) \x01(\t\x12\x19\n\x11\x63ompile_stats_dir\x18* \x01(\t\"S\n\x0b\x42\x61tchLimits\x12\x18\n\x10max_batch_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x03 \x01(\r\"\xef\x02\n\x0bShardConfig\x12\x34\n\x07replica\x18\x01 \x01(\x0b\x32#.shardgate.shard.v1.ReplicaSettings\x12/\n\x06limits\x18\x02 \x01(\x0b\x32\x1f.shardgate.shard.v1.BatchLimits\x12\x0e\n\x06listen\x18\x03 \x01(\t\x12\x12\n\nparent_pid\x18\x04 \x01(\r\x12\x15\n\x08tls_cert\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07tls_key\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x1a\n\rtls_client_ca\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x12\n\nlog_format\x18\x08 \x01(\t\x12\x1e\n\x11listen_token_file\x18\t \x01(\tH\x03\x88\x01\x01\x12\x17\n\x0finsecure_listen\x18\n \x01(\x08\x42\x0b\n\t_tls_certB\n\n\x08_tls_keyB\x10\n\x0e_tls_client_caB\x14\n\x12_listen_token_fileb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardgate.proto.config_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPLICASETTINGS']._serialized_start=53
-  _globals['_REPLICASETTINGS']._serialized_end=233
-  _globals['_BATCHLIMITS']._serialized_start=235
-  _globals['_BATCHLIMITS']._serialized_end=318
-  _globals['_SHARDCONFIG']._serialized_start=321
-  _globals['_SHARDCONFIG']._serialized_end=688
+  _globals['_REPLICASETTINGS']._serialized_end=304
+  _globals['_BATCHLIMITS']._serialized_start=306
+  _globals['_BATCHLIMITS']._serialized_end=389
+  _globals['_SHARDCONFIG']._serialized_start=392
+  _globals['_SHARDCONFIG']._serialized_end=759
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReplicaSettings(_message.Message):
-    __slots__ = ("model", "dtype", "quantize", "device", "block_size", "kv_cache_memory", "tp", "pp", "collective_timeout_s")
+    __slots__ = ("model", "dtype", "quantize", "device", "block_size", "kv_cache_memory", "tp", "pp", "collective_timeout_s", "compile", "compile_cache_dir", "compile_stats_dir")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,9 @@ class ReplicaSettings(_message.Message):
     TP_FIELD_NUMBER: _ClassVar[int]
     PP_FIELD_NUMBER: _ClassVar[int]
     COLLECTIVE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_CACHE_DIR_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_STATS_DIR_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     quantize: str
@@ -25,7 +28,10 @@ class ReplicaSettings(_message.Message):
     tp: int
     pp: int
     collective_timeout_s: float
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_cache_memory: _Optional[float] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., collective_timeout_s: _Optional[float] = ...) -> None: ...
+    compile: bool
+    compile_cache_dir: str
+    compile_stats_dir: str
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., quantize: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_cache_memory: _Optional[float] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., collective_timeout_s: _Optional[float] = ..., compile: _Optional[bool] = ..., compile_cache_dir: _Optional[str] = ..., compile_stats_dir: _Optional[str] = ...) -> None: ...
 
 class BatchLimits(_message.Message):
     __slots__ = ("max_batch_tokens", "max_num_seqs", "decode_steps")

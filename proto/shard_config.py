@@ -59,6 +59,22 @@ class ReplicaSettings:
         "replica with it; also bounds how far the ranks' model loads may drift apart at start (default %(default)s)",
         name="--collective-timeout",
     )
+    compile: bool = flag(
+        True,
+        "compile the decode step at start (torch.compile, inductor with frozen weights; one graph per batch size 1, 2, 4, ... "
+        "up to --max-num-seqs, a step padded up to the next); a failed compile logs one line and the step runs eager. "
+        "CPU only (on CUDA the step runs eager). --no-compile: eager, and a faster start (default on)",
+    )
+    compile_cache_dir: str = flag(
+        "",
+        "folder where the compiled graphs and kernels are cached, so a restart compiles faster "
+        "(default: $XDG_CACHE_HOME/shardgate/compile, else ~/.cache/shardgate/compile)",
+    )
+    compile_stats_dir: str = flag(
+        "",
+        "folder where each replica's driver writes, after every step, how many decode steps each compiled bucket served and "
+        "how many sequences they held (decode-buckets-PID.json; shardgate bench reads it); default: none",
+    )
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1 and self.pp >= 1, "tp and pp must be >= 1")

@@ -144,8 +144,11 @@ class EmbedBatcherConfig:
 class ReplicaConfig(ReplicaSettings):
     """How a replica's shard processes are started (and the ReplicaSettings they load with)."""
 
-    start_timeout_s: float = 300.0
-    """How long the gateway waits for a replica to load its model and answer."""
+    start_timeout_s: float = flag(
+        900.0,
+        "seconds the gateway waits for a replica to load its model, compile its decode step (--compile) and answer (default %(default)s)",
+        name="--replica-start-timeout",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

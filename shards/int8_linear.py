@@ -89,7 +89,11 @@ class Int8Weight(nn.Module):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., in) @ weightᵀ (+ bias): (..., out), in x's dtype."""
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows <= INT8PACK_MAX_ROWS:
+        if torch.compiler.is_compiling() and rows > INT8PACK_MAX_ROWS:
+            # Inductor keeps an int8 weight's conversion out of constant folding and fuses it
+            # into the matmul's input: no scratch buffer to mutate inside the graph.
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale
+        elif x.device.type == "cpu" and rows <= INT8PACK_MAX_ROWS:
             rows_of_x = x.reshape(rows, -1).contiguous()  # the kernel needs contiguous rows
             y = torch._weight_int8pack_mm(rows_of_x, self.qweight, self.scale).view(*x.shape[:-1], -1)
         else:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from shardgate.proto import inference_pb2, shard_pb2
-from shardgate.proto.shard_config import ShardConfig
+from shardgate.proto.shard_config import BatchLimits, ShardConfig
+from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
 from shardgate.shards.dtype_choice import DtypeChoice, choose_dtype
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
@@ -64,7 +67,29 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     if num_blocks < 1:
         raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than one KV block; raise it")
     kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device)
-    return RankModel(loaded, choice, ModelRunner(loaded.model, loaded.config, kv_cache, device), num_blocks, profile.step_peak_bytes)
+    runner = ModelRunner(loaded.model, loaded.config, kv_cache, device)
+    if settings.compile:
+        cache_dir = Path(settings.compile_cache_dir) if settings.compile_cache_dir else default_cache_dir()
+        compile_decode_step(runner, cache_dir, limits, parallel, settings.compile_stats_dir)
+    return RankModel(loaded, choice, runner, num_blocks, profile.step_peak_bytes)
+
+
+def compile_decode_step(runner: ModelRunner, cache_dir: Path, limits: BatchLimits, parallel: ParallelState, stats_dir: str = "") -> None:
+    """Compiles the runner's decode step for every bucket (shards/compiled_step.py), on CPU; the
+    replica uses it only when every rank compiled (their steps must pad alike). The driver
+    writes the buckets' hits into stats_dir, if given."""
+    if runner.device.type != "cpu":
+        log.info("compile: off on %s (the compiled decode step is built for CPU); steps run eager", runner.device.type)
+        return
+    compiled = CompiledDecode(runner.model, runner.kv_cache, decode_buckets(limits.max_num_seqs), cache_dir)
+    ok = compiled.warm_up(runner.config.hidden_size, runner.dtype, parallel.is_first_stage)
+    if replica_sum(int(ok), parallel) == parallel.config.world_size:
+        runner.compiled = compiled
+        if stats_dir and parallel.is_driver:
+            Path(stats_dir).mkdir(parents=True, exist_ok=True)
+            compiled.stats_file = Path(stats_dir) / f"decode-buckets-{os.getpid()}.json"
+    elif ok:
+        log.warning("compile failed on another rank of this replica; decode steps run eager")
 
 
 def describe_replica(
@@ -76,7 +101,9 @@ def describe_replica(
     replica-wide bytes read per step and held per token. Every rank of the replica calls it
     (the replica-wide figures are collectives)."""
     weight_bytes = replica_sum(weight_bytes_per_step(rank_model.loaded.model), parallel)
-    kv_bytes_per_token = replica_sum(rank_model.runner.kv_cache.nbytes // (rank_model.num_blocks * config.replica.block_size), parallel)
+    block_size = config.replica.block_size
+    block_bytes = rank_model.loaded.model.kv_layout.bytes_per_block(block_size, rank_model.dtype.torch_dtype)
+    kv_bytes_per_token = replica_sum(block_bytes // block_size, parallel)
     devices = gather_device_names(device, parallel)
     loaded, settings = rank_model.loaded, config.replica
     defaults = loaded.defaults

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from shardgate.shards.attention import AttentionMetadata
+from shardgate.shards.compiled_step import CompiledDecode
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.llama import LlamaForCausalLM
 from shardgate.shards.model_config import ModelConfig
@@ -34,6 +35,15 @@ class SeqChunk:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """A step of single-token chunks, as the compiled decode graph takes it."""
+
+    token_ids: list[int]
+    positions: list[int]
+    block_tables: list[list[int]]
+
+
+@dataclass(frozen=True)
 class SampleResult:
     seq_id: int
     token_id: int
@@ -48,6 +58,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.parallel = model.parallel
         self.dtype = next(model.parameters()).dtype
+        self.compiled: CompiledDecode | None = None
+        """Set once its warm-up compiled every bucket: steps of decodes alone then run through it."""
 
     def step(self, chunks: list[SeqChunk], timer: CommTimer | None = None) -> list[SampleResult]:
         """Run all chunks as one flat batch; one result per chunk with sample=True, in chunk
@@ -55,28 +67,34 @@ class ModelRunner:
         step's collectives and pipeline transfers add their time to it."""
         if not chunks:
             return []
-        self.parallel.tp.timer = timer
+        compiled = self.compiled is not None and all(len(chunk.token_ids) == 1 for chunk in chunks)
+        # A compiled graph's collectives are not timed: the timer would be a guard of the graph.
+        self.parallel.tp.timer = None if compiled else timer
         try:
-            return self._step(chunks, timer)
+            return self._step(chunks, timer, compiled)
         finally:
             self.parallel.tp.timer = None
 
-    def _step(self, chunks: list[SeqChunk], timer: CommTimer | None) -> list[SampleResult]:
+    def _step(self, chunks: list[SeqChunk], timer: CommTimer | None, compiled: bool) -> list[SampleResult]:
         for chunk in chunks:
             self._check(chunk)
-        input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], device=self.device)  # (T,)
-        positions = torch.tensor(
-            [p for chunk in chunks for p in range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids))],
-            device=self.device,
-        )  # (T,)
-        metadata = AttentionMetadata.build(
-            [len(chunk.token_ids) for chunk in chunks],
-            [chunk.start_pos for chunk in chunks],
-            [chunk.block_table for chunk in chunks],
-            self.kv_cache.block_size,
-            self.device,
-            self.config.sliding_window,
-        )
+        if compiled:
+            input_ids = [chunk.token_ids[0] for chunk in chunks]
+            metadata = DecodeBatch(input_ids, [chunk.start_pos for chunk in chunks], [chunk.block_table for chunk in chunks])
+        else:
+            input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids], device=self.device)  # (T,)
+            positions = torch.tensor(
+                [p for chunk in chunks for p in range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids))],
+                device=self.device,
+            )  # (T,)
+            metadata = AttentionMetadata.build(
+                [len(chunk.token_ids) for chunk in chunks],
+                [chunk.start_pos for chunk in chunks],
+                [chunk.block_table for chunk in chunks],
+                self.kv_cache.block_size,
+                self.device,
+                self.config.sliding_window,
+            )
         sampled = [chunk for chunk in chunks if chunk.sample]
         last_rows, end = [], 0
         for chunk in chunks:
@@ -85,7 +103,10 @@ class ModelRunner:
                 last_rows.append(end - 1)
 
         with torch.inference_mode():
-            hidden = self.forward(input_ids, positions, metadata, timer)  # (T, hidden)
+            if compiled:
+                hidden = self.forward_decodes(metadata, timer)  # (T, hidden)
+            else:
+                hidden = self.forward(input_ids, positions, metadata, timer)  # (T, hidden)
             if hidden is None or not sampled:
                 return []
             logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)
@@ -97,13 +118,26 @@ class ModelRunner:
     ) -> torch.Tensor | None:
         """This rank's layers over the packed tokens: the final hidden states (T, hidden) on the
         last pipeline stage; earlier stages send theirs on and return None."""
+        received = self._receive(len(input_ids), timer)
+        return self._send(self.model(input_ids, positions, metadata, self.kv_cache, received), timer)
+
+    def forward_decodes(self, batch: DecodeBatch, timer: CommTimer | None = None) -> torch.Tensor | None:
+        """forward for a step of decodes, through the compiled graph of its batch-size bucket."""
+        received = self._receive(len(batch.token_ids), timer)
+        return self._send(self.compiled.forward(batch.token_ids, batch.positions, batch.block_tables, received), timer)
+
+    def _receive(self, num_tokens: int, timer: CommTimer | None) -> torch.Tensor | None:
+        """The previous pipeline stage's hidden states (num_tokens, hidden); None on the first stage."""
+        if self.parallel.is_first_stage:
+            return None
+        received = torch.empty(num_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        with _timed(timer, "pp_recv"):
+            dist.recv(received, src=self.parallel.prev_rank)
+        return received
+
+    def _send(self, hidden: torch.Tensor, timer: CommTimer | None) -> torch.Tensor | None:
+        """Hands hidden on to the next pipeline stage (returns None), or returns it on the last."""
         parallel = self.parallel
-        received = None
-        if not parallel.is_first_stage:
-            received = torch.empty(len(input_ids), self.config.hidden_size, dtype=self.dtype, device=self.device)
-            with _timed(timer, "pp_recv"):
-                dist.recv(received, src=parallel.prev_rank)
-        hidden = self.model(input_ids, positions, metadata, self.kv_cache, received)
         if not parallel.is_last_stage:
             with _timed(timer, "pp_send"):
                 dist.send(hidden, dst=parallel.next_rank)

@@ -63,9 +63,12 @@ class RunningServer:
 def launch_server(log_dir: Path, *args: str, env: dict[str, str] | None = None) -> RunningServer:
     """Starts the gateway with the given `shardgate serve` flags (and extra environment
     variables); returns at once. Without --model it serves builtin:tiny (not serve's default,
-    builtin:smollm2 when its wheel is installed: the tests stay fast)."""
+    builtin:smollm2 when its wheel is installed: the tests stay fast), and without --compile
+    it passes --no-compile."""
     if "--model" not in args:
         args = ("--model", TINY, *args)
+    if "--compile" not in args:  # compiling every bucket takes tens of seconds: only the compile tests ask for it
+        args = (*args, "--no-compile")
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

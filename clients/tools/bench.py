@@ -9,7 +9,9 @@ import argparse
 import asyncio
 import json
 import math
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from shardgate.clients.errors import ShardgateError
 from shardgate.clients.tools.arguments import client_options, connection_arguments, workload_arguments
 from shardgate.clients.tools.bandwidth import HardwareReport, read_bandwidth
 from shardgate.clients.tools.bench_metrics import Summary, summarize
+from shardgate.clients.tools.bucket_hits import BucketHits
 from shardgate.clients.tools.in_process import IN_PROCESS
 from shardgate.clients.tools.protocols import GRPC, NATIVE, PROTOCOLS
 from shardgate.clients.tools.workload import WorkItem, WorkloadConfig, make_workload, poisson_arrivals, text_workload
@@ -31,6 +34,8 @@ def protocol_label(protocol: str) -> str:
 
 
 HF_ONE = "hf one-at-a-time"
+EAGER = "eager (--no-compile)"
+"""The column of the same server with its decode step not compiled (--compare-compile)."""
 
 
 def hf_static(batch_size: int) -> str:
@@ -184,6 +189,26 @@ def bench_in_process(args: argparse.Namespace, runs: list[ServerRun], levels: li
     return {index: summarize(level_records, load.device_cost_per_hour, devices=1) for index, level_records in enumerate(records)}
 
 
+def bench_profile(args: argparse.Namespace, levels: list[Level]) -> list:
+    """Decode steps at each level's concurrency, profiled in this process (step_profile.py):
+    compiled as served, and eager too with --compare-compile."""
+    from shardgate.clients.tools.step_profile import profile_steps
+
+    batches = [level.load.concurrency for level in levels]
+    workload = levels[0].workload
+    context = round(_mean(workload.prompt_len) + _mean(workload.output_len) / 2)
+    profiles = profile_steps(args, batches, context)
+    if args.compare_compile:
+        args.compile = False
+        profiles += profile_steps(args, batches, context)
+        args.compile = True
+    return profiles
+
+
+def _mean(lengths) -> float:
+    return (lengths.low + lengths.high) / 2
+
+
 # --- report -------------------------------------------------------------------------------
 
 ROWS = [
@@ -292,6 +317,17 @@ def add_parser(commands) -> None:
         action="store_true",
         help="also run the same engine in this process with no gRPC (one rank): what the gateway round trip and streams cost",
     )
+    parser.add_argument(
+        "--compare-compile",
+        action="store_true",
+        help="also run every level on the same server with --no-compile, after the compiled one: an eager column and its ratio",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile decode steps at each level's concurrency in this process (torch.profiler): the step's shares of "
+        "linears, attention, sampling and the rest (compiled and, with --compare-compile, eager)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (- for stdout)")
     parser.add_argument(
         "--make-model", metavar="DIR", type=Path, help="write the benchmark model (Llama, ~150M parameters) to DIR and exit"
@@ -350,6 +386,10 @@ def bench_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--baseline hf needs --model to be a local Hugging Face folder, not {args.model!r}")
         if args.in_process and (args.addr is not None or args.rate is not None):
             raise ValueError("--in-process needs --model (not --addr) and --concurrency (not --rate)")
+        if args.compare_compile and (args.addr is not None or not args.compile):
+            raise ValueError("--compare-compile starts the server itself, compiled then eager: give --model, not --addr or --no-compile")
+        if args.profile and (args.addr is not None or args.rate is not None):
+            raise ValueError("--profile needs --model (not --addr) and --concurrency (not --rate)")
         protocols = list(args.protocol)
         needs_http = any(PROTOCOLS[p].port != GRPC for p in protocols)
         if needs_http and args.addr is not None and args.http_addr is None:
@@ -363,11 +403,17 @@ def bench_command(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     server = None
     runs: list[dict[str, ServerRun]] = []  # per level, per protocol
+    hits: list[BucketHits] = []  # per level, with a compiled server started here
+    eager_runs: list[ServerRun] = []
     text_prompts = protocols != [NATIVE]
+    stats_dir = Path(tempfile.mkdtemp(prefix="shardgate-buckets-")) if args.addr is None and args.compile else None
+    if stats_dir is not None:
+        args.compile_stats_dir = str(stats_dir)
     try:
         if args.addr is None:
             server = LocalServer(serve_argv(args)).start()
         for level in levels:
+            before = BucketHits.read(stats_dir) if stats_dir is not None else None
             runs.append(
                 {
                     protocol: asyncio.run(
@@ -385,13 +431,29 @@ def bench_command(args: argparse.Namespace) -> int:
                     for protocol in protocols
                 }
             )
+            if before is not None:
+                hits.append(BucketHits.read(stats_dir) - before)
+        if args.compare_compile:
+            server.stop()
+            args.compile, args.compile_stats_dir = False, ""
+            server = LocalServer(serve_argv(args)).start()
+            for level in levels:
+                eager_runs.append(
+                    asyncio.run(bench_server(server.address, options, level.workload, level.load, progress, text_prompts=text_prompts))
+                )
+            args.compile = True
     except (ShardgateError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
         if server is not None:
             server.stop()  # the baselines get the machine to themselves
+        if stats_dir is not None:
+            shutil.rmtree(stats_dir, ignore_errors=True)
+            args.compile_stats_dir = ""  # the in-process harness and the profile write none
     results = [{protocol_label(protocol): run.summary for protocol, run in level_runs.items()} for level_runs in runs]
+    for level_results, eager in zip(results, eager_runs):
+        level_results[EAGER] = eager.summary
     first_runs = [next(iter(level_runs.values())) for level_runs in runs]  # the baselines send their items
     if args.in_process:
         try:
@@ -403,9 +465,16 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.baseline == "hf":
         for index, summaries in bench_hf(Path(args.model), first_runs, levels, progress).items():
             results[index] |= summaries
+    profiles = []
+    if args.profile:
+        try:
+            profiles = bench_profile(args, levels)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     out = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
     run = first_runs[0]
-    for level, level_results in zip(levels, results):
+    for index, (level, level_results) in enumerate(zip(levels, results)):
         workload, load = level.workload, level.load
         title = (
             f"{run.model} ({run.dtype}, {run.device}): {workload.num_requests} requests, "
@@ -413,7 +482,12 @@ def bench_command(args: argparse.Namespace) -> int:
             f"output {workload.output_len} tokens, {load.describe()}"
         )
         print(format_table(level_results, title), file=out)
+        if hits:
+            print("\n".join(hits[index].lines()), file=out)
         print(file=out)
+    if profiles:
+        print("decode step profile (torch.profiler, in this process):", file=out)
+        print("\n".join(profile.line() for profile in profiles), file=out)
     hardware = hardware_report(run, levels, results) if args.addr is None else None  # a remote server's device is not here
     if hardware is not None:
         print("\n".join(hardware.lines()), file=out)
@@ -433,9 +507,11 @@ def bench_command(args: argparse.Namespace) -> int:
                     "load": asdict(level.load),
                     "results": {name: summary.as_dict() for name, summary in level_results.items()},
                     "ratios": ratios(level_results),
+                    "decode_buckets": hits[index].as_dict() if hits else None,
                 }
-                for level, level_results in zip(levels, results)
+                for index, (level, level_results) in enumerate(zip(levels, results))
             ],
+            "step_profiles": [profile.as_dict() for profile in profiles],
         }
         text = json.dumps(document, indent=2)
         if args.json == "-":

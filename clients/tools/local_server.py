@@ -19,7 +19,7 @@ class LocalServer:
     """`with LocalServer(["--model", "builtin:tiny"]) as server: ...server.address...`; its
     output goes to a log file (named in errors)."""
 
-    def __init__(self, serve_args: list[str], log_dir: Path | None = None, start_timeout_s: float = 600) -> None:
+    def __init__(self, serve_args: list[str], log_dir: Path | None = None, start_timeout_s: float = 1200) -> None:
         self.serve_args = list(serve_args)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"

@@ -36,6 +36,7 @@ def test_bench_with_the_hf_baseline_and_the_in_process_engine_at_two_levels(benc
         "bench",
         "--model",
         str(bench_model),
+        "--no-compile",
         "--kv-cache-memory",
         str(64 << 20),
         "--num-requests",

@@ -10,6 +10,7 @@ import pytest
 
 def test_bench_drives_native_openai_and_kserve_side_by_side():
     command = [sys.executable, "-m", "shardgate.clients.cli", "bench", "--model", "builtin:tiny", "--kv-cache-memory", str(64 << 20)]
+    command += ["--no-compile"]
     command += ["--protocol", "native,openai,kserve", "--concurrency", "1,3", "--num-requests", "3,6", "--prompt-len", "6:12"]
     command += ["--output-len", "5:9", "--warmup", "1", "--no-progress", "--json", "-"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)

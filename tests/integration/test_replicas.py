@@ -50,6 +50,7 @@ def torchrun_node(node_rank: int, master_port: int, driver: str, token_file, log
         str(master_port),
         "-m",
         "shardgate.shards.main",
+        "--no-compile",
         "--model",
         "builtin:tiny",
         "--tp",

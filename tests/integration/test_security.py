@@ -152,6 +152,7 @@ def test_remote_replica_link_is_mutual_tls(pki, tmp_path):
         str(free_port()),
         "-m",
         "shardgate.shards.main",
+        "--no-compile",
         "--model",
         "builtin:tiny",
         "--listen",

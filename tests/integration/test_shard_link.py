@@ -38,6 +38,7 @@ def driver_command(listen: str, *flags: str) -> list[str]:
         str(free_port()),
         "-m",
         "shardgate.shards.main",
+        "--no-compile",
         "--model",
         "builtin:tiny",
         "--listen",

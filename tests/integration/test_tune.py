@@ -19,6 +19,7 @@ def test_tune_plots_and_recommends_serve_flags_that_meet_the_slo(tmp_path):
     png = tmp_path / "tune.png"
     result = shardgate(
         "tune",
+        "--no-compile",
         "--model",
         "builtin:tiny",
         "--kv-cache-memory",
@@ -66,6 +67,7 @@ def test_tune_plots_and_recommends_serve_flags_that_meet_the_slo(tmp_path):
 def test_tune_says_when_nothing_meets_the_slo(tmp_path):
     result = shardgate(
         "tune",
+        "--no-compile",
         "--model",
         "builtin:tiny",
         "--kv-cache-memory",

@@ -122,5 +122,5 @@ def test_from_flags_takes_given_sections_and_keeps_non_flag_defaults():
     parser = argparse.ArgumentParser()
     add_flags(parser, GatewayConfig)
     config = from_flags(GatewayConfig, parser.parse_args(["--max-num-seqs", "3"]))
-    assert config.scheduler.max_num_seqs == 3 and config.replica.start_timeout_s == 300.0
+    assert config.scheduler.max_num_seqs == 3 and config.replica.start_timeout_s == 900.0  # a flag since --compile
     assert config.max_stop_strings == GatewayConfig().max_stop_strings

@@ -1,0 +1,185 @@
+"""The compiled decode step: the model's forward over a step of single-token chunks (decodes),
+compiled by torch.compile (inductor) once per batch-size bucket and padded up to the next
+bucket, the CPU counterpart of CUDA-graph capture sizes.
+
+- Freezing (inductor's `freezing`): the weights become constants of the graph, prepacked once
+  for oneDNN, and the norms, RoPE, SiLU·mul and residual adds fuse into a few C++ kernels
+  around the matmuls. Prefill and mixed steps run eager (their token counts vary per step).
+- Buckets: 1, 2, 4, ... up to --max-num-seqs. A step of n decodes runs in the smallest bucket
+  ≥ n; the padding rows embed token 0 at position 0 and write their keys and values into the
+  cache's spare `pad_block`, which no sequence holds.
+- Attention between the fused regions: the graph calls paged attention (the cache write, the
+  block gathers and SDPA) as one opaque operator, `shardgate::paged_decode_attention`
+  (shards/attention.py says why). Its block tables' width (the longest context, in blocks) is
+  the one dynamic dimension of each bucket's graph (`mark_dynamic`), so contexts that grow step
+  by step do not recompile; the tables get at least two columns (one would be specialised).
+- Tensor parallelism: the row-parallel layers' all-reduces are traced into the graph (dynamo
+  turns them into functional collectives), so every rank runs one graph per step. Pipeline
+  stages hand their padded hidden states on as they are.
+- Warm-up compiles every bucket before the shard serves; a failed compile (no C++ compiler, a
+  cache folder that cannot be made, an inductor error) logs one line and the replica runs eager.
+  The compiled C++ kernels are cached in --compile-cache-dir, so a restart only traces and
+  lowers the graphs again (inductor's whole-graph cache skips graphs holding prepacked oneDNN
+  weights, which cannot be pickled).
+- int8 weights stay int8 in the graph (int8_linear.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from shardgate.shards.attention import AttentionMetadata
+from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.llama import LlamaForCausalLM
+
+log = logging.getLogger("shardgate.shard")
+
+MIN_TABLE_BLOCKS = 2
+"""Block-table columns of a compiled step at least (one would be specialised by the compiler)."""
+
+
+class LayerCaches(NamedTuple):
+    """Each layer's keys and values, as views the graph takes of the cache's one storage tensor.
+
+    The graph gets the storage whole, as one input, rather than the layers' views of it: graph
+    inputs that alias one another and are written make the compiler rebuild their common base
+    around the writes."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+
+def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Batch sizes with a compiled graph: powers of two below max_num_seqs, then max_num_seqs."""
+    buckets, size = [], 1
+    while size < max_num_seqs:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_num_seqs)
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/shardgate/compile, else ~/.cache/shardgate/compile."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "shardgate" / "compile"
+
+
+class CompiledDecode:
+    """One rank's compiled decode forward, per bucket; counts which bucket served each step."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, buckets: tuple[int, ...], cache_dir: Path) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.buckets = buckets
+        """Batch sizes with a graph, ascending (decode_buckets)."""
+        self.hits: Counter[int] = Counter()
+        """Steps each bucket served since warm-up."""
+        self.rows: Counter[int] = Counter()
+        """Sequences those steps held (the rest of bucket × hits was padding)."""
+        self.stats_file: Path | None = None
+        """Where hits and rows are written after every step (shardgate bench reads them), if anywhere."""
+        self.cache_dir = cache_dir
+        self._compiled = None
+        """The torch.compile'd forward, made by warm_up."""
+        self._device = kv_cache.keys[0].device if kv_cache.keys else torch.device("cpu")
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        received: torch.Tensor | None,
+        storage: torch.Tensor,
+    ) -> torch.Tensor:
+        block_size, window = self.kv_cache.block_size, self.model.config.sliding_window
+        metadata = AttentionMetadata.for_decodes(slot_mapping, positions, block_tables, block_size, window)
+        return self.model(input_ids, positions, metadata, LayerCaches(storage[0].unbind(0), storage[1].unbind(0)), received)
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        """The smallest bucket that holds num_seqs decodes (None: more than the largest)."""
+        return next((bucket for bucket in self.buckets if bucket >= num_seqs), None)
+
+    def forward(
+        self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], received: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Hidden states (n, hidden) of n decodes (one token each, at positions, with their
+        block tables) in their bucket's graph; `received`: a later pipeline stage's input (n, hidden)."""
+        num_seqs = len(token_ids)
+        bucket = self.bucket_for(num_seqs)
+        if bucket is None:
+            raise ValueError(f"{num_seqs} decodes exceed the largest compiled bucket {self.buckets[-1]}")
+        self.hits[bucket] += 1
+        self.rows[bucket] += num_seqs
+        hidden = self._run(bucket, token_ids, positions, block_tables, received)[:num_seqs]
+        if self.stats_file is not None:
+            self._write_stats()
+        return hidden
+
+    def _write_stats(self) -> None:
+        """{"hits": {bucket: steps}, "rows": {bucket: sequences}}, replaced whole (a reader never sees half)."""
+        partial = self.stats_file.with_suffix(".tmp")
+        partial.write_text(json.dumps({"hits": self.hits, "rows": self.rows}))
+        os.replace(partial, self.stats_file)
+
+    def _run(
+        self, bucket: int, token_ids: list[int], positions: list[int], block_tables: list[list[int]], received: torch.Tensor | None
+    ) -> torch.Tensor:
+        size, pad_block = self.kv_cache.block_size, self.kv_cache.pad_block
+        padding = bucket - len(token_ids)
+        width = max(MIN_TABLE_BLOCKS, *(pos // size + 1 for pos in positions)) if positions else MIN_TABLE_BLOCKS
+        tables = [table[: pos // size + 1] for table, pos in zip(block_tables, positions)]
+        tables = [table + [pad_block] * (width - len(table)) for table in tables] + [[pad_block] * width] * padding
+        slots = [table[pos // size] * size + pos % size for table, pos in zip(block_tables, positions)] + [pad_block * size] * padding
+        device = self._device
+        block_table = torch.tensor(tables, device=device)  # (bucket, width)
+        torch._dynamo.maybe_mark_dynamic(block_table, 1)
+        if received is not None and padding:
+            received = torch.cat((received, received.new_zeros(padding, received.shape[1])))
+        return self._compiled(
+            torch.tensor(token_ids + [0] * padding, device=device),
+            torch.tensor(positions + [0] * padding, device=device),
+            torch.tensor(slots, device=device),
+            block_table,
+            received,
+            self.kv_cache.storage,
+        )
+
+    def warm_up(self, hidden_size: int, dtype: torch.dtype, first_stage: bool) -> bool:
+        """Compiles every bucket (a step of padding rows only); logs one line per bucket and
+        the total. Returns False, having logged why in one line, when compiling failed."""
+        started = time.perf_counter()
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir)  # read by inductor when it first compiles
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 1)
+            # Process-wide, not torch.compile(options=...): passed as an option, freezing did not
+            # happen (no frozen constants, no prepacked linears in the generated code).
+            torch._inductor.config.freezing = True
+            self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
+            with torch.inference_mode():
+                for bucket in self.buckets:
+                    bucket_started = time.perf_counter()
+                    received = None if first_stage else torch.zeros(0, hidden_size, dtype=dtype, device=self._device)
+                    self._run(bucket, [], [], [], received)
+                    log.info("compiled decode bucket %d in %.1f s", bucket, time.perf_counter() - bucket_started)
+        except Exception as error:  # no C++ compiler, an unwritable cache folder, an inductor or dynamo error: serve eager
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log.warning("compile failed (%s: %s); decode steps run eager", type(error).__name__, reason[:300])
+            return False
+        log.info(
+            "compiled %d decode buckets (%s) in %.1f s; cache %s",
+            len(self.buckets),
+            ",".join(map(str, self.buckets)),
+            time.perf_counter() - started,
+            self.cache_dir,
+        )
+        return True

@@ -1,0 +1,102 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardgate.shards.compiled_step import CompiledDecode, decode_buckets
+from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.quantization import quantize_model
+from shardgate.shards.runner import ModelRunner, SeqChunk
+from shardgate.shards.sampler import SamplingParams
+from shardgate.shards.weights import load_model
+
+CPU = torch.device("cpu")
+BLOCK_SIZE = 4
+GREEDY = SamplingParams(seed=0, temperature=0.0)
+COMPILE_CACHE = Path(__file__).resolve().parents[3] / ".cache" / "compile-tests"
+"""Shared by the compile tests (git-ignored): a second run reuses the compiled graphs."""
+PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 8, 150, 61, 77, 12, 9], [120], [64, 65, 66]]
+
+
+def test_buckets_double_up_to_the_most_sequences():
+    assert decode_buckets(1) == (1,)
+    assert decode_buckets(4) == (1, 2, 4)
+    assert decode_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+
+
+def make_runner(compiled_cache=None, buckets: tuple[int, ...] = (1, 2, 4), quantize: str = "none") -> ModelRunner:
+    loaded = load_model("builtin:tiny", torch.float32, CPU)
+    quantize_model(loaded.model, quantize)
+    runner = ModelRunner(loaded.model, loaded.config, KVCache(loaded.model.kv_layout, 128, BLOCK_SIZE, torch.float32, CPU), CPU)
+    if compiled_cache is not None:
+        compiled = CompiledDecode(runner.model, runner.kv_cache, buckets, compiled_cache)
+        assert compiled.warm_up(loaded.config.hidden_size, torch.float32, first_stage=True)
+        runner.compiled = compiled
+    return runner
+
+
+def generate(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Each prompt prefilled in one step, then `steps` decode steps of all of them; sequence i
+    holds blocks [8i, 8i + 8). The last three sequences drop out one by one before the end, so
+    the decode batch shrinks."""
+    outputs = [[] for _ in prompts]
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(prompts))]
+    results = runner.step([SeqChunk(i, p, 0, tables[i], True, GREEDY, 0) for i, p in enumerate(prompts)])
+    for result in results:
+        outputs[result.seq_id].append(result.token_id)
+    for step in range(steps):
+        live = [i for i in range(len(prompts)) if step < steps - max(0, i - len(prompts) + 4)]
+        chunks = [SeqChunk(i, [outputs[i][-1]], len(prompts[i]) + len(outputs[i]) - 1, tables[i], True, GREEDY, step + 1) for i in live]
+        for result in runner.step(chunks):
+            outputs[result.seq_id].append(result.token_id)
+    return outputs
+
+
+def test_compiled_decodes_give_the_eager_tokens_without_recompiling():
+    eager = generate(make_runner(), PROMPTS, steps=12)
+    runner = make_runner(COMPILE_CACHE)
+    torch._dynamo.utils.counters.clear()
+    assert generate(runner, PROMPTS, steps=12) == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0  # contexts grew from 2 to 6 blocks
+    # 12 steps of 4, then 3, 2 and 1 sequences: 9 steps in bucket 4 (one padded), then buckets 2 and 1.
+    assert dict(runner.compiled.hits) == {4: 10, 2: 1, 1: 1}
+    assert runner.compiled.rows[4] == 9 * 4 + 3
+
+
+def test_int8_compiled_decodes_give_the_eager_tokens():
+    # 12 sequences in one bucket of 16: past int8's matrix-vector kernel (up to 8 rows), the graph
+    # converts the int8 weights itself.
+    prompts = [[7 + i, 3 * i + 1, 200 - i] for i in range(12)]
+    eager = generate(make_runner(quantize="int8"), prompts, steps=4)
+    assert generate(make_runner(COMPILE_CACHE, buckets=(16,), quantize="int8"), prompts, steps=4) == eager
+
+
+def test_a_missing_compiler_falls_back_to_eager_with_one_line(tmp_path, monkeypatch, caplog):
+    loaded = load_model("builtin:tiny", torch.float32, CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    torch._dynamo.reset()  # nothing compiled before may be reused
+    compiled = CompiledDecode(loaded.model, kv_cache, (1, 2), tmp_path / "empty-cache")
+    with caplog.at_level(logging.INFO, logger="shardgate.shard"):
+        assert not compiled.warm_up(loaded.config.hidden_size, torch.float32, first_stage=True)
+    failures = [r.getMessage() for r in caplog.records if "compile failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].endswith("decode steps run eager"), caplog.text
+
+
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_eager(tmp_path, caplog):
+    loaded = load_model("builtin:tiny", torch.float32, CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU)
+    (tmp_path / "file").write_text("")
+    compiled = CompiledDecode(loaded.model, kv_cache, (1,), tmp_path / "file" / "cache")
+    with caplog.at_level(logging.INFO, logger="shardgate.shard"):
+        assert not compiled.warm_up(loaded.config.hidden_size, torch.float32, first_stage=True)
+    assert "compile failed (FileExistsError" in caplog.text or "compile failed (NotADirectoryError" in caplog.text, caplog.text
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles its own model's graphs."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
