@@ -359,9 +359,9 @@ class Engine:
             sampled = {token.seq_id: (token.token_id, token.logprob) for token in tokens}
             for request in self.scheduler.update(plan, sampled):
                 self._on_token(self._handles[request.seq_id])
-        # Let the streams send these tokens now: with async scheduling the next step is running
-        # already; without, they go out before it starts (on a host whose cores the replica's
-        # threads fill, sending them during the step slows the step more).
+        # Let the streams send these tokens now. Without async scheduling they go out before the
+        # next step starts: on a host whose cores the replica's threads fill, sending them during
+        # the step slows the step more. With it, the next step runs already.
         await asyncio.sleep(0)
 
     def _drop_steps_in_flight(self, reason: str) -> None:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import math
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -292,12 +293,33 @@ def add_parser(commands) -> None:
         action="store_true",
         help="also run the same engine in this process with no gRPC (one rank): what the gateway round trip and streams cost",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="FLAGS",
+        action="append",
+        type=serve_flags,
+        default=[],
+        help="also run every level on a server started with these serve flags added (quoted; repeatable, e.g. "
+        "--compare=--no-async-scheduling --compare='--decode-steps 1'), one server after the other: a column "
+        "`shardgate FLAGS` each, with its ratio to the first server (needs --model, not --addr)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (- for stdout)")
     parser.add_argument(
         "--make-model", metavar="DIR", type=Path, help="write the benchmark model (Llama, ~150M parameters) to DIR and exit"
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=bench_command)
+
+
+def serve_flags(text: str) -> tuple[str, ...]:
+    """A --compare value: `shardgate serve` flags, split as a shell would."""
+    try:
+        flags = tuple(shlex.split(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    if not flags or not flags[0].startswith("-"):
+        raise argparse.ArgumentTypeError(f"expected serve flags such as --no-async-scheduling, got {text!r}")
+    return flags
 
 
 def protocol_list(text: str) -> tuple[str, ...]:
@@ -350,6 +372,8 @@ def bench_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--baseline hf needs --model to be a local Hugging Face folder, not {args.model!r}")
         if args.in_process and (args.addr is not None or args.rate is not None):
             raise ValueError("--in-process needs --model (not --addr) and --concurrency (not --rate)")
+        if args.compare and args.addr is not None:
+            raise ValueError("--compare starts its own servers: it needs --model, not --addr")
         protocols = list(args.protocol)
         needs_http = any(PROTOCOLS[p].port != GRPC for p in protocols)
         if needs_http and args.addr is not None and args.http_addr is None:
@@ -364,34 +388,34 @@ def bench_command(args: argparse.Namespace) -> int:
     server = None
     runs: list[dict[str, ServerRun]] = []  # per level, per protocol
     text_prompts = protocols != [NATIVE]
+    compared: list[dict[str, Summary]] = [{} for _ in levels]  # per level, per --compare server
+
+    def run_level(address: str, level: Level, protocol: str) -> ServerRun:
+        load = bench_server(
+            address, options, level.workload, level.load, progress, protocol=protocol, http_address=http_address, text_prompts=text_prompts
+        )
+        return asyncio.run(load)
+
     try:
         if args.addr is None:
             server = LocalServer(serve_argv(args)).start()
         for level in levels:
-            runs.append(
-                {
-                    protocol: asyncio.run(
-                        bench_server(
-                            args.addr or server.address,
-                            options,
-                            level.workload,
-                            level.load,
-                            progress,
-                            protocol=protocol,
-                            http_address=http_address,
-                            text_prompts=text_prompts,
-                        )
-                    )
-                    for protocol in protocols
-                }
-            )
+            runs.append({protocol: run_level(args.addr or server.address, level, protocol) for protocol in protocols})
+        for flags in args.compare:  # each on its own, after the first server stopped
+            server.stop()
+            server = LocalServer([*serve_argv(args), *flags]).start()
+            for index, level in enumerate(levels):
+                compared[index][f"{SHARDGATE} {shlex.join(flags)}"] = run_level(server.address, level, NATIVE).summary
     except (ShardgateError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
         if server is not None:
             server.stop()  # the baselines get the machine to themselves
-    results = [{protocol_label(protocol): run.summary for protocol, run in level_runs.items()} for level_runs in runs]
+    results = [
+        {protocol_label(protocol): run.summary for protocol, run in level_runs.items()} | level_compared
+        for level_runs, level_compared in zip(runs, compared)
+    ]
     first_runs = [next(iter(level_runs.values())) for level_runs in runs]  # the baselines send their items
     if args.in_process:
         try:
