@@ -101,6 +101,11 @@ class StepInFlight:
     record: StepRecord
     shape: CallShape
     call: asyncio.Future[shard_pb2.StepResponse]
+    answered: float | None = None
+    """time.monotonic() when the call ended (it may wait a while to be applied)."""
+
+    def mark_answered(self, _) -> None:
+        self.answered = time.monotonic()
 
 
 class Engine:
@@ -295,8 +300,8 @@ class Engine:
     def _timeout(self, shape: CallShape) -> float | None:
         return None if self.deadlines is None else self.deadlines.timeout(shape)
 
-    def _answered(self, shape: CallShape, started: float) -> None:
-        self._last_answer = time.monotonic()
+    def _answered(self, shape: CallShape, started: float, answered: float | None = None) -> None:
+        self._last_answer = time.monotonic() if answered is None else answered
         if self.deadlines is not None:
             self.deadlines.record(shape, self._last_answer - started)
 
@@ -322,7 +327,9 @@ class Engine:
         if timeout is not None:  # the call also waits for the steps ahead of it (the engine's own wait is exact)
             timeout += sum(self._timeout(step.shape) for step in ahead)
         call = asyncio.ensure_future(self.replica.step(plan, timeout, metadata=record.metadata, report_timings=record.report_timings))
-        self._in_flight.append(StepInFlight(plan, record, shape, call))
+        step = StepInFlight(plan, record, shape, call)
+        call.add_done_callback(step.mark_answered)
+        self._in_flight.append(step)
 
     async def _apply_oldest_step(self) -> None:
         """Waits for the oldest step in flight (within its deadline, counted from when the step
@@ -351,7 +358,7 @@ class Engine:
             self.telemetry.step_failed(step.record, f"{type(error).__name__}: {error}")
             raise
         step.record.start = started  # its device time starts when the replica started it
-        self._answered(step.shape, started)
+        self._answered(step.shape, started, step.answered)
         self.telemetry.step_finished(step.record, response)
         per_step = len(response.tokens) // plan.num_steps  # step-major: each step samples the same chunks
         for index in range(plan.num_steps):
