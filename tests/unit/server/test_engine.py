@@ -374,8 +374,9 @@ def test_steps_are_traced_for_sampled_requests_and_charged_to_them():
 def test_a_request_that_ends_inside_a_decode_run_drops_the_rest_of_the_run(async_scheduling):
     async def scenario():
         replica = ScriptedReplica({10: [72, 72, 72, EOS, 72, 72, 72, 72]})
-        blocks = BlockManager(64, 4)  # decode runs of up to 4 steps (the default)
-        engine = Engine(0, Scheduler(SchedulerConfig(async_scheduling=async_scheduling), blocks), replica, TOKENIZER, (EOS,))
+        blocks = BlockManager(64, 4)
+        config = SchedulerConfig(decode_steps=4, async_scheduling=async_scheduling)  # decode runs of up to 4 steps
+        engine = Engine(0, Scheduler(config, blocks), replica, TOKENIZER, (EOS,))
         loop = asyncio.create_task(engine.run())
         events = await drain(engine.submit(valid(10, max_new_tokens=20)))
         loop.cancel()
