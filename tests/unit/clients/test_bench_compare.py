@@ -17,9 +17,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_compare_takes_serve_flags_as_a_shell_splits_them_and_adds_them_to_the_servers_own():
-    args = parse("--model", "builtin:tiny", "--decode-steps", "1", "--compare=--no-async-scheduling", "--compare", "--decode-steps '4'")
+    args = parse("--model", "builtin:tiny", "--decode-steps", "2", "--compare=--no-async-scheduling", "--compare", "--decode-steps '4'")
     assert args.compare == [("--no-async-scheduling",), ("--decode-steps", "4")]
-    assert [*serve_argv(args), *args.compare[1]] == ["--model", "builtin:tiny", "--decode-steps", "1", "--decode-steps", "4"]
+    assert [*serve_argv(args), *args.compare[1]] == ["--model", "builtin:tiny", "--decode-steps", "2", "--decode-steps", "4"]
     for text in ("", "decode-steps 4", "--stop 'unclosed"):
         with pytest.raises(argparse.ArgumentTypeError):
             serve_flags(text)
