@@ -100,8 +100,9 @@ class BatchLimits:
     )
     max_num_seqs: int = flag(64, "most sequences in one step (default %(default)s)")
     decode_steps: int = flag(
-        4,
-        "decode steps per replica round trip while only decodes run and none wait (default %(default)s; 1 = a round trip per token)",
+        1,
+        "decode steps per replica round trip while only decodes run and none wait; their tokens reach the streams together "
+        "(default %(default)s: a round trip per token, so each streams as soon as its step ends)",
     )
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from shardgate.proto import config_pb2 as shardgate_dot_proto_dot_config__pb2
 from shardgate.proto import inference_pb2 as shardgate_dot_proto_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardgate/proto/shard.proto\x12\x12shardgate.shard.v1\x1a\x1cshardgate/proto/config.proto\x1a\x1fshardgate/proto/inference.proto\"\x0f\n\rAttachRequest\"6\n\x0e\x41ttachResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08stopping\x18\x1e \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x02\n\x10\x44\x65scribeResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.shardgate.v1.ModelInfoResponse\x12\x1f\n\x17max_position_embeddings\x18\x02 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rchat_template\x18\x06 \x01(\t\x12\x11\n\tbos_token\x18\x07 \x01(\t\x12\x11\n\teos_token\x18\x08 \x01(\t\x12/\n\x06limits\x18\t \x01(\x0b\x32\x1f.shardgate.shard.v1.BatchLimits\"]\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\"\xb5\x01\n\x08SeqChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\ttoken_ids\x18\x02 \x03(\rB\x02\x10\x01\x12\x11\n\tstart_pos\x18\x03 \x01(\r\x12\x19\n\rnew_block_ids\x18\x04 \x03(\rB\x02\x10\x01\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x14\n\x0coutput_index\x18\x06 \x01(\r\x12.\n\x08sampling\x18\x07 \x01(\x0b\x32\x1c.shardgate.shard.v1.Sampling\"\xa6\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x0c\x66ree_seq_ids\x18\x02 \x03(\x04\x42\x02\x10\x01\x12,\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x1c.shardgate.shard.v1.SeqChunk\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x16\n\x0ereport_timings\x18\x05 \x01(\x08\x12\x11\n\tnum_steps\x18\x06 \x01(\r\"A\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"|\n\x0cStepResponse\x12\x30\n\x06tokens\x18\x01 \x03(\x0b\x32 .shardgate.shard.v1.SampledToken\x12\x34\n\x0crank_timings\x18\x03 \x03(\x0b\x32\x1e.shardgate.shard.v1.RankTimingJ\x04\x08\x02\x10\x03\"\x92\x02\n\nRankTiming\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x14\n\x0c\x61ll_reduce_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x61ll_gather_s\x18\x04 \x01(\x01\x12\x11\n\tpp_send_s\x18\x05 \x01(\x01\x12\x11\n\tpp_recv_s\x18\x06 \x01(\x01\x12\x15\n\rweights_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x04\x12\x1d\n\x15\x61\x63tivation_peak_bytes\x18\t \x01(\x04\x12 \n\x18\x64\x65vice_memory_free_bytes\x18\n \x01(\x04\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\x0b \x01(\x04\"{\n\nEmbedInput\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12\x15\n\tblock_ids\x18\x02 \x03(\rB\x02\x10\x01\x12,\n\x07pooling\x18\x03 \x01(\x0e\x32\x1b.shardgate.shard.v1.Pooling\x12\x11\n\tnormalize\x18\x04 \x01(\x08\"S\n\x10\x45mbedStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\x06inputs\x18\x02 \x03(\x0b\x32\x1e.shardgate.shard.v1.EmbedInput\"?\n\x11\x45mbedStepResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x13\n\x0bhidden_size\x18\x02 \x01(\rJ\x04\x08\x03\x10\x04\"\x11\n\x0f\x46orgetSequences\"\x12\n\x10HeartbeatRequest\"\"\n\x11HeartbeatResponse\x12\r\n\x05ranks\x18\x01 \x01(\r\"\xf2\x01\n\x0bRankCommand\x12/\n\x04step\x18\x01 \x01(\x0b\x32\x1f.shardgate.shard.v1.StepRequestH\x00\x12\x35\n\x05\x65mbed\x18\x02 \x01(\x0b\x32$.shardgate.shard.v1.EmbedStepRequestH\x00\x12\x35\n\x06\x66orget\x18\x03 \x01(\x0b\x32#.shardgate.shard.v1.ForgetSequencesH\x00\x12\x39\n\theartbeat\x18\x04 \x01(\x0b\x32$.shardgate.shard.v1.HeartbeatRequestH\x00\x42\t\n\x07\x63ommand*-\n\x07Pooling\x12\x10\n\x0cPOOLING_MEAN\x10\x00\x12\x10\n\x0cPOOLING_LAST\x10\x01\x32\xac\x03\n\x05Shard\x12Q\n\x06\x41ttach\x12!.shardgate.shard.v1.AttachRequest\x1a\".shardgate.shard.v1.AttachResponse0\x01\x12U\n\x08\x44\x65scribe\x12#.shardgate.shard.v1.DescribeRequest\x1a$.shardgate.shard.v1.DescribeResponse\x12I\n\x04Step\x12\x1f.shardgate.shard.v1.StepRequest\x1a .shardgate.shard.v1.StepResponse\x12T\n\x05\x45mbed\x12$.shardgate.shard.v1.EmbedStepRequest\x1a%.shardgate.shard.v1.EmbedStepResponse\x12X\n\tHeartbeat\x12$.shardgate.shard.v1.HeartbeatRequest\x1a%.shardgate.shard.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bshardgate/proto/shard.proto\x12\x12shardgate.shard.v1\x1a\x1cshardgate/proto/config.proto\x1a\x1fshardgate/proto/inference.proto\"\x0f\n\rAttachRequest\"6\n\x0e\x41ttachResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08stopping\x18\x1e \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"\x94\x02\n\x10\x44\x65scribeResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.shardgate.v1.ModelInfoResponse\x12\x1f\n\x17max_position_embeddings\x18\x02 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\x04 \x01(\r\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x15\n\rchat_template\x18\x06 \x01(\t\x12\x11\n\tbos_token\x18\x07 \x01(\t\x12\x11\n\teos_token\x18\x08 \x01(\t\x12/\n\x06limits\x18\t \x01(\x0b\x32\x1f.shardgate.shard.v1.BatchLimits\"]\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\"\xd1\x01\n\x08SeqChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\ttoken_ids\x18\x02 \x03(\rB\x02\x10\x01\x12\x11\n\tstart_pos\x18\x03 \x01(\r\x12\x19\n\rnew_block_ids\x18\x04 \x03(\rB\x02\x10\x01\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x14\n\x0coutput_index\x18\x06 \x01(\r\x12.\n\x08sampling\x18\x07 \x01(\x0b\x32\x1c.shardgate.shard.v1.Sampling\x12\x1a\n\x12last_sampled_input\x18\x14 \x01(\x08\"\xbd\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x18\n\x0c\x66ree_seq_ids\x18\x02 \x03(\x04\x42\x02\x10\x01\x12,\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x1c.shardgate.shard.v1.SeqChunk\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x16\n\x0ereport_timings\x18\x05 \x01(\x08\x12\x11\n\tnum_steps\x18\x06 \x01(\r\x12\x15\n\rafter_step_id\x18\x14 \x01(\x04\"A\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"|\n\x0cStepResponse\x12\x30\n\x06tokens\x18\x01 \x03(\x0b\x32 .shardgate.shard.v1.SampledToken\x12\x34\n\x0crank_timings\x18\x03 \x03(\x0b\x32\x1e.shardgate.shard.v1.RankTimingJ\x04\x08\x02\x10\x03\"\x92\x02\n\nRankTiming\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x14\n\x0c\x61ll_reduce_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x61ll_gather_s\x18\x04 \x01(\x01\x12\x11\n\tpp_send_s\x18\x05 \x01(\x01\x12\x11\n\tpp_recv_s\x18\x06 \x01(\x01\x12\x15\n\rweights_bytes\x18\x07 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x04\x12\x1d\n\x15\x61\x63tivation_peak_bytes\x18\t \x01(\x04\x12 \n\x18\x64\x65vice_memory_free_bytes\x18\n \x01(\x04\x12!\n\x19\x64\x65vice_memory_total_bytes\x18\x0b \x01(\x04\"{\n\nEmbedInput\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12\x15\n\tblock_ids\x18\x02 \x03(\rB\x02\x10\x01\x12,\n\x07pooling\x18\x03 \x01(\x0e\x32\x1b.shardgate.shard.v1.Pooling\x12\x11\n\tnormalize\x18\x04 \x01(\x08\"S\n\x10\x45mbedStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12.\n\x06inputs\x18\x02 \x03(\x0b\x32\x1e.shardgate.shard.v1.EmbedInput\"?\n\x11\x45mbedStepResponse\x12\x0f\n\x07vectors\x18\x01 \x01(\x0c\x12\x13\n\x0bhidden_size\x18\x02 \x01(\rJ\x04\x08\x03\x10\x04\"\x11\n\x0f\x46orgetSequences\"\x12\n\x10HeartbeatRequest\"\"\n\x11HeartbeatResponse\x12\r\n\x05ranks\x18\x01 \x01(\r\"\xf2\x01\n\x0bRankCommand\x12/\n\x04step\x18\x01 \x01(\x0b\x32\x1f.shardgate.shard.v1.StepRequestH\x00\x12\x35\n\x05\x65mbed\x18\x02 \x01(\x0b\x32$.shardgate.shard.v1.EmbedStepRequestH\x00\x12\x35\n\x06\x66orget\x18\x03 \x01(\x0b\x32#.shardgate.shard.v1.ForgetSequencesH\x00\x12\x39\n\theartbeat\x18\x04 \x01(\x0b\x32$.shardgate.shard.v1.HeartbeatRequestH\x00\x42\t\n\x07\x63ommand*-\n\x07Pooling\x12\x10\n\x0cPOOLING_MEAN\x10\x00\x12\x10\n\x0cPOOLING_LAST\x10\x01\x32\xac\x03\n\x05Shard\x12Q\n\x06\x41ttach\x12!.shardgate.shard.v1.AttachRequest\x1a\".shardgate.shard.v1.AttachResponse0\x01\x12U\n\x08\x44\x65scribe\x12#.shardgate.shard.v1.DescribeRequest\x1a$.shardgate.shard.v1.DescribeResponse\x12I\n\x04Step\x12\x1f.shardgate.shard.v1.StepRequest\x1a .shardgate.shard.v1.StepResponse\x12T\n\x05\x45mbed\x12$.shardgate.shard.v1.EmbedStepRequest\x1a%.shardgate.shard.v1.EmbedStepResponse\x12X\n\tHeartbeat\x12$.shardgate.shard.v1.HeartbeatRequest\x1a%.shardgate.shard.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDINPUT'].fields_by_name['token_ids']._serialized_options = b'\020\001'
   _globals['_EMBEDINPUT'].fields_by_name['block_ids']._loaded_options = None
   _globals['_EMBEDINPUT'].fields_by_name['block_ids']._serialized_options = b'\020\001'
-  _globals['_POOLING']._serialized_start=1998
-  _globals['_POOLING']._serialized_end=2043
+  _globals['_POOLING']._serialized_start=2049
+  _globals['_POOLING']._serialized_end=2094
   _globals['_ATTACHREQUEST']._serialized_start=114
   _globals['_ATTACHREQUEST']._serialized_end=129
   _globals['_ATTACHRESPONSE']._serialized_start=131
@@ -56,29 +56,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=485
   _globals['_SAMPLING']._serialized_end=578
   _globals['_SEQCHUNK']._serialized_start=581
-  _globals['_SEQCHUNK']._serialized_end=762
-  _globals['_STEPREQUEST']._serialized_start=765
-  _globals['_STEPREQUEST']._serialized_end=931
-  _globals['_SAMPLEDTOKEN']._serialized_start=933
-  _globals['_SAMPLEDTOKEN']._serialized_end=998
-  _globals['_STEPRESPONSE']._serialized_start=1000
-  _globals['_STEPRESPONSE']._serialized_end=1124
-  _globals['_RANKTIMING']._serialized_start=1127
-  _globals['_RANKTIMING']._serialized_end=1401
-  _globals['_EMBEDINPUT']._serialized_start=1403
-  _globals['_EMBEDINPUT']._serialized_end=1526
-  _globals['_EMBEDSTEPREQUEST']._serialized_start=1528
-  _globals['_EMBEDSTEPREQUEST']._serialized_end=1611
-  _globals['_EMBEDSTEPRESPONSE']._serialized_start=1613
-  _globals['_EMBEDSTEPRESPONSE']._serialized_end=1676
-  _globals['_FORGETSEQUENCES']._serialized_start=1678
-  _globals['_FORGETSEQUENCES']._serialized_end=1695
-  _globals['_HEARTBEATREQUEST']._serialized_start=1697
-  _globals['_HEARTBEATREQUEST']._serialized_end=1715
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1717
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1751
-  _globals['_RANKCOMMAND']._serialized_start=1754
-  _globals['_RANKCOMMAND']._serialized_end=1996
-  _globals['_SHARD']._serialized_start=2046
-  _globals['_SHARD']._serialized_end=2474
+  _globals['_SEQCHUNK']._serialized_end=790
+  _globals['_STEPREQUEST']._serialized_start=793
+  _globals['_STEPREQUEST']._serialized_end=982
+  _globals['_SAMPLEDTOKEN']._serialized_start=984
+  _globals['_SAMPLEDTOKEN']._serialized_end=1049
+  _globals['_STEPRESPONSE']._serialized_start=1051
+  _globals['_STEPRESPONSE']._serialized_end=1175
+  _globals['_RANKTIMING']._serialized_start=1178
+  _globals['_RANKTIMING']._serialized_end=1452
+  _globals['_EMBEDINPUT']._serialized_start=1454
+  _globals['_EMBEDINPUT']._serialized_end=1577
+  _globals['_EMBEDSTEPREQUEST']._serialized_start=1579
+  _globals['_EMBEDSTEPREQUEST']._serialized_end=1662
+  _globals['_EMBEDSTEPRESPONSE']._serialized_start=1664
+  _globals['_EMBEDSTEPRESPONSE']._serialized_end=1727
+  _globals['_FORGETSEQUENCES']._serialized_start=1729
+  _globals['_FORGETSEQUENCES']._serialized_end=1746
+  _globals['_HEARTBEATREQUEST']._serialized_start=1748
+  _globals['_HEARTBEATREQUEST']._serialized_end=1766
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1768
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1802
+  _globals['_RANKCOMMAND']._serialized_start=1805
+  _globals['_RANKCOMMAND']._serialized_end=2047
+  _globals['_SHARD']._serialized_start=2097
+  _globals['_SHARD']._serialized_end=2525
 # @@protoc_insertion_point(module_scope)

@@ -69,7 +69,7 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ...) -> None: ...
 
 class SeqChunk(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "start_pos", "new_block_ids", "sample", "output_index", "sampling")
+    __slots__ = ("seq_id", "token_ids", "start_pos", "new_block_ids", "sample", "output_index", "sampling", "last_sampled_input")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class SeqChunk(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LAST_SAMPLED_INPUT_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_pos: int
@@ -84,23 +85,26 @@ class SeqChunk(_message.Message):
     sample: bool
     output_index: int
     sampling: Sampling
-    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    last_sampled_input: bool
+    def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., output_index: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., last_sampled_input: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "free_seq_ids", "chunks", "traceparent", "report_timings", "num_steps")
+    __slots__ = ("step_id", "free_seq_ids", "chunks", "traceparent", "report_timings", "num_steps", "after_step_id")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FREE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     REPORT_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     free_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     chunks: _containers.RepeatedCompositeFieldContainer[SeqChunk]
     traceparent: str
     report_timings: bool
     num_steps: int
-    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., traceparent: _Optional[str] = ..., report_timings: _Optional[bool] = ..., num_steps: _Optional[int] = ...) -> None: ...
+    after_step_id: int
+    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[int]] = ..., chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., traceparent: _Optional[str] = ..., report_timings: _Optional[bool] = ..., num_steps: _Optional[int] = ..., after_step_id: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("seq_id", "token_id", "logprob")

@@ -31,6 +31,11 @@ class SchedulerConfig(BatchLimits):
         "priority p queues as if it had arrived p × this many seconds earlier",
     )
     prefix_caching: bool = flag(True, "share the KV blocks of prompt prefixes already computed (default on)")
+    async_scheduling: bool = flag(
+        True,
+        "plan and send each step while the one before it runs, so the replica never waits for the gateway between steps "
+        "and each step's tokens stream as soon as it ends; a request that ends computes one token more, dropped (default on)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -11,15 +11,26 @@ the replica; a running one keeps the tokens it streamed and frees its blocks bef
 step). Then, when an embedding batch is ready, it runs it, unless the previous forward was an
 embedding batch and generation is waiting: the two kinds alternate, so neither starves.
 
+Async scheduling (--async-scheduling, the default): the engine sends step n+1 as soon as step
+n is sent, before n answers, so the replica goes from one step to the next without waiting for
+the gateway, and each step's tokens reach the streams while the next step runs. Step n+1 decodes
+the tokens step n samples without knowing them (the driver feeds them: see scheduler.py); a
+request that ends at step n (EOS, stop string, cancellation, deadline) has its token of step
+n+1 dropped and its blocks freed before step n+2 is planned. At most two steps are in flight;
+an embedding batch or a heartbeat waits until none is. Without it, a step is planned only after
+the one before it was applied.
+
 Failures: each call to the replica gets a deadline that follows the measured time of calls of
-its shape (step_deadlines.py); an idle replica gets a heartbeat (its driver checks that every
-rank answers) every --heartbeat-interval. A call that errs or runs past its deadline, and any
-exception in an iteration, fails the replica (never the gateway): the supervisor restarts it.
-Every generation it was serving then moves (on_orphans: the router) to another replica, which
-recomputes its prompt and the tokens it generated and goes on from there, the request's output
-processor unchanged: its stream continues with no repeated or missing token. A replica whose
-driver says it is stopping (SIGTERM: a spot node being reclaimed) hands its generations over the
-same way at the next step boundary (a preemption: it spends no request's retries).
+its shape (step_deadlines.py), counted from when the step before it answered; an idle replica
+gets a heartbeat (its driver checks that every rank answers) every --heartbeat-interval. A call
+that errs or runs past its deadline, and any exception in an iteration, fails the replica (never
+the gateway): the supervisor restarts it. Every generation it was serving then moves
+(on_orphans: the router) to another replica, which recomputes its prompt and the tokens it
+generated and goes on from there, the request's output processor unchanged: its stream continues
+with no repeated or missing token (the tokens of steps still in flight are dropped: a request's
+output_ids hold only applied tokens). A replica whose driver says it is stopping (SIGTERM: a spot
+node being reclaimed) sends no new step, applies the steps in flight, and hands its generations
+over the same way (a preemption: it spends no request's retries).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,6 +47,7 @@ from typing import TYPE_CHECKING
 import grpc
 from tokenizers import Tokenizer
 
+from shardgate.proto import shard_pb2
 from shardgate.server.config import SupervisionConfig, TelemetryConfig
 from shardgate.server.delivery import OutputStream
 from shardgate.server.embed_batcher import DynamicBatcher, EmbedJob
@@ -43,7 +56,7 @@ from shardgate.server.replicas.client import EmbedItem, ReplicaClient
 from shardgate.server.request import FinishReason, Request, Status
 from shardgate.server.scheduler import Scheduler, StepPlan
 from shardgate.server.step_deadlines import DECODE, EMBED, PREFILL, CallShape, StepDeadlines
-from shardgate.server.telemetry import ReplicaTelemetry, Telemetry
+from shardgate.server.telemetry import ReplicaTelemetry, StepRecord, Telemetry
 from shardgate.server.validation import ValidRequest
 
 if TYPE_CHECKING:
@@ -95,6 +108,21 @@ class RequestHandle:
     @property
     def done(self) -> bool:
         return self.request.status is Status.FINISHED
+
+
+@dataclass(eq=False)
+class StepInFlight:
+    """A step sent to the replica whose answer is not applied yet."""
+
+    plan: StepPlan
+    record: StepRecord
+    shape: CallShape
+    call: asyncio.Future[shard_pb2.StepResponse]
+    answered: float | None = None
+    """time.monotonic() when the call ended (it may wait a while to be applied)."""
+
+    def mark_answered(self, _) -> None:
+        self.answered = time.monotonic()
 
 
 class Engine:
@@ -151,6 +179,8 @@ class Engine:
         """Calls taken from the batcher whose inputs are not all computed yet."""
         self._last_was_embed = False
         self._embed_step_ids = itertools.count(1)
+        self._in_flight: deque[StepInFlight] = deque()
+        """Steps sent and not applied yet, oldest first (at most two with async scheduling)."""
         self.num_forward_passes = 0
         self.num_embed_forward_passes = 0
         if batcher is not None:
@@ -220,6 +250,7 @@ class Engine:
         self.preempted = cause == PREEMPTION
         self._stopping = False
         self._restored.clear()
+        self._drop_steps_in_flight("the replica failed")
         orphans = []
         for handle in list(self._handles.values()):
             handle.was_running = handle.request.status is Status.RUNNING
@@ -267,19 +298,25 @@ class Engine:
         replica.watch_stopping(stopping)
 
     async def run(self) -> None:
-        while True:
-            if not self.healthy:
-                await self._restored.wait()
-                continue
-            try:
-                await self._iterate()
-            except Exception as error:  # whatever went wrong, it fails this replica, not the gateway
-                log.exception("replica %d: error in its engine loop", self.index)
-                self.fail(f"engine error: {type(error).__name__}: {error}")
+        try:
+            while True:
+                if not self.healthy:
+                    await self._restored.wait()
+                    continue
+                try:
+                    await self._iterate()
+                except Exception as error:  # whatever went wrong, it fails this replica, not the gateway
+                    log.exception("replica %d: error in its engine loop", self.index)
+                    self.fail(f"engine error: {type(error).__name__}: {error}")
+        finally:  # the loop is stopped (the gateway stops): no call outlives it
+            self._drop_steps_in_flight("the engine stopped")
 
     async def _iterate(self) -> None:
-        if self._stopping:  # between two steps: nothing of this replica's is in flight
-            self.fail("its driver got SIGTERM", PREEMPTION)
+        if self._stopping:  # no new step: apply those in flight, then hand over
+            if self._in_flight:
+                await self._apply_oldest_step()
+            else:
+                self.fail("its driver got SIGTERM", PREEMPTION)
             return
         now = time.monotonic()
         self._expire(now)
@@ -289,10 +326,13 @@ class Engine:
             if not self._embed_jobs and self.batcher is not None:
                 self._embed_jobs = self.batcher.take(now)
             if self._embed_jobs:
+                if self._in_flight:  # an embedding forward runs alone: the steps in flight answer first
+                    await self._apply_oldest_step()
+                    return
                 self._last_was_embed = True
                 await self._embed_step()
                 return
-        if generation_waits:
+        if generation_waits or self._in_flight:
             self._last_was_embed = False
             await self._generation_step()
             return
@@ -339,41 +379,90 @@ class Engine:
     def _timeout(self, shape: CallShape) -> float | None:
         return None if self.deadlines is None else self.deadlines.timeout(shape)
 
-    def _answered(self, shape: CallShape, started: float) -> None:
-        self._last_answer = time.monotonic()
+    def _answered(self, shape: CallShape, started: float, answered: float | None = None) -> None:
+        self._last_answer = time.monotonic() if answered is None else answered
         if self.deadlines is not None:
             self.deadlines.record(shape, self._last_answer - started)
 
     async def _generation_step(self) -> None:
-        plan = self.scheduler.schedule()
+        """Sends steps while fewer than the depth (2 with async scheduling, else 1) are in
+        flight and some request can take one; then applies the oldest step's answer."""
+        depth = 2 if self.scheduler.config.async_scheduling else 1
+        while len(self._in_flight) < depth and self.scheduler.has_work():
+            plan = self.scheduler.schedule()
+            if self._in_flight and not plan.chunks and not plan.free_seq_ids:
+                break  # a waiting request that does not fit yet: nothing to send before the step in flight answers
+            self._send(plan)
+        await self._apply_oldest_step()
+
+    def _send(self, plan: StepPlan) -> None:
+        ahead = list(self._in_flight)
+        if ahead:
+            plan.after_step_id = ahead[-1].plan.step_id
         self.num_forward_passes += 1
-        step = self.telemetry.step_started(plan)
+        record = self.telemetry.step_started(plan)
         shape = _step_shape(plan)
-        timeout, started = self._timeout(shape), time.monotonic()
+        timeout = self._timeout(shape)
+        if timeout is not None:  # the call also waits for the steps ahead of it (the engine's own wait is exact)
+            timeout += sum(self._timeout(step.shape) for step in ahead)
+        call = asyncio.ensure_future(self.replica.step(plan, timeout, metadata=record.metadata, report_timings=record.report_timings))
+        step = StepInFlight(plan, record, shape, call)
+        call.add_done_callback(step.mark_answered)
+        self._in_flight.append(step)
+
+    async def _apply_oldest_step(self) -> None:
+        """Waits for the oldest step in flight (within its deadline, counted from when the step
+        before it answered: the replica runs them one after the other) and applies its tokens."""
+        step = self._in_flight[0]
+        started = max(step.record.start, self._last_answer)
+        timeout = self._timeout(step.shape)
+        wait = None if timeout is None else max(0.0, started + timeout - time.monotonic())
+        await asyncio.wait([step.call], timeout=wait)
+        if not self._in_flight or self._in_flight[0] is not step:
+            return  # the replica failed meanwhile: fail() dropped the steps in flight
+        self._in_flight.popleft()
+        plan = step.plan
+        if not step.call.done():
+            step.call.cancel()
+            self.telemetry.step_failed(step.record, "deadline exceeded")
+            self.fail(f"step {plan.step_id}: DEADLINE_EXCEEDED: no answer within {timeout:.2f} s")
+            return
         try:
-            response = await self.replica.step(plan, timeout, metadata=step.metadata, report_timings=step.report_timings)
+            response = step.call.result()
         except grpc.aio.AioRpcError as error:
-            self.telemetry.step_failed(step, error.details() or error.code().name)
+            self.telemetry.step_failed(step.record, error.details() or error.code().name)
             # A stopping driver refuses new sequences (ABORTED), maybe before its notice came: a hand-over.
             stopping = self._stopping or error.code() is grpc.StatusCode.ABORTED
             self.fail(f"step {plan.step_id}: {_describe(error, timeout)}", PREEMPTION if stopping else FAILURE)
             return
-        except asyncio.CancelledError:
-            if not self._closed_under_call():
-                raise
-            self.telemetry.step_failed(step, "the replica failed")
+        except asyncio.CancelledError:  # the call's own (this task was not cancelled: it awaited above)
+            # The supervisor closed a failed replica's channel under it; fail() does nothing then.
+            self.telemetry.step_failed(step.record, "its call was cancelled")
+            self.fail(f"step {plan.step_id}: its call was cancelled")
             return
-        self._answered(shape, started)
-        self.telemetry.step_finished(step, response)
+        except BaseException as error:
+            self.telemetry.step_failed(step.record, f"{type(error).__name__}: {error}")
+            raise
+        step.record.start = started  # its device time starts when the replica started it
+        self._answered(step.shape, started, step.answered)
+        self.telemetry.step_finished(step.record, response)
         per_step = len(response.tokens) // plan.num_steps  # step-major: each step samples the same chunks
         for index in range(plan.num_steps):
             tokens = response.tokens[index * per_step : (index + 1) * per_step]
             sampled = {token.seq_id: (token.token_id, token.logprob) for token in tokens}
             for request in self.scheduler.update(plan, sampled):
                 self._on_token(self._handles[request.seq_id])
-        # Let the streams send these tokens before the next step starts: on a host whose cores
-        # the replica's threads fill, sending them during the step slows the step more.
+        # Let the streams send these tokens now. Without async scheduling they go out before the
+        # next step starts: on a host whose cores the replica's threads fill, sending them during
+        # the step slows the step more. With it, the next step runs already.
         await asyncio.sleep(0)
+
+    def _drop_steps_in_flight(self, reason: str) -> None:
+        """Cancels the calls of the steps in flight; their tokens will never be applied."""
+        while self._in_flight:
+            step = self._in_flight.popleft()
+            step.call.cancel()
+            self.telemetry.step_failed(step.record, reason)
 
     async def _embed_step(self) -> None:
         """Runs one forward over the next inputs of the taken calls, in KV blocks lent from the

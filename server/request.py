@@ -61,7 +61,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0
-    """Tokens whose KV is in the cache."""
+    """Tokens whose KV is in the cache, or computed by a step already sent to the replica."""
+    num_in_flight_tokens: int = 0
+    """Tokens sampled by steps sent to the replica whose answers are not applied yet (async
+    scheduling): their positions are planned, their ids not known; output_ids holds the applied ones."""
     block_ids: list[int] = field(default_factory=list)
     """KV blocks held, in position order."""
     block_hashes: list[bytes] = field(default_factory=list)

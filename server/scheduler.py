@@ -3,6 +3,12 @@
 The scheduler speaks plain data and imports no torch: `schedule()` returns a `StepPlan`, the
 engine sends it to a replica, and `update()` applies the sampled tokens. Requests join and
 leave between any two steps.
+
+A plan counts as computed when it is made, so the next plan may be made before its answer is
+applied (async scheduling, server/engine.py): a request whose token is still being sampled
+decodes it next as `last_sampled_input` (the replica feeds the token it sampled), its blocks
+already cover that position, and a request that will have its max_new_tokens once the steps in
+flight answer gets no more steps.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ class ScheduledChunk:
     """The chunk reaches the end of the sequence, so the step samples its next token."""
     is_new: bool
     """The replica does not know the sequence yet: send its sampling settings."""
+    output_index: int = 0
+    """Tokens the request has generated before this chunk samples (applied and in flight):
+    selects the seeded random stream of the draw."""
+    last_sampled_input: bool = False
+    """The chunk's input is the token a step still in flight samples: the replica feeds it."""
 
 
 @dataclass
@@ -45,6 +56,9 @@ class StepPlan:
     """Requests sent back to the queue by this plan to make room in the KV cache."""
     num_steps: int = 1
     """Decode steps the replica runs back to back (more than one only for a plan of decodes)."""
+    after_step_id: int = 0
+    """The step, sent before this one and maybe still running, that the replica must run this
+    one right after (set by the engine; 0: none in flight)."""
 
     @property
     def num_tokens(self) -> int:
@@ -109,8 +123,9 @@ class Scheduler:
         """Of those, tokens whose KV came from the cache."""
 
     def has_work(self) -> bool:
-        """Some request can be given a step (one held back for its slow reader cannot)."""
-        return any(not request.held for request in self.running) or self._next_waiting() is not None
+        """Some request can be given a step (one held back for its slow reader cannot, nor one
+        whose last token is in flight)."""
+        return any(map(_can_step, self.running)) or self._next_waiting() is not None
 
     def _next_waiting(self) -> Request | None:
         """The first waiting request that is not held back."""
@@ -154,10 +169,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if request.held:  # keeps its blocks; gets no step while its reader lags
+            if not _can_step(request):  # held back for its reader (it keeps its blocks), or its last token is in flight
                 index += 1
                 continue
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = min(request.num_tokens + request.num_in_flight_tokens - request.num_computed_tokens, budget)
             new_blocks = self._grow_or_preempt(request, num_tokens, plan)
             if new_blocks is None:  # the request preempted itself: it was the newest
                 break
@@ -191,6 +206,10 @@ class Scheduler:
         # Taken last, so that sequences preempted by this plan are forgotten before it runs.
         plan.free_seq_ids, self._pending_free = self._pending_free, []
         self._extend_decode_run(plan)
+        for chunk in plan.chunks:  # computed from now on; the tokens it samples are in flight
+            chunk.request.num_computed_tokens += chunk.num_tokens * plan.num_steps
+            if chunk.sample:
+                chunk.request.num_in_flight_tokens += plan.num_steps
         return plan
 
     def _extend_decode_run(self, plan: StepPlan) -> None:
@@ -202,7 +221,7 @@ class Scheduler:
             return
         if not all(chunk.num_tokens == 1 and chunk.sample for chunk in plan.chunks):
             return
-        steps = min(self.config.decode_steps, *(c.request.params.max_new_tokens - len(c.request.output_ids) for c in plan.chunks))
+        steps = min(self.config.decode_steps, *(_tokens_left(chunk.request) for chunk in plan.chunks))
         if steps <= 1:
             return
         for chunk in plan.chunks:
@@ -215,10 +234,12 @@ class Scheduler:
 
     def update(self, plan: StepPlan, sampled: dict[int, tuple[int, float]]) -> list[Request]:
         """Applies one finished step of a plan (called once per step of a multi-step plan, in
-        order); returns the requests that got a new token, in plan order.
+        order, and plan by plan in the order they were made); returns the requests that got a
+        new token, in plan order.
 
-        `sampled` maps seq_id to (token id, logprob). Requests finished or aborted meanwhile
-        (while the step ran, or at an earlier step of the same plan) are skipped.
+        `sampled` maps seq_id to (token id, logprob). Requests finished, aborted or preempted
+        meanwhile (while the step ran, at an earlier step of the same plan, or at the plan
+        before) are skipped: their token is dropped.
         """
         updated = []
         now = time.monotonic()
@@ -226,9 +247,11 @@ class Scheduler:
             request = chunk.request
             if request.status is not Status.RUNNING:
                 continue
-            request.num_computed_tokens += chunk.num_tokens
+            if chunk.last_sampled_input and self.config.prefix_caching:  # its input token is known now
+                self._register_filled_blocks(request, chunk.start_pos, chunk.start_pos + 1)
             if chunk.sample:
                 token_id, logprob = sampled[request.seq_id]
+                request.num_in_flight_tokens -= 1
                 request.output_ids.append(token_id)
                 if request.params.logprobs:
                     request.output_logprobs.append(logprob)
@@ -261,14 +284,16 @@ class Scheduler:
             start_pos=start,
             num_tokens=num_tokens,
             new_block_ids=list(request.block_ids) if is_new else new_blocks,
-            sample=start + num_tokens == request.num_tokens,
+            sample=start + num_tokens == request.num_tokens + request.num_in_flight_tokens,
             is_new=is_new,
+            output_index=len(request.output_ids) + request.num_in_flight_tokens,
+            last_sampled_input=start >= request.num_tokens,  # a decode of the token in flight
         )
         # Set now, not when the step returns: if the request is aborted while the step runs,
         # the replica must still be told to forget it.
         request.known_to_replica = True
-        if self.config.prefix_caching:
-            self._register_filled_blocks(request, start, start + num_tokens)
+        if self.config.prefix_caching:  # the blocks it fills with known tokens (a token in flight: in update())
+            self._register_filled_blocks(request, start, min(start + num_tokens, request.num_tokens))
         return chunk
 
     def _take_cached_prefix(self, request: Request) -> int:
@@ -335,14 +360,28 @@ class Scheduler:
     def _preempt_newest(self) -> Request:
         victim = self.running.pop()
         self._release(victim)
-        victim.num_computed_tokens = 0
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.add(victim)
         return victim
 
     def _release(self, request: Request) -> None:
+        """Frees the request's blocks: nothing of it is computed any more, and the tokens its
+        steps in flight sample will be dropped."""
         self.blocks.free(request.block_ids)
+        request.num_computed_tokens = 0
+        request.num_in_flight_tokens = 0
         if request.known_to_replica:
             self._pending_free.append(request.seq_id)
             request.known_to_replica = False
+
+
+def _tokens_left(request: Request) -> int:
+    """Tokens the request may still be planned to sample: its max_new_tokens less those it has
+    and those in flight."""
+    return request.params.max_new_tokens - len(request.output_ids) - request.num_in_flight_tokens
+
+
+def _can_step(request: Request) -> bool:
+    """A running request can be given a step: its reader keeps up, and it may sample more."""
+    return not request.held and _tokens_left(request) > 0

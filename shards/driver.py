@@ -75,11 +75,16 @@ class MainThread:
 
     def call(self, function: Callable[..., T], *args) -> T:
         """Runs function(*args) on the main thread; returns its result or raises its exception."""
+        return self.submit(function, *args).result()
+
+    def submit(self, function: Callable[..., T], *args) -> Future:
+        """Queues function(*args) for the main thread (calls run in the order queued); the
+        future holds its result or its exception."""
         future: Future = Future()
         self._calls.put((function, args, future))
         if self._stopped_by is not None:
             self._refuse_queued()
-        return future.result()
+        return future
 
     def serve(self) -> None:
         """The main thread: run calls until stop(). A call that raises anything but ValueError (a
@@ -168,10 +173,44 @@ class StopNotice:
         return self.wait(lambda: self._sessions == 0, timeout)
 
 
+class StepOrder:
+    """Queues steps for the main thread in the order the gateway sent them. With async
+    scheduling the gateway sends a step while the one before it still runs, naming that one
+    (StepRequest.after_step_id); the two calls reach their handler threads in either order, so
+    the later one waits here until the earlier one is queued."""
+
+    def __init__(self) -> None:
+        self._queued = threading.Condition()
+        self._last: int | None = None
+        """step_id of the step queued last."""
+
+    def queue(self, request: shard_pb2.StepRequest, context, submit: Callable[[], Future]) -> Future:
+        """Runs submit() once the step `request` follows is queued; raises ValueError when that
+        step does not come within the call's deadline, or the call ends first."""
+        after = request.after_step_id
+
+        def wake() -> None:
+            with self._queued:
+                self._queued.notify_all()
+
+        if after and not context.add_callback(wake):
+            raise ValueError(f"step {request.step_id}: the call ended")
+        with self._queued:
+            if after and not self._queued.wait_for(lambda: self._last == after or not context.is_active(), context.time_remaining()):
+                raise ValueError(f"step {request.step_id} follows step {after}, which did not reach the driver in time")
+            if after and self._last != after:
+                raise ValueError(f"step {request.step_id}: the call ended before step {after} reached the driver")
+            future = submit()
+            self._last = request.step_id
+            self._queued.notify_all()
+        return future
+
+
 class ShardService(shard_pb2_grpc.ShardServicer):
     """Attach opens the one gateway session; Describe answers the description made at start;
-    Step and Embed are checked, then run on the main thread, one at a time (the gateway never
-    sends two at once), as Heartbeat does."""
+    Step and Embed are checked, then run on the main thread, one at a time, as Heartbeat does;
+    steps in the order the gateway sent them (StepOrder: it may send a step while the one before
+    still runs)."""
 
     def __init__(
         self, executor: StepExecutor, description: shard_pb2.DescribeResponse, main_thread: MainThread, sessions: SessionGate
@@ -182,6 +221,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         self.sessions = sessions
         self.limits = PlanLimits.of(description, BatchLimits.from_message(description.limits))
         self.stop_notice = StopNotice()
+        self.order = StepOrder()
 
     def Attach(self, request, context):
         if self.stop_notice.requested:
@@ -218,7 +258,7 @@ class ShardService(shard_pb2_grpc.ShardServicer):
         # The gateway's step span, when it traces this step and this process exports spans.
         parent = extract_metadata(context.invocation_metadata()) if self.executor.tracer is not None else None
         try:
-            return self.main_thread.call(self._step, request, parent)
+            return self.order.queue(request, context, lambda: self.main_thread.submit(self._step, request, parent)).result()
         except PlanError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except DriverStopping as error:

@@ -76,6 +76,10 @@ class StepExecutor:
         """Driver: hand the plan to every rank, run it, return the sampled tokens. `parent` is
         the gateway's step span, when the step is traced.
 
+        A chunk that takes its sequence's last sampled token as input (async scheduling) gets
+        it here, before the other ranks see the plan; the tokens this plan samples last are
+        remembered for the next.
+
         Raises ValueError for a malformed plan (every rank rejects it alike, before any
         collective, so the replica stays in step)."""
         span = None
@@ -87,10 +91,14 @@ class StepExecutor:
         else:
             request.traceparent = ""
         with trace.use_span(span, end_on_exit=True) if span is not None else contextlib.nullcontext():
+            self.sequences.fill_sampled_inputs(request)
             if self._distributed:
                 self._broadcast(shard_pb2.RankCommand(step=request).SerializeToString())
             results, last, time_spent = self._execute(request)
-            results += self._receive_samples(request) if self._distributed and self.parallel.sampler_rank != 0 else last
+            if self._distributed and self.parallel.sampler_rank != 0:
+                last = self._receive_samples(request)
+            self.sequences.record_sampled(request, [result.token_id for result in last])
+            results += last
             timings = self._gather_timings(time_spent) if _gathers(request) else []
         return shard_pb2.StepResponse(
             tokens=[shard_pb2.SampledToken(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob or 0.0) for r in results],

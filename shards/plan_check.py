@@ -84,6 +84,8 @@ def check_step(request: shard_pb2.StepRequest, sequences: SequenceTable, limits:
                     f"step {request.step_id}: sequence {seq_id} is not known to the replica (a new sequence carries its sampling)"
                 )
             num_blocks = known
+        if chunk.last_sampled_input:
+            token_ids = _last_sampled_input(request.step_id, chunk, sequences)
         length = len(token_ids)
         if num_steps > 1 and not (length == 1 and chunk.sample):
             raise PlanError(f"step {request.step_id}: sequence {seq_id}: a plan of {num_steps} steps must hold single-token decodes only")
@@ -94,6 +96,17 @@ def check_step(request: shard_pb2.StepRequest, sequences: SequenceTable, limits:
         num_tokens += length
     if num_tokens > batch.max_batch_tokens:
         raise PlanError(f"step {request.step_id}: {num_tokens} tokens, above the replica's {batch.max_batch_tokens} (--max-batch-tokens)")
+
+
+def _last_sampled_input(step_id: int, chunk: shard_pb2.SeqChunk, sequences: SequenceTable) -> list[int]:
+    """The input of a chunk that takes its sequence's last sampled token (a known sequence's
+    single-token decode): that token, when the sequence sampled one at the chunk's position."""
+    if chunk.HasField("sampling") or chunk.token_ids or not chunk.sample:
+        raise PlanError(f"step {step_id}: sequence {chunk.seq_id}: last_sampled_input is for a known sequence's decode, with no token_ids")
+    last = sequences.last_sampled(chunk.seq_id)
+    if last is None or last[0] != chunk.start_pos:
+        raise PlanError(f"step {step_id}: sequence {chunk.seq_id} sampled no token at position {chunk.start_pos} (last_sampled_input)")
+    return [last[1]]
 
 
 def check_embed(request: shard_pb2.EmbedStepRequest, limits: PlanLimits) -> None:

@@ -38,7 +38,7 @@ class ScriptedReplica:
             for chunk in plan.chunks:
                 if chunk.sample:
                     script = self.scripts[chunk.request.prompt_ids[0]]
-                    index = len(chunk.request.output_ids) + step
+                    index = chunk.output_index + step
                     tokens.append(shard_pb2.SampledToken(seq_id=chunk.request.seq_id, token_id=script[index % len(script)]))
         return shard_pb2.StepResponse(tokens=tokens)
 

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import math
+import shlex
 import shutil
 import sys
 import tempfile
@@ -328,12 +329,33 @@ def add_parser(commands) -> None:
         help="also profile decode steps at each level's concurrency in this process (torch.profiler): the step's shares of "
         "linears, attention, sampling and the rest (compiled and, with --compare-compile, eager)",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="FLAGS",
+        action="append",
+        type=serve_flags,
+        default=[],
+        help="also run every level on a server started with these serve flags added (quoted; repeatable, e.g. "
+        "--compare=--no-async-scheduling --compare='--decode-steps 1'), one server after the other: a column "
+        "`shardgate FLAGS` each, with its ratio to the first server (needs --model, not --addr)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON (- for stdout)")
     parser.add_argument(
         "--make-model", metavar="DIR", type=Path, help="write the benchmark model (Llama, ~150M parameters) to DIR and exit"
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=bench_command)
+
+
+def serve_flags(text: str) -> tuple[str, ...]:
+    """A --compare value: `shardgate serve` flags, split as a shell would."""
+    try:
+        flags = tuple(shlex.split(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    if not flags or not flags[0].startswith("-"):
+        raise argparse.ArgumentTypeError(f"expected serve flags such as --no-async-scheduling, got {text!r}")
+    return flags
 
 
 def protocol_list(text: str) -> tuple[str, ...]:
@@ -390,6 +412,8 @@ def bench_command(args: argparse.Namespace) -> int:
             raise ValueError("--compare-compile starts the server itself, compiled then eager: give --model, not --addr or --no-compile")
         if args.profile and (args.addr is not None or args.rate is not None):
             raise ValueError("--profile needs --model (not --addr) and --concurrency (not --rate)")
+        if args.compare and args.addr is not None:
+            raise ValueError("--compare starts its own servers: it needs --model, not --addr")
         protocols = list(args.protocol)
         needs_http = any(PROTOCOLS[p].port != GRPC for p in protocols)
         if needs_http and args.addr is not None and args.http_addr is None:
@@ -409,39 +433,33 @@ def bench_command(args: argparse.Namespace) -> int:
     stats_dir = Path(tempfile.mkdtemp(prefix="shardgate-buckets-")) if args.addr is None and args.compile else None
     if stats_dir is not None:
         args.compile_stats_dir = str(stats_dir)
+    compared: list[dict[str, Summary]] = [{} for _ in levels]  # per level, per --compare server
+
+    def run_level(address: str, level: Level, protocol: str) -> ServerRun:
+        load = bench_server(
+            address, options, level.workload, level.load, progress, protocol=protocol, http_address=http_address, text_prompts=text_prompts
+        )
+        return asyncio.run(load)
+
     try:
         if args.addr is None:
             server = LocalServer(serve_argv(args)).start()
         for level in levels:
             before = BucketHits.read(stats_dir) if stats_dir is not None else None
-            runs.append(
-                {
-                    protocol: asyncio.run(
-                        bench_server(
-                            args.addr or server.address,
-                            options,
-                            level.workload,
-                            level.load,
-                            progress,
-                            protocol=protocol,
-                            http_address=http_address,
-                            text_prompts=text_prompts,
-                        )
-                    )
-                    for protocol in protocols
-                }
-            )
+            runs.append({protocol: run_level(args.addr or server.address, level, protocol) for protocol in protocols})
             if before is not None:
                 hits.append(BucketHits.read(stats_dir) - before)
         if args.compare_compile:
             server.stop()
             args.compile, args.compile_stats_dir = False, ""
             server = LocalServer(serve_argv(args)).start()
-            for level in levels:
-                eager_runs.append(
-                    asyncio.run(bench_server(server.address, options, level.workload, level.load, progress, text_prompts=text_prompts))
-                )
+            eager_runs = [run_level(server.address, level, NATIVE) for level in levels]
             args.compile = True
+        for flags in args.compare:  # each on its own, after the first server stopped
+            server.stop()
+            server = LocalServer([*serve_argv(args), *flags]).start()
+            for index, level in enumerate(levels):
+                compared[index][f"{SHARDGATE} {shlex.join(flags)}"] = run_level(server.address, level, NATIVE).summary
     except (ShardgateError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -451,7 +469,10 @@ def bench_command(args: argparse.Namespace) -> int:
         if stats_dir is not None:
             shutil.rmtree(stats_dir, ignore_errors=True)
             args.compile_stats_dir = ""  # the in-process harness and the profile write none
-    results = [{protocol_label(protocol): run.summary for protocol, run in level_runs.items()} for level_runs in runs]
+    results = [
+        {protocol_label(protocol): run.summary for protocol, run in level_runs.items()} | level_compared
+        for level_runs, level_compared in zip(runs, compared)
+    ]
     for level_results, eager in zip(results, eager_runs):
         level_results[EAGER] = eager.summary
     first_runs = [next(iter(level_runs.values())) for level_runs in runs]  # the baselines send their items

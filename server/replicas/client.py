@@ -54,11 +54,12 @@ def plan_to_proto(plan: StepPlan) -> shard_pb2.StepRequest:
         params = request.params
         message = shard_pb2.SeqChunk(
             seq_id=request.seq_id,
-            token_ids=request.token_at(chunk.start_pos, chunk.start_pos + chunk.num_tokens),
+            token_ids=[] if chunk.last_sampled_input else request.token_at(chunk.start_pos, chunk.start_pos + chunk.num_tokens),
             start_pos=chunk.start_pos,
             new_block_ids=chunk.new_block_ids,
             sample=chunk.sample,
-            output_index=len(request.output_ids),
+            output_index=chunk.output_index,
+            last_sampled_input=chunk.last_sampled_input,
         )
         if chunk.is_new:
             message.sampling.CopyFrom(
@@ -71,7 +72,9 @@ def plan_to_proto(plan: StepPlan) -> shard_pb2.StepRequest:
                 )
             )
         chunks.append(message)
-    return shard_pb2.StepRequest(step_id=plan.step_id, free_seq_ids=plan.free_seq_ids, chunks=chunks, num_steps=plan.num_steps)
+    return shard_pb2.StepRequest(
+        step_id=plan.step_id, free_seq_ids=plan.free_seq_ids, chunks=chunks, num_steps=plan.num_steps, after_step_id=plan.after_step_id
+    )
 
 
 class ReplicaClient:

@@ -14,8 +14,8 @@ def test_greedy_unary_and_stream_agree(client):
     assert len(unary.token_ids) == 24 and unary.finish_reason == "length"
     deltas = list(client.stream("Hello there", max_new_tokens=24, temperature=0, ignore_eos=True))
     assert [t for d in deltas for t in d.token_ids] == unary.token_ids
-    # A message per replica round trip: the prefill's token, then runs of up to --decode-steps (4) tokens.
-    assert [len(d.token_ids) for d in deltas] == [1, 4, 4, 4, 4, 4, 3]
+    # A message per step (--decode-steps 1, the default), or the tokens of several when the stream fell behind.
+    assert 1 < len(deltas) <= 24
     assert "".join(d.text for d in deltas) == unary.text
     last = deltas[-1]
     assert last.finish_reason == "length" and last.usage.completion_tokens == 24

@@ -176,13 +176,17 @@ def _chunk_of(plan, request):
         ("decode", lambda plan, request: (c := _chunk_of(plan, request)) is not None and c.num_tokens == 1 and c.start_pos > 30),
     ],
 )
-def test_cancel_in_any_state_frees_everything_within_one_step(state, when):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_cancel_in_any_state_frees_everything_within_one_step(state, when, async_scheduling):
     async def scenario():
         replica = CancellingReplica({10: [72], 11: [73]}, when)
         blocks = BlockManager(64, 4)
+        config = SchedulerConfig(
+            max_batch_tokens=8, max_num_seqs=1 if state == "queued" else 4, decode_steps=1, async_scheduling=async_scheduling
+        )
         engine = Engine(
             0,
-            Scheduler(SchedulerConfig(max_batch_tokens=8, max_num_seqs=1 if state == "queued" else 4, decode_steps=1), blocks),
+            Scheduler(config, blocks),
             replica,
             TOKENIZER,
             (EOS,),
@@ -200,8 +204,10 @@ def test_cancel_in_any_state_frees_everything_within_one_step(state, when):
 
     replica, target, events, blocks, engine = asyncio.run(scenario())
     assert replica.cancelled_at is not None and events[-1] == FinishEvent(FinishReason.CANCELLED, events[-1].text)
+    # Nothing computed for it after the step in which it was cancelled (with async scheduling, after
+    # the step that may have been planned while that one ran).
     later = replica.plans[replica.cancelled_at + 1 :]
-    assert all(c.request is not target.request for p in later for c in p.chunks)  # nothing computed for it after
+    assert all(c.request is not target.request for p in later[async_scheduling:] for c in p.chunks)
     if target.request.first_scheduled is not None:
         assert target.request.seq_id in [s for p in later for s in p.free_seq_ids]  # the replica forgets it
     assert blocks.num_free == blocks.num_blocks and engine.num_active == 0
@@ -364,17 +370,21 @@ def test_steps_are_traced_for_sampled_requests_and_charged_to_them():
     assert charged == pytest.approx(busy)
 
 
-def test_a_request_that_ends_inside_a_decode_run_drops_the_rest_of_the_run():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_request_that_ends_inside_a_decode_run_drops_the_rest_of_the_run(async_scheduling):
     async def scenario():
         replica = ScriptedReplica({10: [72, 72, 72, EOS, 72, 72, 72, 72]})
-        engine, blocks = make_engine(replica)  # decode runs of up to 4 steps (the default)
+        blocks = BlockManager(64, 4)
+        config = SchedulerConfig(decode_steps=4, async_scheduling=async_scheduling)  # decode runs of up to 4 steps
+        engine = Engine(0, Scheduler(config, blocks), replica, TOKENIZER, (EOS,))
         loop = asyncio.create_task(engine.run())
         events = await drain(engine.submit(valid(10, max_new_tokens=20)))
         loop.cancel()
         return replica, events, blocks
 
     replica, events, blocks = asyncio.run(scenario())
-    assert [plan.num_steps for plan in replica.plans] == [1, 4]  # the prefill, then one run of four
+    # The prefill, then one run of four (with async scheduling, the next run was sent before the EOS came back).
+    assert [plan.num_steps for plan in replica.plans] == [1, 4, 4] if async_scheduling else [1, 4]
     assert [e.token_id for e in events if isinstance(e, TokenEvent)] == [72, 72, 72, EOS]  # not the run's last token
     assert events[-1] == FinishEvent(FinishReason.EOS, events[-1].text) and blocks.num_free == blocks.num_blocks
 
@@ -396,7 +406,8 @@ def test_a_request_over_its_streams_bound_waits_then_resumes_as_its_output_is_de
         return held_at, handle, events, blocks
 
     held_at, handle, events, blocks = asyncio.run(scenario())
-    assert 6 <= held_at < 6 + SchedulerConfig().decode_steps + 1  # a prefill, then decode runs up to the bound
+    # A prefill, then decode runs up to the bound; the two in flight when it was passed (async scheduling) still come.
+    assert 6 <= held_at < 6 + 2 * SchedulerConfig().decode_steps + 1
     assert handle.request.finish_reason is FinishReason.LENGTH and len(handle.request.output_ids) == 20
     assert isinstance(events[-1], FinishEvent) and blocks.num_free == blocks.num_blocks
 

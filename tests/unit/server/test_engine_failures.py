@@ -31,8 +31,9 @@ async def drain(handle):
     return events
 
 
-def make_engine(replica, supervision: SupervisionConfig | None = None) -> Engine:
-    return Engine(0, Scheduler(SchedulerConfig(decode_steps=1), BlockManager(64, 4)), replica, TOKENIZER, (EOS,), supervision=supervision)
+def make_engine(replica, supervision: SupervisionConfig | None = None, async_scheduling: bool = True) -> Engine:
+    config = SchedulerConfig(decode_steps=1, async_scheduling=async_scheduling)
+    return Engine(0, Scheduler(config, BlockManager(64, 4)), replica, TOKENIZER, (EOS,), supervision=supervision)
 
 
 class BrokenReplica(ScriptedReplica):
@@ -87,7 +88,7 @@ def test_step_deadlines_start_at_the_ceiling_and_then_follow_the_measured_steps(
 
     async def scenario():
         replica = TimedReplica(step_s=0.1)
-        engine = make_engine(replica, supervision)
+        engine = make_engine(replica, supervision, async_scheduling=False)  # each step planned after the one before answered
         loop = asyncio.create_task(engine.run())
         await drain(engine.submit(valid(max_new_tokens=4)))
         loop.cancel()

@@ -18,7 +18,7 @@ def request(seq_id: int, prompt: list[int], output: list[int] = (), params: Samp
 
 
 def chunk(request: Request, start_pos: int, num_tokens: int, blocks: list[int], *, sample: bool, is_new: bool) -> ScheduledChunk:
-    return ScheduledChunk(request, start_pos, num_tokens, blocks, sample, is_new)
+    return ScheduledChunk(request, start_pos, num_tokens, blocks, sample, is_new, output_index=len(request.output_ids))
 
 
 def wire(plan: StepPlan) -> shard_pb2.StepRequest:
@@ -81,3 +81,14 @@ def test_plan_fields_step_id_freed_sequences_and_decode_steps():
 def test_empty_plan_only_frees():
     message = wire(StepPlan(step_id=6, free_seq_ids=[1, 2, 3]))
     assert list(message.chunks) == [] and list(message.free_seq_ids) == [1, 2, 3] and message.num_steps == 1
+
+
+def test_a_decode_of_a_token_in_flight_names_no_token_and_follows_the_step_that_samples_it():
+    # Async scheduling: step 8 samples the request's fourth token while step 9 is planned; step 9
+    # decodes that token at position 7 and draws the fifth.
+    running = request(8, [1, 2, 3, 4], output=[50, 51, 52])
+    decode = ScheduledChunk(running, 7, 1, [5], True, False, output_index=4, last_sampled_input=True)
+    message = wire(StepPlan(step_id=9, chunks=[decode], after_step_id=8))
+    [sent] = message.chunks
+    assert message.after_step_id == 8 and sent.last_sampled_input and list(sent.token_ids) == []
+    assert (sent.start_pos, list(sent.new_block_ids), sent.sample, sent.output_index) == (7, [5], True, 4)
