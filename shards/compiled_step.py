@@ -77,6 +77,8 @@ class CompiledDecode:
 
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, buckets: tuple[int, ...], cache_dir: Path) -> None:
         self.model = model
+        if kv_cache.pad_block is None:
+            raise ValueError("a compiled decode step needs a KV cache with a padding block (KVCache(padding_block=True))")
         self.kv_cache = kv_cache
         self.buckets = buckets
         """Batch sizes with a graph, ascending (decode_buckets)."""

@@ -30,21 +30,24 @@ class KVCache:
     empty: attention gathers padding slots under a mask, and a masked NaN
     would still poison the output (0 · NaN = NaN).
 
-    One more block than asked for, `pad_block`, is never handed out: the padding rows of a
-    compiled decode step (shards/compiled_step.py) write their keys and values there.
+    With `padding_block`, one more block than asked for, `pad_block`, is never handed out: the
+    padding rows of a compiled decode step (shards/compiled_step.py) write their keys and values
+    there.
     """
 
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, layout: KVLayout, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, padding_block: bool = False
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.pad_block = num_blocks
-        """The spare block padding rows write to (no sequence's block table holds it)."""
+        self.pad_block = num_blocks if padding_block else None
+        """The spare block padding rows write to (no sequence's block table holds it); None without one."""
         storage = torch.zeros(
             2,
             layout.num_layers,
-            num_blocks + 1,
+            num_blocks + padding_block,
             block_size,
             layout.num_kv_heads,
             layout.head_dim,
@@ -52,7 +55,7 @@ class KVCache:
             device=device,
         )
         self.storage = storage
-        """(2, layers, num_blocks + 1, block_size, kv_heads, head_dim): keys, then values."""
+        """(2, layers, num_blocks (+ 1 with the padding block), block_size, kv_heads, head_dim): keys, then values."""
         self.nbytes = storage.nbytes
         """Bytes of the allocation behind every layer's keys and values."""
         self.keys: list[torch.Tensor] = list(storage[0].unbind(0))  # each (num_blocks, block_size, kv_heads, head_dim)

@@ -63,10 +63,11 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     profile = profile_step(loaded.model, loaded.config, limits.max_batch_tokens, limits.max_num_seqs, settings.block_size, dtype, device)
     budget = kv_cache_bytes(settings.kv_cache_memory, profile, device.type, limits.max_batch_tokens)
     log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
-    num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(settings.block_size, dtype), parallel)
+    padding = bool(settings.compile)  # the compiled step's padding block (kv_cache.py) comes out of the budget too
+    num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(settings.block_size, dtype) - padding, parallel)
     if num_blocks < 1:
-        raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than one KV block; raise it")
-    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device)
+        raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than {1 + padding} KV blocks; raise it")
+    kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device, padding_block=padding)
     runner = ModelRunner(loaded.model, loaded.config, kv_cache, device)
     if settings.compile:
         cache_dir = Path(settings.compile_cache_dir) if settings.compile_cache_dir else default_cache_dir()

@@ -10,7 +10,10 @@ from servers import start_server, wait_until
 from shardgate.clients import build_request
 from shardgate.proto import inference_pb2
 
-LATENCY_BOUND_S = 0.050
+LATENCY_BOUND_S = 0.2
+"""A refusal takes a round trip (a few ms on a quiet host), never a wait behind the work: the
+accepted requests run for seconds. With async scheduling the replica keeps the host's cores busy
+between steps too, so the test client's own threads may wait tens of ms for a core."""
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ def test_buckets_double_up_to_the_most_sequences():
 def make_runner(compiled_cache=None, buckets: tuple[int, ...] = (1, 2, 4), quantize: str = "none") -> ModelRunner:
     loaded = load_model("builtin:tiny", torch.float32, CPU)
     quantize_model(loaded.model, quantize)
-    runner = ModelRunner(loaded.model, loaded.config, KVCache(loaded.model.kv_layout, 128, BLOCK_SIZE, torch.float32, CPU), CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, 128, BLOCK_SIZE, torch.float32, CPU, padding_block=True)
+    runner = ModelRunner(loaded.model, loaded.config, kv_cache, CPU)
     if compiled_cache is not None:
         compiled = CompiledDecode(runner.model, runner.kv_cache, buckets, compiled_cache)
         assert compiled.warm_up(loaded.config.hidden_size, torch.float32, first_stage=True)
@@ -74,7 +75,7 @@ def test_int8_compiled_decodes_give_the_eager_tokens():
 
 def test_a_missing_compiler_falls_back_to_eager_with_one_line(tmp_path, monkeypatch, caplog):
     loaded = load_model("builtin:tiny", torch.float32, CPU)
-    kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU, padding_block=True)
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     torch._dynamo.reset()  # nothing compiled before may be reused
     compiled = CompiledDecode(loaded.model, kv_cache, (1, 2), tmp_path / "empty-cache")
@@ -86,7 +87,7 @@ def test_a_missing_compiler_falls_back_to_eager_with_one_line(tmp_path, monkeypa
 
 def test_a_cache_folder_that_cannot_be_made_falls_back_to_eager(tmp_path, caplog):
     loaded = load_model("builtin:tiny", torch.float32, CPU)
-    kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU)
+    kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU, padding_block=True)
     (tmp_path / "file").write_text("")
     compiled = CompiledDecode(loaded.model, kv_cache, (1,), tmp_path / "file" / "cache")
     with caplog.at_level(logging.INFO, logger="shardgate.shard"):

@@ -150,8 +150,7 @@ def test_kv_cache_bytes_per_token_is_two_layers_heads_head_dim_dtype():
     loaded = load_model("builtin:tiny", torch.bfloat16, CPU)
     cache = KVCache(loaded.model.kv_layout, 10, 16, torch.bfloat16, CPU)
     config = loaded.config
-    # 10 blocks and the spare one that padding rows write to
-    assert cache.nbytes // ((10 + 1) * 16) == 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    assert cache.nbytes // (10 * 16) == 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
 
 
 def test_quantize_settings_are_checked():
