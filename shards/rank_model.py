@@ -50,10 +50,12 @@ class RankModel:
     """Memory the largest step needed above the weights, as profiled at start."""
 
 
-def build_rank_model(config: ShardConfig, device: torch.device, parallel: ParallelState) -> RankModel:
+def build_rank_model(config: ShardConfig, device: torch.device, parallel: ParallelState, padding_block: bool | None = None) -> RankModel:
     """Loads this rank's part of the model in the dtype --dtype chooses, profiles the largest step
     and allocates the KV cache in what memory is left. Raises CapacityError when the cache gets
-    less than one block, FileNotFoundError / ValueError when the model cannot be loaded."""
+    less than one block, FileNotFoundError / ValueError when the model cannot be loaded.
+    padding_block: whether the cache gets the compiled step's padding block (default: when
+    --compile; the bench's profile compiles the buckets it needs itself)."""
     settings, limits = config.replica, config.limits
     choice = choose_dtype(settings.dtype, model_file(settings.model), device)
     log.info("dtype %s (%s)", choice.name, choice.reason)
@@ -63,7 +65,7 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     profile = profile_step(loaded.model, loaded.config, limits.max_batch_tokens, limits.max_num_seqs, settings.block_size, dtype, device)
     budget = kv_cache_bytes(settings.kv_cache_memory, profile, device.type, limits.max_batch_tokens)
     log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
-    padding = bool(settings.compile)  # the compiled step's padding block (kv_cache.py) comes out of the budget too
+    padding = bool(settings.compile if padding_block is None else padding_block)  # comes out of the budget too
     num_blocks = agree_on_blocks(budget // loaded.model.kv_layout.bytes_per_block(settings.block_size, dtype) - padding, parallel)
     if num_blocks < 1:
         raise CapacityError(f"--kv-cache-memory gives {budget} bytes, less than {1 + padding} KV blocks; raise it")

@@ -71,7 +71,8 @@ def profile_steps(args: Namespace, batches: list[int], context: int) -> list[Ste
     torch._inductor.config.cpp.enable_kernel_profile = True  # the fused kernels show in the profile
     gateway = config_from_args(args)
     config = shard_config(replace(gateway.replica, compile=False), gateway.scheduler, listen="profile")
-    rank_model = build_rank_model(config, resolve_device(config.replica.device, 0), ParallelState(ParallelConfig()))
+    device = resolve_device(config.replica.device, 0)
+    rank_model = build_rank_model(config, device, ParallelState(ParallelConfig()), padding_block=gateway.replica.compile)
     runner = rank_model.runner
     batches = [min(batch, gateway.scheduler.max_num_seqs) for batch in batches]
     if gateway.replica.compile:
