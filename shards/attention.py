@@ -22,6 +22,10 @@ chunks (decodes) and longer chunks (prefills) are padded separately: one long
 prefill chunk does not blow up the batch of decodes beside it. Decodes attend
 with each kv head's query heads as its query rows (grouped-query attention as
 a plain batched attention, no repeated keys).
+
+Where the C++ paged decode kernel is loaded (shards/paged_kernel.py, with
+--compile on CPU), decodes skip the gather and SDPA: the kernel reads each
+sequence's keys and values from their blocks in place.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from shardgate.shards import paged_kernel
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,9 @@ class AttentionGroup:
     padded_index: torch.Tensor  # (n,) the same rows' places in the (num_seqs * max_query_len) padded layout
     block_tables: torch.Tensor  # (num_seqs, max_blocks) cache block of each context block (padding: 0)
     mask: torch.Tensor  # (num_seqs, 1, max_query_len, max_blocks * block_size) bool, True = attend
+    context_lens: torch.Tensor  # (num_seqs,) int64: positions 0..len-1 of each sequence are in the cache after the write
+    window: int
+    """The sliding window (0: none): a query attends to the last `window` positions up to its own."""
     num_seqs: int
     max_query_len: int
     covers_batch: bool
@@ -52,6 +61,7 @@ class AttentionGroup:
             padded_index=self.padded_index.to(device),
             block_tables=self.block_tables.to(device),
             mask=self.mask.to(device),
+            context_lens=self.context_lens.to(device),
         )
 
 
@@ -120,6 +130,8 @@ class AttentionMetadata:
             padded_index=rows,
             block_tables=block_tables,
             mask=mask[:, None, None, :],
+            context_lens=positions + 1,
+            window=sliding_window or 0,
             num_seqs=positions.shape[0],
             max_query_len=1,
             covers_batch=True,
@@ -163,6 +175,8 @@ def _build_group(
         padded_index=seq_of_token * max_query_len + within,
         block_tables=tables,
         mask=mask[:, None],
+        context_lens=q_starts + q_lens,
+        window=sliding_window or 0,
         num_seqs=num_seqs,
         max_query_len=max_query_len,
         covers_batch=covers_batch and max_query_len == 1,
@@ -186,7 +200,18 @@ def paged_attention(
     """
     if torch.compiler.is_compiling():  # a compiled decode step (AttentionMetadata.for_decodes)
         (group,) = metadata.groups
-        return paged_decode_attention(query, key, value, key_cache, value_cache, metadata.slot_mapping, group.block_tables, group.mask)
+        return paged_decode_attention(
+            query,
+            key,
+            value,
+            key_cache,
+            value_cache,
+            metadata.slot_mapping,
+            group.block_tables,
+            group.mask,
+            group.context_lens,
+            group.window,
+        )
     _write(key, value, key_cache, value_cache, metadata.slot_mapping)
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = key.shape[1]
@@ -194,13 +219,14 @@ def paged_attention(
     output = None if len(metadata.groups) == 1 and metadata.groups[0].covers_batch else torch.empty_like(query)
     for group in metadata.groups:
         num_seqs = group.num_seqs
-        k, v = _gather(key_cache, value_cache, group.block_tables)  # (B, kv, C, D) each
         if group.max_query_len == 1:
-            attended = _decode(query if group.covers_batch else query[group.token_index], k, v, group.mask)
+            decodes = query if group.covers_batch else query[group.token_index]
+            attended = _attend_decodes(decodes, key_cache, value_cache, group.block_tables, group.mask, group.context_lens, group.window)
             if output is None:
                 return attended
             output[group.token_index] = attended
             continue
+        k, v = _gather(key_cache, value_cache, group.block_tables)  # (B, kv, C, D) each
         padded = query.new_zeros(num_seqs * group.max_query_len, num_heads, head_dim)
         padded[group.padded_index] = query[group.token_index]
         q = padded.view(num_seqs, group.max_query_len, num_heads, head_dim).transpose(1, 2)  # (B, H, Q, D)
@@ -227,6 +253,23 @@ def _gather(key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: to
     return k, v
 
 
+def _attend_decodes(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    mask: torch.Tensor,
+    context_lens: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """Single-token queries (B, H, D) over their cached context: through the paged kernel when it
+    is loaded, else by gathering the blocks for SDPA."""
+    if paged_kernel.loaded() and query.device.type == "cpu":
+        return paged_kernel.attend(query, key_cache, value_cache, block_tables, context_lens, window)
+    k, v = _gather(key_cache, value_cache, block_tables)
+    return _decode(query, k, v, mask)
+
+
 def _decode(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Single-token queries (B, H, D) over their gathered context (B, kv, C, D): each kv head's
     query heads become its query rows (grouped-query attention as a plain batched attention)."""
@@ -245,6 +288,8 @@ def paged_decode_attention(
     slot_mapping: torch.Tensor,
     block_tables: torch.Tensor,
     mask: torch.Tensor,
+    context_lens: torch.Tensor,
+    window: int,
 ) -> torch.Tensor:
     """paged_attention of a step of decodes (mask (B, 1, 1, C)), as one operator that a compiled
     graph calls between its fused kernels. Traced into the graph, the cache write and the gathers
@@ -253,10 +298,9 @@ def paged_decode_attention(
     step against 2.4 ms eager); as an opaque operator they stay the eager step's in-place writes
     and block copies."""
     _write(key, value, key_cache, value_cache, slot_mapping)
-    k, v = _gather(key_cache, value_cache, block_tables)
-    return _decode(query, k, v, mask)
+    return _attend_decodes(query, key_cache, value_cache, block_tables, mask, context_lens, window)
 
 
 @paged_decode_attention.register_fake
-def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, mask) -> torch.Tensor:
+def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, mask, context_lens, window) -> torch.Tensor:
     return torch.empty_like(query)

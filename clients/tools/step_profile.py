@@ -14,7 +14,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 
 LINEAR_NAMES = ("linear", "aten::mm", "aten::addmm", "int8pack_mm", "mkl")
-ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "index_select", "index_copy", "index_put")
+ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "index_select", "index_copy", "index_put", "paged_decode_attention")
 PROFILED_STEPS = 10
 
 
@@ -64,7 +64,7 @@ def profile_steps(args: Namespace, batches: list[int], context: int) -> list[Ste
     from shardgate.server.replicas.launcher import shard_config
     from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
     from shardgate.shards.parallel import ParallelConfig, ParallelState
-    from shardgate.shards.rank_model import build_rank_model, resolve_device
+    from shardgate.shards.rank_model import build_rank_model, load_paged_kernel, resolve_device
 
     if args.tp != 1 or args.pp != 1:
         raise ValueError("--profile runs one rank in this process: drop --tp and --pp")
@@ -79,6 +79,8 @@ def profile_steps(args: Namespace, batches: list[int], context: int) -> list[Ste
         buckets = decode_buckets(gateway.scheduler.max_num_seqs)
         needed = tuple(sorted({next(bucket for bucket in buckets if bucket >= batch) for batch in batches}))
         cache_dir = Path(gateway.replica.compile_cache_dir) if gateway.replica.compile_cache_dir else default_cache_dir()
+        if device.type == "cpu":
+            load_paged_kernel(cache_dir)
         compiled = CompiledDecode(runner.model, runner.kv_cache, needed, cache_dir)
         if compiled.warm_up(runner.config.hidden_size, runner.dtype, first_stage=True):
             runner.compiled = compiled

@@ -1,0 +1,108 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardgate.shards import paged_kernel
+from shardgate.shards.attention import AttentionMetadata, _decode, _gather, paged_attention
+
+COMPILE_CACHE = Path(__file__).resolve().parents[3] / ".cache" / "compile-tests"
+"""Shared by the compile tests (git-ignored): the kernel is built once."""
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The paged kernel, loaded for this test only (the flag goes back afterwards, so other
+    tests' decodes gather their blocks as before)."""
+    monkeypatch.setattr(paged_kernel, "_loaded", False)
+    assert paged_kernel.load(COMPILE_CACHE)
+    return torch.ops.shardgate_kernels.paged_decode_attention
+
+
+def random_case(num_seqs, heads, kv_heads, head_dim, block_size, lengths, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    num_blocks = 64
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+    query = torch.randn(num_seqs, heads, head_dim, generator=generator).to(dtype)
+    width = max(-(-length // block_size) for length in lengths) + 1  # a padding column past every context
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = order[: num_seqs * width].view(num_seqs, width)
+    return query, key_cache, value_cache, tables, torch.tensor(lengths)
+
+
+def reference(query, key_cache, value_cache, tables, lengths, window):
+    """The gather + SDPA path attention.py takes without the kernel."""
+    context = torch.arange(tables.shape[1] * key_cache.shape[1])
+    mask = context < lengths[:, None]
+    if window:
+        mask &= context >= lengths[:, None] - window
+    k, v = _gather(key_cache, value_cache, tables)
+    return _decode(query.float(), k.float(), v.float(), mask[:, None, None, :])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(16, 4, 64), (9, 3, 64), (8, 8, 128), (4, 2, 16)],
+    ids=["gqa4-d64", "gqa3-d64", "mha-d128", "gqa2-d16-scalar"],
+)
+@pytest.mark.parametrize("window", [0, 5])
+def test_kernel_matches_gathered_sdpa(kernel, dtype, tolerance, heads, kv_heads, head_dim, window):
+    lengths = [1, 7, 16, 33]  # one token, partial blocks, a whole block, blocks past a boundary
+    query, key_cache, value_cache, tables, lens = random_case(4, heads, kv_heads, head_dim, 16, lengths, dtype)
+    out = kernel(query, key_cache, value_cache, tables, lens, window, head_dim**-0.5)
+    assert out.dtype == dtype and out.shape == query.shape
+    torch.testing.assert_close(out.float(), reference(query, key_cache, value_cache, tables, lens, window), atol=tolerance, rtol=tolerance)
+
+
+def test_kernel_reads_strided_layer_views_of_one_cache(kernel):
+    """The compiled step hands each layer a view of one (2, layers, ...) storage."""
+    query, key_cache, value_cache, tables, lens = random_case(3, 8, 2, 64, 4, [3, 9, 12], torch.float32)
+    storage = torch.stack((torch.stack((key_cache, key_cache * 2)), torch.stack((value_cache, value_cache * 2))))
+    keys, values = storage[0].unbind(0), storage[1].unbind(0)
+    out = kernel(query, keys[1], values[1], tables, lens, 0, 0.125)
+    expected = reference(query, key_cache * 2, value_cache * 2, tables, lens, 0)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decodes_in_a_mixed_step_take_the_kernel_and_match_the_gathered_path(kernel, monkeypatch):
+    """paged_attention with a prefill beside decodes: the decodes' rows come out of the kernel,
+    equal to the gather path's (the prefill still goes through SDPA)."""
+    torch.manual_seed(0)
+    block_size, heads, kv_heads, head_dim = 4, 4, 2, 16
+    lens, starts = [1, 5, 1], [9, 0, 3]  # decode, prefill of 5, decode
+    tables = [[0, 1, 2], [3, 4], [5]]
+    total = sum(lens)
+    query = torch.randn(total, heads, head_dim)
+    key, value = torch.randn(total, kv_heads, head_dim), torch.randn(total, kv_heads, head_dim)
+    caches = [torch.randn(8, block_size, kv_heads, head_dim) for _ in range(2)]
+    metadata = AttentionMetadata.build(lens, starts, tables, block_size, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(paged_kernel, "attend", lambda query, *args: calls.append(query.shape) or kernel(query, *args, head_dim**-0.5))
+    with_kernel = paged_attention(query, key, value, caches[0].clone(), caches[1].clone(), metadata)
+    assert calls == [(2, heads, head_dim)]  # the two decodes, in one call
+    monkeypatch.setattr(paged_kernel, "_loaded", False)
+    without = paged_attention(query, key, value, caches[0].clone(), caches[1].clone(), metadata)
+    assert len(calls) == 1
+    torch.testing.assert_close(with_kernel, without, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_logs_one_line_and_leaves_the_gather_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(paged_kernel, "_loaded", False)
+    monkeypatch.setattr(paged_kernel, "build_name", lambda: "shardgate_paged_attention_nocompiler")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="shardgate.shard"):
+        assert not paged_kernel.load(tmp_path)
+    assert not paged_kernel.loaded()
+    (line,) = [record.getMessage() for record in caplog.records if record.name == "shardgate.shard"]
+    assert line.startswith("paged attention kernel not built (") and "decode attention gathers its blocks" in line
+
+
+def test_the_build_name_changes_with_the_source(monkeypatch):
+    name = paged_kernel.build_name()
+    monkeypatch.setattr(paged_kernel, "SOURCE", paged_kernel.SOURCE + "\n// changed\n")
+    assert paged_kernel.build_name() != name
