@@ -200,6 +200,10 @@ def paged_attention(
     """
     if torch.compiler.is_compiling():  # a compiled decode step (AttentionMetadata.for_decodes)
         (group,) = metadata.groups
+        if paged_kernel.loaded() and query.device.type == "cpu":  # the cache write and attention in one C++ call
+            return paged_kernel.decode_step(
+                query, key, value, key_cache, value_cache, metadata.slot_mapping, group.block_tables, group.context_lens, group.window
+            )
         return paged_decode_attention(
             query,
             key,

@@ -104,7 +104,8 @@ class CompiledDecode:
     ) -> torch.Tensor:
         block_size, window = self.kv_cache.block_size, self.model.config.sliding_window
         metadata = AttentionMetadata.for_decodes(slot_mapping, positions, block_tables, block_size, window)
-        return self.model(input_ids, positions, metadata, LayerCaches(storage[0].unbind(0), storage[1].unbind(0)), received)
+        hidden = self.model(input_ids, positions, metadata, LayerCaches(storage[0].unbind(0), storage[1].unbind(0)), received)
+        return hidden if self.model.lm_head is None else self.model.compute_logits(hidden)
 
     def bucket_for(self, num_seqs: int) -> int | None:
         """The smallest bucket that holds num_seqs decodes (None: more than the largest)."""
@@ -113,8 +114,10 @@ class CompiledDecode:
     def forward(
         self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], received: torch.Tensor | None
     ) -> torch.Tensor:
-        """Hidden states (n, hidden) of n decodes (one token each, at positions, with their
-        block tables) in their bucket's graph; `received`: a later pipeline stage's input (n, hidden)."""
+        """n decodes (one token each, at positions, with their block tables) in their bucket's
+        graph: float32 logits (n, vocab) on the last pipeline stage (the LM head is in the graph,
+        prepacked like the other linears), hidden states (n, hidden) to send on elsewhere;
+        `received`: a later pipeline stage's input (n, hidden)."""
         num_seqs = len(token_ids)
         bucket = self.bucket_for(num_seqs)
         if bucket is None:

@@ -242,14 +242,50 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   return out;
 }
 
+// The new tokens' keys and values (T, kv, D) into their cache slots (T,), then paged_decode_attention:
+// a compiled decode step's whole attention in one call.
+at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                             at::Tensor& value_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                             const at::Tensor& context_lens, int64_t window, double scale) {
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.size(0) == slot_mapping.size(0),
+              "key, value (T, kv, D), one slot each");
+  TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3), "key rows match the cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && key.scalar_type() == key_cache.scalar_type(), "int64 slots, cache dtype");
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1), block_size = key_cache.size(1);
+  const at::Tensor slots = slot_mapping.contiguous(), keys = key.contiguous(), values = value.contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t kv_heads = key.size(1), row_bytes = key.size(2) * key.element_size(), item = key.element_size();
+  const char* key_rows = static_cast<const char*>(keys.data_ptr());
+  const char* value_rows = static_cast<const char*>(values.data_ptr());
+  char* k_base = static_cast<char*>(key_cache.data_ptr());
+  char* v_base = static_cast<char*>(value_cache.data_ptr());
+  for (int64_t t = 0; t < slots.size(0); ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot out of range");
+    const int64_t block = slot[t] / block_size, offset = slot[t] % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t source = (t * kv_heads + h) * row_bytes;
+      const int64_t k_at = block * key_cache.stride(0) + offset * key_cache.stride(1) + h * key_cache.stride(2);
+      const int64_t v_at = block * value_cache.stride(0) + offset * value_cache.stride(1) + h * value_cache.stride(2);
+      std::memcpy(k_base + k_at * item, key_rows + source, row_bytes);
+      std::memcpy(v_base + v_at * item, value_rows + source, row_bytes);
+    }
+  }
+  return paged_decode_attention(query, key_cache, value_cache, block_tables, context_lens, window, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(shardgate_kernels, m) {
+  m.def("paged_decode_step(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int window, float scale) -> Tensor");
   m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor context_lens, int window, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(shardgate_kernels, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(shardgate_kernels, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_step", &paged_decode_step);
+}
 """
 
 _loaded = False
@@ -296,6 +332,7 @@ def load(cache_dir: Path) -> bool:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         log.warning("paged attention kernel not built (%s: %s); decode attention gathers its blocks", type(error).__name__, reason[:300])
         return False
+    _register_fake()
     _loaded = True
     return True
 
@@ -313,6 +350,40 @@ def attend(
     return torch.ops.shardgate_kernels.paged_decode_attention(
         query, key_cache, value_cache, block_tables, context_lens, window, query.shape[-1] ** -0.5
     )
+
+
+def decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """The new tokens' keys and values (T, kv, D) written into their slots, then attend: one
+    opaque call in a compiled decode graph (no Python between its fused kernels)."""
+    return torch.ops.shardgate_kernels.paged_decode_step(
+        query, key, value, key_cache, value_cache, slot_mapping, block_tables, context_lens, window, query.shape[-1] ** -0.5
+    )
+
+
+def _register_fake() -> None:
+    """Shapes of the ops for tracing (a compiled decode step calls paged_decode_step)."""
+    if getattr(_register_fake, "done", False):
+        return
+
+    @torch.library.register_fake("shardgate_kernels::paged_decode_step")
+    def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, context_lens, window, scale):
+        return torch.empty_like(query)
+
+    @torch.library.register_fake("shardgate_kernels::paged_decode_attention")
+    def _(query, key_cache, value_cache, block_tables, context_lens, window, scale):
+        return torch.empty_like(query)
+
+    _register_fake.done = True
 
 
 def loaded() -> bool:

@@ -104,12 +104,16 @@ class ModelRunner:
 
         with torch.inference_mode():
             if compiled:
-                hidden = self.forward_decodes(metadata, timer)  # (T, hidden)
+                logits = self.forward_decodes(metadata, timer)  # (T, vocab): every row's (a decode's chunk is its last row)
+                if logits is None or not sampled:
+                    return []
+                if len(sampled) < len(chunks):  # a one-token prefill chunk that is not its prompt's last
+                    logits = logits[torch.tensor(last_rows, device=self.device)]
             else:
                 hidden = self.forward(input_ids, positions, metadata, timer)  # (T, hidden)
-            if hidden is None or not sampled:
-                return []
-            logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)
+                if hidden is None or not sampled:
+                    return []
+                logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])  # (N, vocab)
             token_ids, logprobs = sample(logits, [chunk.sampling for chunk in sampled], [chunk.output_index for chunk in sampled])
         return [SampleResult(chunk.seq_id, token_id, logprob) for chunk, token_id, logprob in zip(sampled, token_ids, logprobs)]
 
@@ -122,7 +126,9 @@ class ModelRunner:
         return self._send(self.model(input_ids, positions, metadata, self.kv_cache, received), timer)
 
     def forward_decodes(self, batch: DecodeBatch, timer: CommTimer | None = None) -> torch.Tensor | None:
-        """forward for a step of decodes, through the compiled graph of its batch-size bucket."""
+        """A step of decodes through the compiled graph of its batch-size bucket: every row's
+        logits (T, vocab) on the last pipeline stage; earlier stages send their hidden states
+        on and return None."""
         received = self._receive(len(batch.token_ids), timer)
         return self._send(self.compiled.forward(batch.token_ids, batch.positions, batch.block_tables, received), timer)
 

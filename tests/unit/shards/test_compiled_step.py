@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shardgate.shards import paged_kernel
 from shardgate.shards.compiled_step import CompiledDecode, decode_buckets
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.quantization import quantize_model
@@ -63,6 +64,18 @@ def test_compiled_decodes_give_the_eager_tokens_without_recompiling():
     # 12 steps of 4, then 3, 2 and 1 sequences: 9 steps in bucket 4 (one padded), then buckets 2 and 1.
     assert dict(runner.compiled.hits) == {4: 10, 2: 1, 1: 1}
     assert runner.compiled.rows[4] == 9 * 4 + 3
+
+
+def test_compiled_decodes_through_the_paged_kernel_give_the_eager_tokens(paged_kernel_loaded, monkeypatch):
+    """With the kernel loaded, the graph writes the cache and attends in one C++ call."""
+    monkeypatch.setattr(paged_kernel, "_loaded", False)  # the eager reference gathers its blocks
+    eager = generate(make_runner(), PROMPTS, steps=12)
+    monkeypatch.setattr(paged_kernel, "_loaded", True)
+    runner = make_runner(COMPILE_CACHE)
+    with torch.profiler.profile() as profile:
+        assert generate(runner, PROMPTS, steps=12) == eager
+    ops = {event.key for event in profile.key_averages()}
+    assert "shardgate_kernels::paged_decode_step" in ops and "shardgate::paged_decode_attention" not in ops
 
 
 def test_int8_compiled_decodes_give_the_eager_tokens():

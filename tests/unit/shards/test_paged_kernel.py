@@ -1,23 +1,10 @@
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 
 from shardgate.shards import paged_kernel
 from shardgate.shards.attention import AttentionMetadata, _decode, _gather, paged_attention
-
-COMPILE_CACHE = Path(__file__).resolve().parents[3] / ".cache" / "compile-tests"
-"""Shared by the compile tests (git-ignored): the kernel is built once."""
-
-
-@pytest.fixture
-def kernel(monkeypatch):
-    """The paged kernel, loaded for this test only (the flag goes back afterwards, so other
-    tests' decodes gather their blocks as before)."""
-    monkeypatch.setattr(paged_kernel, "_loaded", False)
-    assert paged_kernel.load(COMPILE_CACHE)
-    return torch.ops.shardgate_kernels.paged_decode_attention
 
 
 def random_case(num_seqs, heads, kv_heads, head_dim, block_size, lengths, dtype, seed=0):
@@ -51,25 +38,25 @@ def reference(query, key_cache, value_cache, tables, lengths, window):
     ids=["gqa4-d64", "gqa3-d64", "mha-d128", "gqa2-d16-scalar"],
 )
 @pytest.mark.parametrize("window", [0, 5])
-def test_kernel_matches_gathered_sdpa(kernel, dtype, tolerance, heads, kv_heads, head_dim, window):
+def test_kernel_matches_gathered_sdpa(paged_kernel_loaded, dtype, tolerance, heads, kv_heads, head_dim, window):
     lengths = [1, 7, 16, 33]  # one token, partial blocks, a whole block, blocks past a boundary
     query, key_cache, value_cache, tables, lens = random_case(4, heads, kv_heads, head_dim, 16, lengths, dtype)
-    out = kernel(query, key_cache, value_cache, tables, lens, window, head_dim**-0.5)
+    out = paged_kernel_loaded(query, key_cache, value_cache, tables, lens, window, head_dim**-0.5)
     assert out.dtype == dtype and out.shape == query.shape
     torch.testing.assert_close(out.float(), reference(query, key_cache, value_cache, tables, lens, window), atol=tolerance, rtol=tolerance)
 
 
-def test_kernel_reads_strided_layer_views_of_one_cache(kernel):
+def test_kernel_reads_strided_layer_views_of_one_cache(paged_kernel_loaded):
     """The compiled step hands each layer a view of one (2, layers, ...) storage."""
     query, key_cache, value_cache, tables, lens = random_case(3, 8, 2, 64, 4, [3, 9, 12], torch.float32)
     storage = torch.stack((torch.stack((key_cache, key_cache * 2)), torch.stack((value_cache, value_cache * 2))))
     keys, values = storage[0].unbind(0), storage[1].unbind(0)
-    out = kernel(query, keys[1], values[1], tables, lens, 0, 0.125)
+    out = paged_kernel_loaded(query, keys[1], values[1], tables, lens, 0, 0.125)
     expected = reference(query, key_cache * 2, value_cache * 2, tables, lens, 0)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_decodes_in_a_mixed_step_take_the_kernel_and_match_the_gathered_path(kernel, monkeypatch):
+def test_decodes_in_a_mixed_step_take_the_kernel_and_match_the_gathered_path(paged_kernel_loaded, monkeypatch):
     """paged_attention with a prefill beside decodes: the decodes' rows come out of the kernel,
     equal to the gather path's (the prefill still goes through SDPA)."""
     torch.manual_seed(0)
@@ -82,7 +69,9 @@ def test_decodes_in_a_mixed_step_take_the_kernel_and_match_the_gathered_path(ker
     caches = [torch.randn(8, block_size, kv_heads, head_dim) for _ in range(2)]
     metadata = AttentionMetadata.build(lens, starts, tables, block_size, torch.device("cpu"))
     calls = []
-    monkeypatch.setattr(paged_kernel, "attend", lambda query, *args: calls.append(query.shape) or kernel(query, *args, head_dim**-0.5))
+    monkeypatch.setattr(
+        paged_kernel, "attend", lambda query, *args: calls.append(query.shape) or paged_kernel_loaded(query, *args, head_dim**-0.5)
+    )
     with_kernel = paged_attention(query, key, value, caches[0].clone(), caches[1].clone(), metadata)
     assert calls == [(2, heads, head_dim)]  # the two decodes, in one call
     monkeypatch.setattr(paged_kernel, "_loaded", False)
