@@ -8,9 +8,11 @@ bucket, the CPU counterpart of CUDA-graph capture sizes.
 - Buckets: 1, 2, 4, ... up to --max-num-seqs. A step of n decodes runs in the smallest bucket
   ≥ n; the padding rows embed token 0 at position 0 and write their keys and values into the
   cache's spare `pad_block`, which no sequence holds.
-- Attention between the fused regions: the graph calls paged attention (the cache write, the
-  block gathers and SDPA) as one opaque operator, `shardgate::paged_decode_attention`
-  (shards/attention.py says why). Its block tables' width (the longest context, in blocks) is
+- The LM head is in the graph (prepacked too): the last stage's graph returns the logits.
+- Attention between the fused regions: the graph calls paged attention (the cache write and
+  the attention) as one opaque operator: the C++ kernel's `shardgate_kernels::paged_decode_step`
+  when it is loaded (shards/paged_kernel.py), else `shardgate::paged_decode_attention` (block
+  gathers and SDPA; shards/attention.py says why it is opaque). Its block tables' width (the longest context, in blocks) is
   the one dynamic dimension of each bucket's graph (`mark_dynamic`), so contexts that grow step
   by step do not recompile; the tables get at least two columns (one would be specialised).
 - Tensor parallelism: the row-parallel layers' all-reduces are traced into the graph (dynamo
@@ -75,8 +77,16 @@ def default_cache_dir() -> Path:
 class CompiledDecode:
     """One rank's compiled decode forward, per bucket; counts which bucket served each step."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, buckets: tuple[int, ...], cache_dir: Path) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_cache: KVCache, buckets: tuple[int, ...], cache_dir: Path, cpp_wrapper: bool = True
+    ) -> None:
         self.model = model
+        self.cpp_wrapper = cpp_wrapper and model.parallel.tp.size == 1
+        """Whether the graph's wrapper (the code calling its kernels) is C++: measured 13.2 → 12.0 ms
+        a batch-1 step on the bench model, 24.4 → 16.5 ms on SmolLM2's 30 layers. Not with tensor
+        parallelism: inductor's C++ wrapper cannot call the traced collectives ("arg type Any is
+        not yet supported by custom_op_wrapper", torch 2.13). torch.profiler does not see the
+        operators a C++ wrapper calls (bench --profile compiles with the Python wrapper)."""
         if kv_cache.pad_block is None:
             raise ValueError("a compiled decode step needs a KV cache with a padding block (KVCache(padding_block=True))")
         self.kv_cache = kv_cache
@@ -169,6 +179,7 @@ class CompiledDecode:
             # Process-wide, not torch.compile(options=...): passed as an option, freezing did not
             # happen (no frozen constants, no prepacked linears in the generated code).
             torch._inductor.config.freezing = True
+            torch._inductor.config.cpp_wrapper = self.cpp_wrapper
             self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
             with torch.inference_mode():
                 for bucket in self.buckets:

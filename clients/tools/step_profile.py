@@ -5,7 +5,9 @@ profiler. Each operator's own CPU time goes to a share: linears (matmuls, prepac
 attention (the KV cache's writes and gathers, scaled-dot-product attention), sampling (timed
 apart, on logits of the step's shape) and the rest (norms, RoPE, activations, residuals, the
 step's Python and the packing of its inputs). With a compiled step, inductor's fused C++ kernels
-are profiled too (cpp.enable_kernel_profile) and counted by the operations their names carry."""
+are profiled too (cpp.enable_kernel_profile) and counted by the operations their names carry; the
+profiled graph calls them from Python, not from the C++ wrapper a served graph has (whose calls
+torch.profiler does not see), so its step is somewhat slower than the served one."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 
 LINEAR_NAMES = ("linear", "aten::mm", "aten::addmm", "int8pack_mm", "mkl")
-ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "index_select", "index_copy", "index_put", "paged_decode_attention")
+ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "index_select", "index_copy", "index_put", "paged_decode")
 PROFILED_STEPS = 10
 
 
@@ -81,7 +83,7 @@ def profile_steps(args: Namespace, batches: list[int], context: int) -> list[Ste
         cache_dir = Path(gateway.replica.compile_cache_dir) if gateway.replica.compile_cache_dir else default_cache_dir()
         if device.type == "cpu":
             load_paged_kernel(cache_dir)
-        compiled = CompiledDecode(runner.model, runner.kv_cache, needed, cache_dir)
+        compiled = CompiledDecode(runner.model, runner.kv_cache, needed, cache_dir, cpp_wrapper=False)  # the profiler sees its ops
         if compiled.warm_up(runner.config.hidden_size, runner.dtype, first_stage=True):
             runner.compiled = compiled
     capacity = runner.kv_cache.num_blocks * runner.kv_cache.block_size

@@ -28,10 +28,11 @@ def served_logs(monkeypatch):
 
 
 def assert_compiled(logs: list[str], ranks: int) -> None:
-    """Every rank compiled the buckets 1, 2, 4 and the steps ran through them."""
+    """Every rank compiled the buckets 1, 2, 4 and loaded the paged decode kernel."""
     [log] = logs
     assert log.count("compiled 3 decode buckets (1,2,4)") == ranks, log
-    assert "compile failed" not in log
+    assert log.count("paged decode attention kernel ready") == ranks, log
+    assert "compile failed" not in log and "kernel not built" not in log
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
