@@ -16,11 +16,15 @@ READ_BYTES = 1 << 30
 
 
 def read_bandwidth(device: str, nbytes: int = READ_BYTES, repeats: int = 5) -> float:
-    """Bytes per second of a full read (a sum) of an nbytes float32 tensor on the device type."""
+    """Bytes per second of a full read (a sum) of an nbytes float32 tensor on the device type.
+
+    The buffer holds random numbers, not a constant: a virtual machine's host may merge pages of
+    equal content (KSM), and reads of a few shared pages run from cache. (With a buffer of ones,
+    one bench run here printed 57 GB/s; every other measurement on this machine gives 30–33.)"""
     import torch
 
     device = "cuda" if device.startswith("cuda") else "cpu"
-    buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    buffer = torch.rand(nbytes // 4, dtype=torch.float32, device=device)
     best = float("inf")
     for _ in range(repeats + 1):  # the first read warms up
         if device == "cuda":
