@@ -35,8 +35,9 @@ LAYOUTS = {
     "tp1": ("--tp", "1"),
     "pp2": ("--pp", "2"),
     "tp3": ("--tp", "3"),  # 9 heads and 3 kv heads divide by 3
-    # The compiled decode step (buckets 1, 2, 4, 8) with the paged attention kernel.
-    "tp1-compiled": ("--compile", "--compile-cache-dir", str(COMPILE_CACHE), "--max-num-seqs", "8"),
+    # The compiled decode step with the paged attention kernel; one bucket (30 layers in float32
+    # take about a minute a bucket to compile here), so the prompts decode one at a time.
+    "tp1-compiled": ("--compile", "--compile-cache-dir", str(COMPILE_CACHE), "--max-num-seqs", "1"),
 }
 
 
@@ -71,7 +72,17 @@ def reference(smollm2_gguf) -> Reference:
 
 def serve_greedy(path, log_dir, layout: tuple[str, ...], prompt_ids: list[list[int]]) -> list[list[int]]:
     server = start_server(
-        log_dir, "--model", str(path), "--dtype", "float32", "--max-batch-tokens", "128", "--kv-cache-memory", str(64 << 20), *layout
+        log_dir,
+        "--model",
+        str(path),
+        "--dtype",
+        "float32",
+        "--max-batch-tokens",
+        "128",
+        "--kv-cache-memory",
+        str(64 << 20),
+        *layout,
+        timeout=600,  # the compiled layout compiles before it serves
     )
     try:
         with server.client() as client:
