@@ -200,22 +200,11 @@ def paged_attention(
     """
     if torch.compiler.is_compiling():  # a compiled decode step (AttentionMetadata.for_decodes)
         (group,) = metadata.groups
-        if paged_kernel.loaded() and query.device.type == "cpu":  # the cache write and attention in one C++ call
+        if _kernel_serves(query):  # the cache write and attention in one C++ call
             return paged_kernel.decode_step(
                 query, key, value, key_cache, value_cache, metadata.slot_mapping, group.block_tables, group.context_lens, group.window
             )
-        return paged_decode_attention(
-            query,
-            key,
-            value,
-            key_cache,
-            value_cache,
-            metadata.slot_mapping,
-            group.block_tables,
-            group.mask,
-            group.context_lens,
-            group.window,
-        )
+        return paged_decode_attention(query, key, value, key_cache, value_cache, metadata.slot_mapping, group.block_tables, group.mask)
     _write(key, value, key_cache, value_cache, metadata.slot_mapping)
     num_heads, head_dim = query.shape[1:]
     num_kv_heads = key.shape[1]
@@ -268,10 +257,15 @@ def _attend_decodes(
 ) -> torch.Tensor:
     """Single-token queries (B, H, D) over their cached context: through the paged kernel when it
     is loaded, else by gathering the blocks for SDPA."""
-    if paged_kernel.loaded() and query.device.type == "cpu":
+    if _kernel_serves(query):
         return paged_kernel.attend(query, key_cache, value_cache, block_tables, context_lens, window)
     k, v = _gather(key_cache, value_cache, block_tables)
     return _decode(query, k, v, mask)
+
+
+def _kernel_serves(query: torch.Tensor) -> bool:
+    """Whether decodes of this query go through the C++ paged kernel (loaded, and a CPU tensor)."""
+    return paged_kernel.loaded() and query.device.type == "cpu"
 
 
 def _decode(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -292,19 +286,18 @@ def paged_decode_attention(
     slot_mapping: torch.Tensor,
     block_tables: torch.Tensor,
     mask: torch.Tensor,
-    context_lens: torch.Tensor,
-    window: int,
 ) -> torch.Tensor:
-    """paged_attention of a step of decodes (mask (B, 1, 1, C)), as one operator that a compiled
+    """paged_attention of a step of decodes (mask (B, 1, 1, C)) without the paged kernel, as one operator that a compiled
     graph calls between its fused kernels. Traced into the graph, the cache write and the gathers
     become whole-cache updates that the compiler fuses into its attention kernel, which then
     scans the whole cache every layer (measured on builtin:tiny with a 64 MiB cache: 650 ms a
     step against 2.4 ms eager); as an opaque operator they stay the eager step's in-place writes
     and block copies."""
     _write(key, value, key_cache, value_cache, slot_mapping)
-    return _attend_decodes(query, key_cache, value_cache, block_tables, mask, context_lens, window)
+    k, v = _gather(key_cache, value_cache, block_tables)
+    return _decode(query, k, v, mask)
 
 
 @paged_decode_attention.register_fake
-def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, mask, context_lens, window) -> torch.Tensor:
+def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, mask) -> torch.Tensor:
     return torch.empty_like(query)

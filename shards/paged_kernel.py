@@ -317,10 +317,11 @@ def load(cache_dir: Path) -> bool:
         from torch.utils import cpp_extension
 
         _put_ninja_on_path()
-        build_dir = cache_dir / "kernels" / build_name()
+        name = build_name()
+        build_dir = cache_dir / "kernels" / name
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load_inline(
-            name=build_name(),
+            name=name,
             cpp_sources=[SOURCE],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             no_implicit_headers=True,
