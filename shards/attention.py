@@ -23,7 +23,7 @@ prefill chunk does not blow up the batch of decodes beside it. Decodes attend
 with each kv head's query heads as its query rows (grouped-query attention as
 a plain batched attention, no repeated keys).
 
-Where the C++ paged decode kernel is loaded (shards/paged_kernel.py, with
+Where the C++ paged decode kernel is loaded (shards/cpu_kernels.py, with
 --compile on CPU), decodes skip the gather and SDPA: the kernel reads each
 sequence's keys and values from their blocks in place.
 """
@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from shardgate.shards import paged_kernel
+from shardgate.shards import cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def paged_attention(
     if torch.compiler.is_compiling():  # a compiled decode step (AttentionMetadata.for_decodes)
         (group,) = metadata.groups
         if _kernel_serves(query):  # the cache write and attention in one C++ call
-            return paged_kernel.decode_step(
+            return cpu_kernels.decode_step(
                 query, key, value, key_cache, value_cache, metadata.slot_mapping, group.block_tables, group.context_lens, group.window
             )
         return paged_decode_attention(query, key, value, key_cache, value_cache, metadata.slot_mapping, group.block_tables, group.mask)
@@ -258,14 +258,14 @@ def _attend_decodes(
     """Single-token queries (B, H, D) over their cached context: through the paged kernel when it
     is loaded, else by gathering the blocks for SDPA."""
     if _kernel_serves(query):
-        return paged_kernel.attend(query, key_cache, value_cache, block_tables, context_lens, window)
+        return cpu_kernels.attend(query, key_cache, value_cache, block_tables, context_lens, window)
     k, v = _gather(key_cache, value_cache, block_tables)
     return _decode(query, k, v, mask)
 
 
 def _kernel_serves(query: torch.Tensor) -> bool:
     """Whether decodes of this query go through the C++ paged kernel (loaded, and a CPU tensor)."""
-    return paged_kernel.loaded() and query.device.type == "cpu"
+    return cpu_kernels.loaded() and query.device.type == "cpu"
 
 
 def _decode(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,11 @@ bucket, the CPU counterpart of CUDA-graph capture sizes.
   ≥ n; the padding rows embed token 0 at position 0 and write their keys and values into the
   cache's spare `pad_block`, which no sequence holds.
 - The LM head is in the graph (prepacked too): the last stage's graph returns the logits.
+- In bfloat16 with the CPU kernels loaded, buckets 1 and 2 trace every linear and the LM head
+  as `shardgate_kernels::decode_linear` (a GEMV at the read bandwidth) instead of oneDNN.
 - Attention between the fused regions: the graph calls paged attention (the cache write and
   the attention) as one opaque operator: the C++ kernel's `shardgate_kernels::paged_decode_step`
-  when it is loaded (shards/paged_kernel.py), else `shardgate::paged_decode_attention` (block
+  when it is loaded (shards/cpu_kernels.py), else `shardgate::paged_decode_attention` (block
   gathers and SDPA; shards/attention.py says why it is opaque). Its block tables' width (the longest context, in blocks) is
   the one dynamic dimension of each bucket's graph (`mark_dynamic`), so contexts that grow step
   by step do not recompile; the tables get at least two columns (one would be specialised).

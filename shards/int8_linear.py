@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardgate.shards import cpu_kernels
+
 INT8PACK_MAX_ROWS = 8
 """Largest M served by torch._weight_int8pack_mm; past it, converting to the model dtype and
 using F.linear is as fast or faster (README, Performance)."""
@@ -115,7 +117,11 @@ class Int8Weight(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a dense weight or an Int8Weight."""
+    """F.linear for a dense weight or an Int8Weight. A bfloat16 decode of one or two rows on a
+    CPU with the decode kernels loaded takes their GEMV (shards/cpu_kernels.py)."""
     if isinstance(weight, Int8Weight):
         return weight.linear(x, bias)
+    if cpu_kernels.serves_linear(x, weight):
+        y = cpu_kernels.decode_linear(x, weight)
+        return y if bias is None else y + bias
     return F.linear(x, weight, bias)

@@ -15,7 +15,7 @@ import torch
 
 from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.proto.shard_config import BatchLimits, ShardConfig
-from shardgate.shards import paged_kernel
+from shardgate.shards import cpu_kernels
 from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
 from shardgate.shards.dtype_choice import DtypeChoice, choose_dtype
 from shardgate.shards.kv_cache import KVCache
@@ -76,17 +76,17 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     if settings.compile:
         cache_dir = Path(settings.compile_cache_dir) if settings.compile_cache_dir else default_cache_dir()
         if device.type == "cpu":
-            load_paged_kernel(cache_dir)
+            load_cpu_kernels(cache_dir)
         compile_decode_step(runner, cache_dir, limits, parallel, settings.compile_stats_dir)
     return RankModel(loaded, choice, runner, num_blocks, profile.step_peak_bytes)
 
 
-def load_paged_kernel(cache_dir: Path) -> None:
-    """Builds or loads the C++ paged decode-attention kernel (shards/paged_kernel.py); logs how
-    long it took, or (inside load) why decodes keep gathering their blocks."""
+def load_cpu_kernels(cache_dir: Path) -> None:
+    """Builds or loads the C++ decode kernels (shards/cpu_kernels.py: paged attention, the
+    batch-1 linear); logs how long it took, or (inside load) why decodes do without them."""
     started = time.perf_counter()
-    if paged_kernel.load(cache_dir):
-        log.info("paged decode attention kernel ready in %.1f s; cache %s", time.perf_counter() - started, cache_dir / "kernels")
+    if cpu_kernels.load(cache_dir):
+        log.info("CPU decode kernels ready in %.1f s; cache %s", time.perf_counter() - started, cache_dir / "kernels")
 
 
 def compile_decode_step(runner: ModelRunner, cache_dir: Path, limits: BatchLimits, parallel: ParallelState, stats_dir: str = "") -> None:

@@ -70,7 +70,7 @@ def profile_steps(args: Namespace, batches: list[int], context: int, bounds: boo
     from shardgate.server.replicas.launcher import shard_config
     from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
     from shardgate.shards.parallel import ParallelConfig, ParallelState
-    from shardgate.shards.rank_model import build_rank_model, load_paged_kernel, resolve_device
+    from shardgate.shards.rank_model import build_rank_model, load_cpu_kernels, resolve_device
 
     if args.tp != 1 or args.pp != 1:
         raise ValueError("--profile runs one rank in this process: drop --tp and --pp")
@@ -86,7 +86,7 @@ def profile_steps(args: Namespace, batches: list[int], context: int, bounds: boo
         needed = tuple(sorted({next(bucket for bucket in buckets if bucket >= batch) for batch in batches}))
         cache_dir = Path(gateway.replica.compile_cache_dir) if gateway.replica.compile_cache_dir else default_cache_dir()
         if device.type == "cpu":
-            load_paged_kernel(cache_dir)
+            load_cpu_kernels(cache_dir)
         compiled = CompiledDecode(runner.model, runner.kv_cache, needed, cache_dir, cpp_wrapper=False)  # the profiler sees its ops
         if compiled.warm_up(runner.config.hidden_size, runner.dtype, first_stage=True):
             runner.compiled = compiled

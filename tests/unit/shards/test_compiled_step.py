@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardgate.shards import paged_kernel
+from shardgate.shards import cpu_kernels
 from shardgate.shards.compiled_step import CompiledDecode, decode_buckets
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.quantization import quantize_model
@@ -26,14 +26,16 @@ def test_buckets_double_up_to_the_most_sequences():
     assert decode_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
 
 
-def make_runner(compiled_cache=None, buckets: tuple[int, ...] = (1, 2, 4), quantize: str = "none") -> ModelRunner:
-    loaded = load_model("builtin:tiny", torch.float32, CPU)
+def make_runner(
+    compiled_cache=None, buckets: tuple[int, ...] = (1, 2, 4), quantize: str = "none", dtype: torch.dtype = torch.float32
+) -> ModelRunner:
+    loaded = load_model("builtin:tiny", dtype, CPU)
     quantize_model(loaded.model, quantize)
-    kv_cache = KVCache(loaded.model.kv_layout, 128, BLOCK_SIZE, torch.float32, CPU, padding_block=True)
+    kv_cache = KVCache(loaded.model.kv_layout, 128, BLOCK_SIZE, dtype, CPU, padding_block=True)
     runner = ModelRunner(loaded.model, loaded.config, kv_cache, CPU)
     if compiled_cache is not None:
         compiled = CompiledDecode(runner.model, runner.kv_cache, buckets, compiled_cache)
-        assert compiled.warm_up(loaded.config.hidden_size, torch.float32, first_stage=True)
+        assert compiled.warm_up(loaded.config.hidden_size, dtype, first_stage=True)
         runner.compiled = compiled
     return runner
 
@@ -66,16 +68,36 @@ def test_compiled_decodes_give_the_eager_tokens_without_recompiling():
     assert runner.compiled.rows[4] == 9 * 4 + 3
 
 
-def test_compiled_decodes_through_the_paged_kernel_give_the_eager_tokens(paged_kernel_loaded, monkeypatch):
+def test_compiled_decodes_through_the_paged_kernel_give_the_eager_tokens(cpu_kernels_loaded, monkeypatch):
     """With the kernel loaded, the graph writes the cache and attends in one C++ call."""
-    monkeypatch.setattr(paged_kernel, "_loaded", False)  # the eager reference gathers its blocks
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)  # the eager reference gathers its blocks
     eager = generate(make_runner(), PROMPTS, steps=12)
-    monkeypatch.setattr(paged_kernel, "_loaded", True)
+    monkeypatch.setattr(cpu_kernels, "_loaded", True)
     runner = make_runner(COMPILE_CACHE)
     with torch.profiler.profile() as profile:
         assert generate(runner, PROMPTS, steps=12) == eager
     ops = {event.key for event in profile.key_averages()}
     assert "shardgate_kernels::paged_decode_step" in ops and "shardgate::paged_decode_attention" not in ops
+
+
+@pytest.mark.skipif(not cpu_kernels._has_bf16_dot(), reason="the decode linear needs AVX512-BF16")
+def test_bfloat16_decodes_of_one_or_two_rows_take_the_decode_linear(cpu_kernels_loaded, monkeypatch):
+    """Eager decodes give oneDNN's tokens through the GEMV; the compiled buckets 1 and 2 call it for
+    every linear and the LM head. (Compiled bfloat16 tokens are not compared with eager ones: the
+    fused kernels round fewer intermediates, which flips near-ties of this random model.)"""
+    prompts = PROMPTS[:2]
+    with_gemv = generate(make_runner(dtype=torch.bfloat16), prompts, steps=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_kernels, "DECODE_LINEAR_MAX_ROWS", 0)
+        assert generate(make_runner(dtype=torch.bfloat16), prompts, steps=8) == with_gemv
+    runner = make_runner(COMPILE_CACHE, buckets=(1, 2, 4), dtype=torch.bfloat16)
+    with torch.profiler.profile() as profile:
+        generate(runner, prompts, steps=8)
+    calls = {event.key: event.count for event in profile.key_averages()}
+    linears_per_step = 7 * runner.config.num_hidden_layers + 1
+    assert dict(runner.compiled.hits) == {2: 5, 1: 1}
+    # six compiled decode steps, and the eager prefill's LM head over its two prompts' last rows
+    assert calls.get("shardgate_kernels::decode_linear", 0) == linears_per_step * 6 + 1, calls
 
 
 def test_int8_compiled_decodes_give_the_eager_tokens():

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from shardgate.shards import paged_kernel
+from shardgate.shards import cpu_kernels
 from shardgate.shards.attention import AttentionMetadata, _decode, _gather, paged_attention
 
 
@@ -38,25 +38,25 @@ def reference(query, key_cache, value_cache, tables, lengths, window):
     ids=["gqa4-d64", "gqa3-d64", "mha-d128", "gqa2-d16-scalar"],
 )
 @pytest.mark.parametrize("window", [0, 5])
-def test_kernel_matches_gathered_sdpa(paged_kernel_loaded, dtype, tolerance, heads, kv_heads, head_dim, window):
+def test_kernel_matches_gathered_sdpa(cpu_kernels_loaded, dtype, tolerance, heads, kv_heads, head_dim, window):
     lengths = [1, 7, 16, 33]  # one token, partial blocks, a whole block, blocks past a boundary
     query, key_cache, value_cache, tables, lens = random_case(4, heads, kv_heads, head_dim, 16, lengths, dtype)
-    out = paged_kernel_loaded(query, key_cache, value_cache, tables, lens, window, head_dim**-0.5)
+    out = cpu_kernels_loaded(query, key_cache, value_cache, tables, lens, window, head_dim**-0.5)
     assert out.dtype == dtype and out.shape == query.shape
     torch.testing.assert_close(out.float(), reference(query, key_cache, value_cache, tables, lens, window), atol=tolerance, rtol=tolerance)
 
 
-def test_kernel_reads_strided_layer_views_of_one_cache(paged_kernel_loaded):
+def test_kernel_reads_strided_layer_views_of_one_cache(cpu_kernels_loaded):
     """The compiled step hands each layer a view of one (2, layers, ...) storage."""
     query, key_cache, value_cache, tables, lens = random_case(3, 8, 2, 64, 4, [3, 9, 12], torch.float32)
     storage = torch.stack((torch.stack((key_cache, key_cache * 2)), torch.stack((value_cache, value_cache * 2))))
     keys, values = storage[0].unbind(0), storage[1].unbind(0)
-    out = paged_kernel_loaded(query, keys[1], values[1], tables, lens, 0, 0.125)
+    out = cpu_kernels_loaded(query, keys[1], values[1], tables, lens, 0, 0.125)
     expected = reference(query, key_cache * 2, value_cache * 2, tables, lens, 0)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_decodes_in_a_mixed_step_take_the_kernel_and_match_the_gathered_path(paged_kernel_loaded, monkeypatch):
+def test_decodes_in_a_mixed_step_take_the_kernel_and_match_the_gathered_path(cpu_kernels_loaded, monkeypatch):
     """paged_attention with a prefill beside decodes: the decodes' rows come out of the kernel,
     equal to the gather path's (the prefill still goes through SDPA)."""
     torch.manual_seed(0)
@@ -70,28 +70,71 @@ def test_decodes_in_a_mixed_step_take_the_kernel_and_match_the_gathered_path(pag
     metadata = AttentionMetadata.build(lens, starts, tables, block_size, torch.device("cpu"))
     calls = []
     monkeypatch.setattr(
-        paged_kernel, "attend", lambda query, *args: calls.append(query.shape) or paged_kernel_loaded(query, *args, head_dim**-0.5)
+        cpu_kernels, "attend", lambda query, *args: calls.append(query.shape) or cpu_kernels_loaded(query, *args, head_dim**-0.5)
     )
     with_kernel = paged_attention(query, key, value, caches[0].clone(), caches[1].clone(), metadata)
     assert calls == [(2, heads, head_dim)]  # the two decodes, in one call
-    monkeypatch.setattr(paged_kernel, "_loaded", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
     without = paged_attention(query, key, value, caches[0].clone(), caches[1].clone(), metadata)
     assert len(calls) == 1
     torch.testing.assert_close(with_kernel, without, atol=1e-5, rtol=1e-5)
 
 
 def test_a_failed_build_logs_one_line_and_leaves_the_gather_path(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(paged_kernel, "_loaded", False)
-    monkeypatch.setattr(paged_kernel, "build_name", lambda: "shardgate_paged_attention_nocompiler")
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    monkeypatch.setattr(cpu_kernels, "build_name", lambda: "shardgate_cpu_kernels_nocompiler")
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.WARNING, logger="shardgate.shard"):
-        assert not paged_kernel.load(tmp_path)
-    assert not paged_kernel.loaded()
+        assert not cpu_kernels.load(tmp_path)
+    assert not cpu_kernels.loaded()
     (line,) = [record.getMessage() for record in caplog.records if record.name == "shardgate.shard"]
-    assert line.startswith("paged attention kernel not built (") and "decode attention gathers its blocks" in line
+    assert line.startswith("CPU decode kernels not built (") and "decode attention gathers its blocks" in line
 
 
 def test_the_build_name_changes_with_the_source(monkeypatch):
-    name = paged_kernel.build_name()
-    monkeypatch.setattr(paged_kernel, "SOURCE", paged_kernel.SOURCE + "\n// changed\n")
-    assert paged_kernel.build_name() != name
+    name = cpu_kernels.build_name()
+    monkeypatch.setattr(cpu_kernels, "SOURCE", cpu_kernels.SOURCE + "\n// changed\n")
+    assert cpu_kernels.build_name() != name
+
+
+needs_bf16_dot = pytest.mark.skipif(not cpu_kernels._has_bf16_dot(), reason="the decode linear needs AVX512-BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 64, 1024), (2, 100, 1000), (1, 7, 33), (2, 3, 576)])
+def test_decode_linear_is_the_float32_product_rounded_to_bfloat16(cpu_kernels_loaded, rows, out_features, in_features):
+    """Row and column tails (N not a multiple of 8, K not of 32) included; float32 sums, so the
+    only error is the output's rounding to bfloat16 (half a unit in the last place)."""
+    generator = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    got = cpu_kernels.decode_linear(x, weight)
+    exact = x.float() @ weight.float().T
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+
+
+@needs_bf16_dot
+def test_decode_linear_keeps_leading_dimensions_and_reads_strided_weight_rows(cpu_kernels_loaded):
+    wide = torch.randn(48, 160).to(torch.bfloat16)
+    weight = wide[:, :128]  # rows 160 elements apart
+    x = torch.randn(1, 1, 128).to(torch.bfloat16)
+    got = cpu_kernels.decode_linear(x, weight)
+    assert got.shape == (1, 1, 48)
+    torch.testing.assert_close(got.float(), (x.float() @ weight.float().T).to(torch.bfloat16).float(), atol=0.05, rtol=2**-7)
+
+
+@needs_bf16_dot
+def test_only_bfloat16_decodes_of_one_or_two_rows_take_the_decode_linear(cpu_kernels_loaded, monkeypatch):
+    from shardgate.shards.int8_linear import linear
+
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "decode_linear", lambda x, weight: calls.append(x.shape[0]) or torch.nn.functional.linear(x, weight))
+    weight, bias = torch.randn(16, 64).to(torch.bfloat16), torch.randn(16).to(torch.bfloat16)
+    for rows in (1, 2, 4):
+        linear(torch.randn(rows, 64).to(torch.bfloat16), weight, bias)
+    linear(torch.randn(1, 64), weight.float())
+    assert calls == [1, 2]
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    linear(torch.randn(1, 64).to(torch.bfloat16), weight)
+    assert calls == [1, 2]
