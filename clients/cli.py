@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -70,7 +71,12 @@ def chat(args: argparse.Namespace) -> int:
                 address = stack.enter_context(LocalServer(["--model", args.model, "--no-compile"])).address
             client = stack.enter_context(Client(address, **options))
             session = ChatSession(client, args.system, generation_params(args))
-            return run_once(session, message) if message is not None else run_interactive(session)
+            if message is not None:
+                return run_once(session, message)
+            # Ctrl-C cancels a reply, also when this process started with SIGINT ignored (a
+            # background job of a non-interactive shell): Python then installs no handler itself.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            return run_interactive(session)
     except (RuntimeError, ShardgateError, ValueError) as error:
         return _fail(error)
 

@@ -110,6 +110,9 @@ class Terminal:
     def __init__(self, address: str) -> None:
         self.master, follower = pty.openpty()
         command = [sys.executable, "-m", "shardgate.clients.cli", "chat", "--addr", address, "--temperature", "0"]
+        # Started with SIGINT ignored, as a background job of a non-interactive shell starts it:
+        # Ctrl-C must still cancel a reply.
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
         self.process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, start_new_session=True)
         os.close(follower)
         self.pending = b""
