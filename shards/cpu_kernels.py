@@ -393,9 +393,9 @@ def _cpu_flags() -> str:
 
 
 def load(cache_dir: Path) -> bool:
-    """Builds (or finds built in cache_dir/kernels) and loads the kernel; False, having logged
+    """Builds (or finds built in cache_dir/kernels) and loads the kernels; False, having logged
     why in one line, when it cannot (no compiler, no ninja, a build error)."""
-    global _loaded
+    global _loaded, _bf16_dot
     if _loaded:
         return True
     try:
@@ -423,7 +423,6 @@ def load(cache_dir: Path) -> bool:
         )
         return False
     _register_fake()
-    global _bf16_dot
     _bf16_dot = _has_bf16_dot()
     _loaded = True
     return True
