@@ -16,8 +16,14 @@
   kernel reads each weight row once as a stream the prefetcher follows (prefetching two blocks
   of rows ahead into L2) and sums in float32 with `vdpbf16ps`. On the bench model's linears it
   reads at about the machine's measured read bandwidth, 1.3–1.4× faster than oneDNN's prepacked
-  kernels at one and two rows; from four rows on oneDNN is faster (README, Performance), so
-  larger batches keep it.
+  kernels at one and two rows.
+- **Packed linear** (`shardgate_kernels::packed_linear`): y = x Wᵀ for 3 to 64 rows of bfloat16
+  x, with W packed once at load (pack_weight: pairs of consecutive k for 16 output columns per
+  64 bytes, the operand layout of `vdpbf16ps`). Blocks of 8 rows keep 8 × 48 float32 sums in
+  registers against a broadcast pair of x; each panel of 48 columns is read from memory for the
+  first block of rows and from L2 for the next. On the bench model's linears it is 1.05–1.4×
+  faster than oneDNN's prepacked GEMM from 8 to 64 rows (README, Performance); prefills longer
+  than 64 rows keep oneDNN, which reaches the machine's GEMM peak there.
 
 They are built with torch.utils.cpp_extension (ninja and the C++ compiler inductor uses) into
 the compile cache folder, under a name that carries a hash of their source, the torch version
@@ -348,10 +354,104 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight) {
 #endif
 }
 
+#if defined(__AVX512BF16__)
+// The packed linear: y = x Wᵀ with W packed as (N/16, K/2, 16, 2) bf16 ("VNNI" pairs: 16 output
+// columns × 2 consecutive k per 64 bytes, what one vdpbf16ps multiplies against a broadcast pair
+// of x). A panel of kPanelBlocks × 16 columns is streamed once from memory for the first kRows
+// rows of x and read again from L2 for the next ones; each block of rows keeps kRows × NZ
+// float32 accumulators in registers.
+constexpr int kRows = 8;
+constexpr int kPanelBlocks = 3;
+constexpr int64_t kPrefetchPairs = 16;
+
+template <int MR, int NZ>
+inline void packed_tile(const uint16_t* x, int64_t k, const uint16_t* w, int64_t block_stride, uint16_t* y, int64_t n,
+                        int64_t column) {
+  __m512 acc[MR][NZ];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NZ; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int64_t pairs = k / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i wv[NZ];
+    for (int j = 0; j < NZ; ++j) {
+      wv[j] = _mm512_loadu_si512(w + j * block_stride + p * 32);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * block_stride + (p + kPrefetchPairs) * 32), _MM_HINT_T0);
+    }
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * k + 2 * p, sizeof(pair));
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NZ; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, (__m512bh)wv[j]);
+    }
+  }
+  for (int j = 0; j < NZ; ++j) {
+    const int64_t first = column + j * 16;
+    const __mmask16 mask = first + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - first)) - 1);
+    for (int m = 0; m < MR; ++m)
+      _mm256_mask_storeu_epi16(y + m * n + first, mask, (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
+  }
+}
+
+template <int NZ>
+inline void packed_rows(int rows, const uint16_t* x, int64_t k, const uint16_t* w, int64_t block_stride, uint16_t* y,
+                        int64_t n, int64_t column) {
+  switch (rows) {
+    case 8: packed_tile<8, NZ>(x, k, w, block_stride, y, n, column); break;
+    case 7: packed_tile<7, NZ>(x, k, w, block_stride, y, n, column); break;
+    case 6: packed_tile<6, NZ>(x, k, w, block_stride, y, n, column); break;
+    case 5: packed_tile<5, NZ>(x, k, w, block_stride, y, n, column); break;
+    case 4: packed_tile<4, NZ>(x, k, w, block_stride, y, n, column); break;
+    case 3: packed_tile<3, NZ>(x, k, w, block_stride, y, n, column); break;
+    case 2: packed_tile<2, NZ>(x, k, w, block_stride, y, n, column); break;
+    default: packed_tile<1, NZ>(x, k, w, block_stride, y, n, column); break;
+  }
+}
+#endif
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "bfloat16 input and weight");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 2 && packed.is_contiguous(),
+              "packed weight (N/16, K/2, 16, 2)");
+  const int64_t k = x.size(-1), blocks = packed.size(0);
+  TORCH_CHECK(packed.size(1) * 2 == k, "x has ", k, " columns, the packed weight ", packed.size(1) * 2);
+  TORCH_CHECK(n > (blocks - 1) * 16 && n <= blocks * 16, "n = ", n, " does not fit ", blocks, " blocks of 16 columns");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.numel() / std::max<int64_t>(k, 1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const int64_t block_stride = k * 16, panels = (blocks + kPanelBlocks - 1) / kPanelBlocks;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t block = panel * kPanelBlocks, width = std::min<int64_t>(kPanelBlocks, blocks - block);
+      const uint16_t* w = wp + block * block_stride;
+      for (int64_t row = 0; row < rows; row += kRows) {
+        const int count = static_cast<int>(std::min<int64_t>(kRows, rows - row));
+        const uint16_t* xr = xp + row * k;
+        uint16_t* yr = yp + row * n;
+        if (width == 3) packed_rows<3>(count, xr, k, w, block_stride, yr, n, block * 16);
+        else if (width == 2) packed_rows<2>(count, xr, k, w, block_stride, yr, n, block * 16);
+        else packed_rows<1>(count, xr, k, w, block_stride, yr, n, block * 16);
+      }
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "packed_linear needs AVX512-BF16");
+  return x;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(shardgate_kernels, m) {
   m.def("decode_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, int n) -> Tensor");
   m.def("paged_decode_step(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int window, float scale) -> Tensor");
   m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
@@ -362,13 +462,18 @@ TORCH_LIBRARY_IMPL(shardgate_kernels, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("paged_decode_step", &paged_decode_step);
   m.impl("decode_linear", &decode_linear);
+  m.impl("packed_linear", &packed_linear);
 }
 """
 
 _loaded = False
 _bf16_dot = False
 DECODE_LINEAR_MAX_ROWS = 2
-"""Most rows of x that take decode_linear; from 4 rows on, oneDNN's prepacked GEMM is faster."""
+"""Most rows of x that take decode_linear; from 4 rows on, packed_linear is faster."""
+PACKED_LINEAR_MAX_ROWS = 64
+"""Most rows of x that take packed_linear (the largest decode bucket by default); it was
+measured faster than oneDNN's prepacked GEMM from 4 to 64 rows (README, Performance), and
+longer prefills keep oneDNN."""
 
 
 def build_name() -> str:
@@ -481,6 +586,37 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.shardgate_kernels.decode_linear(x, weight)
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """W (N, K) packed for packed_linear: (⌈N/16⌉, K/2, 16, 2), zero-padded to whole blocks of 16
+    output columns; None where packed_linear cannot serve it (kernels not loaded, no
+    AVX512-BF16, not a bfloat16 CPU matrix, an odd K)."""
+    if not (_loaded and _bf16_dot and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2):
+        return None
+    rows, cols = weight.shape
+    if cols % 2:
+        return None
+    blocks = -(-rows // 16)
+    padded = torch.zeros(blocks * 16, cols, dtype=weight.dtype)
+    padded[:rows] = weight.detach()
+    return padded.view(blocks, 16, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def serves_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
+    """Whether x takes packed_linear with this packed weight: bfloat16 CPU rows, more than
+    DECODE_LINEAR_MAX_ROWS and at most PACKED_LINEAR_MAX_ROWS of them."""
+    return (
+        packed is not None
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and DECODE_LINEAR_MAX_ROWS * x.shape[-1] < x.numel() <= PACKED_LINEAR_MAX_ROWS * x.shape[-1]
+    )
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (..., K) Wᵀ for W packed by pack_weight: (..., out_features), in bfloat16 from float32 sums."""
+    return torch.ops.shardgate_kernels.packed_linear(x, packed, out_features)
+
+
 def _register_fake() -> None:
     """Shapes of the ops for tracing (a compiled decode step calls paged_decode_step)."""
     if getattr(_register_fake, "done", False):
@@ -497,6 +633,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("shardgate_kernels::decode_linear")
     def _(x, weight):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("shardgate_kernels::packed_linear")
+    def _(x, packed, n):
+        return x.new_empty((*x.shape[:-1], n))
 
     _register_fake.done = True
 

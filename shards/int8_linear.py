@@ -116,12 +116,18 @@ class Int8Weight(nn.Module):
         return y
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a dense weight or an Int8Weight. A bfloat16 decode of one or two rows on a
-    CPU with the decode kernels loaded takes their GEMV (shards/cpu_kernels.py)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | Int8Weight, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear for a dense weight or an Int8Weight. On a CPU with the decode kernels loaded
+    (shards/cpu_kernels.py), a bfloat16 decode of one or two rows takes their GEMV, and one of up
+    to PACKED_LINEAR_MAX_ROWS rows their packed GEMM, when the weight's packed copy is given."""
     if isinstance(weight, Int8Weight):
         return weight.linear(x, bias)
     if cpu_kernels.serves_linear(x, weight):
         y = cpu_kernels.decode_linear(x, weight)
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
+    elif cpu_kernels.serves_packed(x, packed):
+        y = cpu_kernels.packed_linear(x, packed, weight.shape[0])
+    else:
+        return F.linear(x, weight, bias)
+    return y if bias is None else y + bias

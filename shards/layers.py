@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardgate.shards import cpu_kernels
 from shardgate.shards.int8_linear import linear
 from shardgate.shards.parallel import SINGLE, TensorParallel
 
@@ -61,6 +62,23 @@ def _parameter(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
+def _add_packed_weight(module: nn.Module) -> None:
+    """The linear's `packed_weight` buffer: None until pack_linear_weights fills it."""
+    module.register_buffer("packed_weight", None, persistent=False)
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Gives every dense linear weight of model the packed copy that the CPU kernels' packed GEMM
+    reads (shards/cpu_kernels.py; none where it cannot serve, as for int8 weights). Returns the
+    bytes the copies take."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "packed_weight") and isinstance(module.weight, torch.Tensor):
+            module.packed_weight = cpu_kernels.pack_weight(module.weight)
+            total += 0 if module.packed_weight is None else module.packed_weight.nbytes
+    return total
+
+
 class RMSNorm(nn.Module):
     """y = w · x / sqrt(mean(x²) + eps), normalised in float32 and cast back before scaling, as transformers does."""
 
@@ -100,12 +118,13 @@ class ColumnParallelLinear(nn.Module):
         out_per_rank = _divide(out_features, self.num_shards, "output features")
         self.weight = _parameter(out_per_rank, in_features)
         self.bias = _parameter(out_per_rank) if bias else None
+        _add_packed_weight(self)
 
     def weight_loader(self, param: nn.Parameter, source: TensorSource) -> None:
         _copy_shard(param, source, 0, self.shard_index, self.num_shards)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -120,12 +139,13 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.weight = _parameter(out_features, _divide(in_features, tp.size, "input features"))
+        _add_packed_weight(self)
 
     def weight_loader(self, param: nn.Parameter, source: TensorSource) -> None:
         _copy_shard(param, source, 1, self.tp.rank, self.tp.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(linear(x, self.weight))
+        return self.tp.all_reduce(linear(x, self.weight, packed=self.packed_weight))
 
 
 class _VocabShard(nn.Module):
@@ -178,9 +198,10 @@ class ParallelLMHead(_VocabShard):
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__(vocab_size, hidden_size, tp)
+        _add_packed_weight(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(linear(hidden, self.weight))[..., : self.vocab_size]
+        return self.tp.all_gather(linear(hidden, self.weight, packed=self.packed_weight))[..., : self.vocab_size]
 
 
 class SwiGLUMLP(nn.Module):

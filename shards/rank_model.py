@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from shardgate.proto import inference_pb2, shard_pb2
 from shardgate.proto.shard_config import BatchLimits, ShardConfig
@@ -19,6 +20,7 @@ from shardgate.shards import cpu_kernels
 from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
 from shardgate.shards.dtype_choice import DtypeChoice, choose_dtype
 from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.layers import pack_linear_weights
 from shardgate.shards.memory import CapacityError, kv_cache_bytes, profile_step
 from shardgate.shards.parallel import ParallelState, agree_on_blocks, gather_device_names, replica_sum
 from shardgate.shards.quantization import quantize_model, weight_bytes_per_step
@@ -64,6 +66,9 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     dtype = choice.torch_dtype
     loaded = load_model(settings.model, dtype, device, parallel)
     quantize_model(loaded.model, settings.quantize)
+    cache_dir = Path(settings.compile_cache_dir) if settings.compile_cache_dir else default_cache_dir()
+    if settings.compile and device.type == "cpu":  # before profiling: the packed weights take memory
+        load_cpu_kernels(loaded.model, cache_dir)
     profile = profile_step(loaded.model, loaded.config, limits.max_batch_tokens, limits.max_num_seqs, settings.block_size, dtype, device)
     budget = kv_cache_bytes(settings.kv_cache_memory, profile, device.type, limits.max_batch_tokens)
     log.info("largest step needs %d bytes; %d bytes free; KV cache gets %d", profile.step_peak_bytes, profile.free_bytes, budget)
@@ -74,19 +79,23 @@ def build_rank_model(config: ShardConfig, device: torch.device, parallel: Parall
     kv_cache = KVCache(loaded.model.kv_layout, num_blocks, settings.block_size, dtype, device, padding_block=padding)
     runner = ModelRunner(loaded.model, loaded.config, kv_cache, device)
     if settings.compile:
-        cache_dir = Path(settings.compile_cache_dir) if settings.compile_cache_dir else default_cache_dir()
-        if device.type == "cpu":
-            load_cpu_kernels(cache_dir)
         compile_decode_step(runner, cache_dir, limits, parallel, settings.compile_stats_dir)
     return RankModel(loaded, choice, runner, num_blocks, profile.step_peak_bytes)
 
 
-def load_cpu_kernels(cache_dir: Path) -> None:
+def load_cpu_kernels(model: nn.Module, cache_dir: Path) -> None:
     """Builds or loads the C++ decode kernels (shards/cpu_kernels.py: paged attention, the
-    batch-1 linear); logs how long it took, or (inside load) why decodes do without them."""
+    decode linears) and packs model's linear weights for their GEMM; logs how long it took, or
+    (inside load) why decodes do without them."""
     started = time.perf_counter()
     if cpu_kernels.load(cache_dir):
-        log.info("CPU decode kernels ready in %.1f s; cache %s", time.perf_counter() - started, cache_dir / "kernels")
+        packed = pack_linear_weights(model)
+        log.info(
+            "CPU decode kernels ready in %.1f s (%d MB of linear weights packed for their GEMM); cache %s",
+            time.perf_counter() - started,
+            packed >> 20,
+            cache_dir / "kernels",
+        )
 
 
 def compile_decode_step(runner: ModelRunner, cache_dir: Path, limits: BatchLimits, parallel: ParallelState, stats_dir: str = "") -> None:

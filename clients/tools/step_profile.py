@@ -86,7 +86,7 @@ def profile_steps(args: Namespace, batches: list[int], context: int, bounds: boo
         needed = tuple(sorted({next(bucket for bucket in buckets if bucket >= batch) for batch in batches}))
         cache_dir = Path(gateway.replica.compile_cache_dir) if gateway.replica.compile_cache_dir else default_cache_dir()
         if device.type == "cpu":
-            load_cpu_kernels(cache_dir)
+            load_cpu_kernels(runner.model, cache_dir)
         compiled = CompiledDecode(runner.model, runner.kv_cache, needed, cache_dir, cpp_wrapper=False)  # the profiler sees its ops
         if compiled.warm_up(runner.config.hidden_size, runner.dtype, first_stage=True):
             runner.compiled = compiled

@@ -7,6 +7,7 @@ import torch
 from shardgate.shards import cpu_kernels
 from shardgate.shards.compiled_step import CompiledDecode, decode_buckets
 from shardgate.shards.kv_cache import KVCache
+from shardgate.shards.layers import pack_linear_weights
 from shardgate.shards.quantization import quantize_model
 from shardgate.shards.runner import ModelRunner, SeqChunk
 from shardgate.shards.sampler import SamplingParams
@@ -27,10 +28,16 @@ def test_buckets_double_up_to_the_most_sequences():
 
 
 def make_runner(
-    compiled_cache=None, buckets: tuple[int, ...] = (1, 2, 4), quantize: str = "none", dtype: torch.dtype = torch.float32
+    compiled_cache=None,
+    buckets: tuple[int, ...] = (1, 2, 4),
+    quantize: str = "none",
+    dtype: torch.dtype = torch.float32,
+    packed: bool = False,
 ) -> ModelRunner:
     loaded = load_model("builtin:tiny", dtype, CPU)
     quantize_model(loaded.model, quantize)
+    if packed:
+        assert pack_linear_weights(loaded.model) > 0
     kv_cache = KVCache(loaded.model.kv_layout, 128, BLOCK_SIZE, dtype, CPU, padding_block=True)
     runner = ModelRunner(loaded.model, loaded.config, kv_cache, CPU)
     if compiled_cache is not None:
@@ -81,23 +88,26 @@ def test_compiled_decodes_through_the_paged_kernel_give_the_eager_tokens(cpu_ker
 
 
 @pytest.mark.skipif(not cpu_kernels._has_bf16_dot(), reason="the decode linear needs AVX512-BF16")
-def test_bfloat16_decodes_of_one_or_two_rows_take_the_decode_linear(cpu_kernels_loaded, monkeypatch):
-    """Eager decodes give oneDNN's tokens through the GEMV; the compiled buckets 1 and 2 call it for
-    every linear and the LM head. (Compiled bfloat16 tokens are not compared with eager ones: the
-    fused kernels round fewer intermediates, which flips near-ties of this random model.)"""
-    prompts = PROMPTS[:2]
-    with_gemv = generate(make_runner(dtype=torch.bfloat16), prompts, steps=8)
+def test_bfloat16_decodes_take_the_decode_linear_and_the_packed_linear(cpu_kernels_loaded, monkeypatch):
+    """Eager steps give oneDNN's tokens through the GEMV (one or two rows) and the packed GEMM (3 to
+    64 rows); the compiled buckets 1 and 2 call the GEMV for every linear and the LM head, bucket 4
+    the packed GEMM. (Compiled bfloat16 tokens are not compared with eager ones: the fused kernels
+    round fewer intermediates, which flips near-ties of this random model.)"""
+    ours = generate(make_runner(dtype=torch.bfloat16, packed=True), PROMPTS, steps=8)
     with monkeypatch.context() as patch:
         patch.setattr(cpu_kernels, "DECODE_LINEAR_MAX_ROWS", 0)
-        assert generate(make_runner(dtype=torch.bfloat16), prompts, steps=8) == with_gemv
-    runner = make_runner(COMPILE_CACHE, buckets=(1, 2, 4), dtype=torch.bfloat16)
+        assert generate(make_runner(dtype=torch.bfloat16), PROMPTS, steps=8) == ours
+    runner = make_runner(COMPILE_CACHE, buckets=(1, 2, 4), dtype=torch.bfloat16, packed=True)
     with torch.profiler.profile() as profile:
-        generate(runner, prompts, steps=8)
+        generate(runner, PROMPTS, steps=8)
     calls = {event.key: event.count for event in profile.key_averages()}
-    linears_per_step = 7 * runner.config.num_hidden_layers + 1
-    assert dict(runner.compiled.hits) == {2: 5, 1: 1}
-    # six compiled decode steps, and the eager prefill's LM head over its two prompts' last rows
-    assert calls.get("shardgate_kernels::decode_linear", 0) == linears_per_step * 6 + 1, calls
+    linears = 7 * runner.config.num_hidden_layers
+    # 8 steps of 4 sequences, then 3, 2 and 1: buckets 4 (one padded), 2 and 1
+    assert dict(runner.compiled.hits) == {4: 6, 2: 1, 1: 1}
+    assert calls.get("shardgate_kernels::decode_linear", 0) == (linears + 1) * 2, calls
+    # and the eager prefill: its 18 prompt tokens through every linear, the LM head over 4 last rows
+    assert calls.get("shardgate_kernels::packed_linear", 0) == (linears + 1) * 6 + linears + 1, calls
+    assert not any("mkldnn" in name or name == "aten::mm" for name in calls), calls
 
 
 def test_int8_compiled_decodes_give_the_eager_tokens():

@@ -138,3 +138,59 @@ def test_only_bfloat16_decodes_of_one_or_two_rows_take_the_decode_linear(cpu_ker
     monkeypatch.setattr(cpu_kernels, "_loaded", False)
     linear(torch.randn(1, 64).to(torch.bfloat16), weight)
     assert calls == [1, 2]
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize(
+    ("rows", "out_features", "in_features"), [(3, 16, 64), (8, 40, 64), (13, 256, 1024), (32, 1000, 1000), (64, 50, 2816), (9, 17, 6)]
+)
+def test_packed_linear_is_the_float32_product_rounded_to_bfloat16(cpu_kernels_loaded, rows, out_features, in_features):
+    """Row tails (not a multiple of 8 rows), column tails (N not a multiple of 16 or of 48, the
+    panel) and long or short K; float32 sums, rounded once."""
+    generator = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+    packed = cpu_kernels.pack_weight(weight)
+    assert packed.shape == (-(-out_features // 16), in_features // 2, 16, 2)
+    got = cpu_kernels.packed_linear(x, packed, out_features)
+    exact = x.float() @ weight.float().T
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all()
+
+
+@needs_bf16_dot
+def test_packed_linear_keeps_leading_dimensions_and_refuses_a_mismatched_weight(cpu_kernels_loaded):
+    weight = torch.randn(48, 128).to(torch.bfloat16)
+    packed = cpu_kernels.pack_weight(weight)
+    x = torch.randn(2, 5, 128).to(torch.bfloat16)
+    assert torch.equal(cpu_kernels.packed_linear(x, packed, 48), cpu_kernels.packed_linear(x.reshape(10, 128), packed, 48).view(2, 5, 48))
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_kernels.packed_linear(torch.randn(3, 64).to(torch.bfloat16), packed, 48)
+    with pytest.raises(RuntimeError, match="blocks of 16"):
+        cpu_kernels.packed_linear(x, packed, 70)
+
+
+@needs_bf16_dot
+def test_only_bfloat16_weights_of_even_width_are_packed(cpu_kernels_loaded, monkeypatch):
+    assert cpu_kernels.pack_weight(torch.randn(16, 64)) is None
+    assert cpu_kernels.pack_weight(torch.randn(16, 63).to(torch.bfloat16)) is None
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+    assert cpu_kernels.pack_weight(torch.randn(16, 64).to(torch.bfloat16)) is None
+
+
+@needs_bf16_dot
+def test_three_to_sixty_four_rows_take_the_packed_linear_when_the_weight_has_a_packed_copy(cpu_kernels_loaded, monkeypatch):
+    from shardgate.shards.int8_linear import linear
+
+    calls = []
+    real = cpu_kernels.packed_linear
+    monkeypatch.setattr(cpu_kernels, "packed_linear", lambda x, packed, n: calls.append(x.numel() // x.shape[-1]) or real(x, packed, n))
+    weight, bias = torch.randn(16, 64).to(torch.bfloat16), torch.randn(16).to(torch.bfloat16)
+    packed = cpu_kernels.pack_weight(weight)
+    for rows in (1, 2, 3, 64, 65):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        got = linear(x, weight, bias, packed)
+        torch.testing.assert_close(got.float(), torch.nn.functional.linear(x.float(), weight.float(), bias.float()), atol=0.1, rtol=0.02)
+    linear(torch.randn(2, 4, 64).to(torch.bfloat16), weight, None, packed)  # 8 rows in two leading dimensions
+    linear(torch.randn(8, 64).to(torch.bfloat16), weight)  # no packed copy
+    assert calls == [3, 64, 8]
