@@ -358,8 +358,9 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight) {
 // The packed linear: y = x Wᵀ with W packed as (N/16, K/2, 16, 2) bf16 ("VNNI" pairs: 16 output
 // columns × 2 consecutive k per 64 bytes, what one vdpbf16ps multiplies against a broadcast pair
 // of x). A panel of kPanelBlocks × 16 columns is streamed once from memory for the first kRows
-// rows of x and read again from L2 for the next ones; each block of rows keeps kRows × NZ
-// float32 accumulators in registers.
+// rows of x (prefetched kPrefetchPairs pairs ahead into L2: 2–3% faster than into L1 on the bench
+// model's and SmolLM2's shapes) and read again from L2 for the next ones; each block of rows keeps
+// kRows × NZ float32 accumulators in registers.
 constexpr int kRows = 8;
 constexpr int kPanelBlocks = 3;
 constexpr int64_t kPrefetchPairs = 16;
@@ -375,7 +376,7 @@ inline void packed_tile(const uint16_t* x, int64_t k, const uint16_t* w, int64_t
     __m512i wv[NZ];
     for (int j = 0; j < NZ; ++j) {
       wv[j] = _mm512_loadu_si512(w + j * block_stride + p * 32);
-      _mm_prefetch(reinterpret_cast<const char*>(w + j * block_stride + (p + kPrefetchPairs) * 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * block_stride + (p + kPrefetchPairs) * 32), _MM_HINT_T1);
     }
     for (int m = 0; m < MR; ++m) {
       int32_t pair;

@@ -2,9 +2,10 @@
 measured bound a decode step is held against. A decode step's time is mostly its linears (the
 profile's shares say so); here every linear weight of the model (the LM head included) is
 multiplied alone, with nothing else in the step, at batch 1 and at the profiled batch sizes:
-by eager `F.linear`, and by inductor with freezing (weights prepacked for oneDNN: what the
-compiled step runs, and as fast as a hand-written AVX512-BF16 matrix-vector kernel was here).
-Beside them: a plain read of the same weights (the bandwidth bound of batch 1) and a large
+by eager `F.linear`, by inductor with freezing (weights prepacked for oneDNN), and, when this
+process loaded the CPU decode kernels, by the linears the compiled step calls (the decode
+linear for one or two rows, the packed linear up to 64: shards/cpu_kernels.py). Beside them: a
+plain read of the same weights (the bandwidth bound of batch 1) and a large
 square matmul in the same dtype (the machine's practical matmul peak, for the compute-bound
 batches)."""
 
@@ -29,6 +30,9 @@ class LinearBounds:
     prepacked_s: dict[int, float]
     """Batch size → every linear, inductor-frozen (prepacked)."""
     peak_flops: float
+    kernels_s: dict[int, float]
+    """Batch size → every linear as the served step routes it with the CPU decode kernels
+    loaded (empty when they are not)."""
 
     def lines(self) -> list[str]:
         gb = self.weight_bytes / 1e9
@@ -39,10 +43,14 @@ class LinearBounds:
         for batch in sorted(self.eager_s):
             flops = self.flops_per_row * batch
             eager, packed = self.eager_s[batch], self.prepacked_s[batch]
-            out.append(
+            line = (
                 f"  batch {batch}: F.linear {eager * 1e3:.2f} ms ({gb / eager:.1f} GB/s, {flops / eager / 1e9:.0f} GFLOP/s); "
                 f"prepacked {packed * 1e3:.2f} ms ({gb / packed:.1f} GB/s, {flops / packed / 1e9:.0f} GFLOP/s)"
             )
+            if batch in self.kernels_s:
+                ours = self.kernels_s[batch]
+                line += f"; decode kernels {ours * 1e3:.2f} ms ({gb / ours:.1f} GB/s, {flops / ours / 1e9:.0f} GFLOP/s)"
+            out.append(line)
         return out
 
     def as_dict(self) -> dict:
@@ -51,7 +59,12 @@ class LinearBounds:
             "read_ms": self.read_s * 1e3,
             "peak_gflops": self.peak_flops / 1e9,
             "batches": {
-                str(batch): {"eager_ms": self.eager_s[batch] * 1e3, "prepacked_ms": self.prepacked_s[batch] * 1e3} for batch in self.eager_s
+                str(batch): {
+                    "eager_ms": self.eager_s[batch] * 1e3,
+                    "prepacked_ms": self.prepacked_s[batch] * 1e3,
+                    **({"decode_kernels_ms": self.kernels_s[batch] * 1e3} if batch in self.kernels_s else {}),
+                }
+                for batch in self.eager_s
             },
         }
 
@@ -62,6 +75,9 @@ def measure(model, batches: list[int], repeats: int = 12) -> LinearBounds | None
     import torch
     import torch._inductor.config
     import torch.nn.functional as F
+
+    from shardgate.shards import cpu_kernels
+    from shardgate.shards.int8_linear import linear
 
     weights = _linear_weights(model)
     if not weights or any(not isinstance(weight, torch.Tensor) or not weight.is_floating_point() for weight in weights):
@@ -78,7 +94,8 @@ def measure(model, batches: list[int], repeats: int = 12) -> LinearBounds | None
     linears.weights = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
     torch._inductor.config.freezing = True
     prepacked = torch.compile(linears)
-    eager_s, prepacked_s = {}, {}
+    packed = [cpu_kernels.pack_weight(w) for w in weights] if cpu_kernels.loaded() else None
+    eager_s, prepacked_s, kernels_s = {}, {}, {}
     with torch.no_grad():
         read_s = _quartile(lambda: [w.sum() for w in weights], repeats)
         for batch in batches:
@@ -86,6 +103,8 @@ def measure(model, batches: list[int], repeats: int = 12) -> LinearBounds | None
             eager_s[batch] = _quartile(lambda xs=xs: linears(xs), repeats)
             prepacked(xs)  # compiles this batch size
             prepacked_s[batch] = _quartile(lambda xs=xs: prepacked(xs), repeats)
+            if packed is not None:
+                kernels_s[batch] = _quartile(lambda xs=xs: [linear(xs[w.shape[1]], w, None, p) for w, p in zip(weights, packed)], repeats)
         square = torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=dtype, device=device)
         peak = 2 * PEAK_SIZE**3 / _quartile(lambda: square @ square, max(3, repeats // 2))
     return LinearBounds(
@@ -95,6 +114,7 @@ def measure(model, batches: list[int], repeats: int = 12) -> LinearBounds | None
         eager_s=eager_s,
         prepacked_s=prepacked_s,
         peak_flops=peak,
+        kernels_s=kernels_s,
     )
 
 

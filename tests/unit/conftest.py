@@ -5,7 +5,7 @@ import torch
 
 from shardgate.shards import cpu_kernels
 
-COMPILE_CACHE = Path(__file__).resolve().parents[3] / ".cache" / "compile-tests"
+COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "compile-tests"
 """Shared by the compile tests (git-ignored): a second run reuses the compiled graphs and the kernel."""
 
 
