@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import time
+import types
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -74,6 +75,24 @@ def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/shardgate/compile, else ~/.cache/shardgate/compile."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "shardgate" / "compile"
+
+
+def skip_instance_guards(entries) -> list[bool]:
+    """Which of dynamo's guards a compiled step checks on every call: all but those on the
+    CompiledDecode's own attributes (the model's submodules, their hooks, types and constants:
+    about 80% of them). The model is not changed once compiled, and checking them cost about
+    0.3 ms a step on the bench model and 0.9 ms on SmolLM2 (torch.profiler's "TorchDynamo Cache
+    Lookup"). Each instance compiles its own copy of the forward's code (own_code), so no other
+    instance's graphs can match its calls without those guards."""
+    return [not entry.name.startswith("self.") for entry in entries]
+
+
+def own_code(function: types.FunctionType) -> types.FunctionType:
+    """function with a code object of its own: dynamo keeps compiled graphs, and counts
+    recompiles, per code object."""
+    return types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
 
 
 class CompiledDecode:
@@ -182,7 +201,8 @@ class CompiledDecode:
             # happen (no frozen constants, no prepacked linears in the generated code).
             torch._inductor.config.freezing = True
             torch._inductor.config.cpp_wrapper = self.cpp_wrapper
-            self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=False)
+            forward = types.MethodType(own_code(CompiledDecode._forward), self)
+            self._compiled = torch.compile(forward, fullgraph=True, dynamic=False, options={"guard_filter_fn": skip_instance_guards})
             with torch.inference_mode():
                 for bucket in self.buckets:
                     bucket_started = time.perf_counter()

@@ -75,6 +75,22 @@ def test_compiled_decodes_give_the_eager_tokens_without_recompiling():
     assert runner.compiled.rows[4] == 9 * 4 + 3
 
 
+def test_each_compiled_step_keeps_its_own_graphs_though_its_calls_skip_the_model_guards():
+    """Two models of one shape, compiled in one process: the per-call guards do not look at the
+    model (skip_instance_guards), so each step compiles its own code's graphs (own_code)."""
+    first = make_runner(COMPILE_CACHE, buckets=(4,))
+    second = make_runner()
+    with torch.no_grad():
+        for parameter in second.model.parameters():
+            parameter.mul_(-1.5)
+    eager = generate(second, PROMPTS, steps=3)
+    compiled = CompiledDecode(second.model, second.kv_cache, (4,), COMPILE_CACHE)
+    assert compiled.warm_up(second.config.hidden_size, torch.float32, first_stage=True)
+    second.compiled = compiled
+    assert generate(second, PROMPTS, steps=3) == eager != generate(first, PROMPTS, steps=3)
+    assert compiled.hits[4] == 3 and first.compiled.hits[4] == 3
+
+
 def test_compiled_decodes_through_the_paged_kernel_give_the_eager_tokens(cpu_kernels_loaded, monkeypatch):
     """With the kernel loaded, the graph writes the cache and attends in one C++ call."""
     monkeypatch.setattr(cpu_kernels, "_loaded", False)  # the eager reference gathers its blocks
@@ -118,13 +134,16 @@ def test_int8_compiled_decodes_give_the_eager_tokens():
     assert generate(make_runner(COMPILE_CACHE, buckets=(16,), quantize="int8"), prompts, steps=4) == eager
 
 
-def test_a_missing_compiler_falls_back_to_eager_with_one_line(tmp_path, monkeypatch, caplog):
+def test_a_missing_compiler_falls_back_to_eager_with_one_line(tmp_path, caplog):
     loaded = load_model("builtin:tiny", torch.float32, CPU)
     kv_cache = KVCache(loaded.model.kv_layout, 8, BLOCK_SIZE, torch.float32, CPU, padding_block=True)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     torch._dynamo.reset()  # nothing compiled before may be reused
     compiled = CompiledDecode(loaded.model, kv_cache, (1, 2), tmp_path / "empty-cache")
-    with caplog.at_level(logging.INFO, logger="shardgate.shard"):
+    # (config.patch restores the setting; monkeypatch's undo left it deleted for later tests)
+    with (
+        caplog.at_level(logging.INFO, logger="shardgate.shard"),
+        torch._inductor.config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}),
+    ):
         assert not compiled.warm_up(loaded.config.hidden_size, torch.float32, first_stage=True)
     failures = [r.getMessage() for r in caplog.records if "compile failed" in r.getMessage()]
     assert len(failures) == 1 and failures[0].endswith("decode steps run eager"), caplog.text
