@@ -27,6 +27,7 @@ from shardgate.proto.link_auth import read_token
 from shardgate.proto.secret_files import read_secret_lines
 from shardgate.proto.shard_config import BatchLimits
 from shardgate.proto.tls import channel_credentials, server_credentials
+from shardgate.server import event_loop
 from shardgate.server.block_manager import BlockManager
 from shardgate.server.config import GatewayConfig
 from shardgate.server.embed_batcher import DynamicBatcher
@@ -154,13 +155,14 @@ async def serve(config: GatewayConfig) -> None:
         tasks += [asyncio.create_task(s.run(), name=f"replica {s.engine.index} supervisor") for s in supervisors]
         await _set_health(health_servicer, serving=True)
         log.info(
-            "serving %s on %s:%d: %d replica(s) of tp %d × pp %d",
+            "serving %s on %s:%d: %d replica(s) of tp %d × pp %d (event loop: %s)",
             descriptions[0].model.model,
             config.host,
             port,
             len(engines),
             descriptions[0].model.tp,
             descriptions[0].model.pp,
+            event_loop.name(),
         )
         await _until_signal(tasks[: len(engines)])
         await _drain(api, health_servicer, config.drain_timeout_s)

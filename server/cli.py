@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -44,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("shardgate.server").warning(warning)
     if config.replica.model == TINY and smollm2_path() is None:
         logging.getLogger("shardgate.server").info("%s has random weights; for a real model (%s): %s", TINY, SMOLLM2, SMOLLM2_INSTALL)
+    from shardgate.server import event_loop
     from shardgate.server.app import serve  # the gateway's dependencies load only for `serve`
 
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     except RuntimeError as error:  # e.g. a replica that did not start: the reason, in one line
         print(f"shardgate serve: error: {error}", file=sys.stderr)
         return 1

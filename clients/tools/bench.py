@@ -6,7 +6,6 @@ latency percentiles and cost as a table (and JSON), with each protocol's ratio t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import shlex
@@ -25,6 +24,7 @@ from shardgate.clients.tools.in_process import IN_PROCESS
 from shardgate.clients.tools.protocols import GRPC, NATIVE, PROTOCOLS
 from shardgate.clients.tools.workload import WorkItem, WorkloadConfig, make_workload, poisson_arrivals, text_workload
 from shardgate.proto.common import DTYPE_BYTES, free_port
+from shardgate.server import event_loop
 
 SHARDGATE = "shardgate"
 """The native protocol's column; another protocol's is `shardgate <protocol>`."""
@@ -449,7 +449,7 @@ def bench_command(args: argparse.Namespace) -> int:
         load = bench_server(
             address, options, level.workload, level.load, progress, protocol=protocol, http_address=http_address, text_prompts=text_prompts
         )
-        return asyncio.run(load)
+        return event_loop.run(load)
 
     try:
         if args.addr is None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from shardgate.clients.tools.bench_metrics import RequestRecord
 from shardgate.clients.tools.workload import WorkItem
+from shardgate.server import event_loop
 
 if TYPE_CHECKING:  # the server's modules load only when the harness is built
     from shardgate.server.engine import Engine
@@ -166,4 +167,4 @@ def run_in_process(
 ) -> list[list[RequestRecord]]:
     """Each level's workload (items, concurrency) in turn through an in-process engine
     (build_engine), closed loop; the records of each level."""
-    return asyncio.run(_run(engine, levels, ignore_eos, warmup, progress))
+    return event_loop.run(_run(engine, levels, ignore_eos, warmup, progress))

@@ -6,7 +6,6 @@ workload against it, plots throughput against p99 latency (PNG), and prints the 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import sys
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from shardgate.clients.errors import ShardgateError, Unimplemented
 from shardgate.clients.tools.arguments import int_list, workload_arguments
 from shardgate.clients.tools.bench_metrics import Summary, summarize
 from shardgate.clients.tools.workload import make_embed_texts
+from shardgate.server import event_loop
 
 SWEPT = frozenset({"host", "port", "max_num_seqs", "max_batch_tokens", "embed_max_queue_delay_us"})
 
@@ -203,9 +203,9 @@ def tune_command(args: argparse.Namespace) -> int:
     try:
         for flags in generation_settings(args.max_num_seqs, args.max_batch_tokens):
             with LocalServer(base + list(flags)) as server:
-                run = asyncio.run(bench_server(server.address, {}, workload, load, progress))
+                run = event_loop.run(bench_server(server.address, {}, workload, load, progress))
                 if embed_served is None and not args.no_embed:
-                    embed_served = asyncio.run(serves_embed(server.address))
+                    embed_served = event_loop.run(serves_embed(server.address))
             trials.append(Trial(flags, run.summary))
             print(_trial_line(trials[-1], slo.met), file=sys.stderr)
         best = recommend(trials, slo.met, args.objective)
@@ -216,7 +216,7 @@ def tune_command(args: argparse.Namespace) -> int:
             for delay in args.embed_max_queue_delay_us:  # on the recommended generation setting
                 flags = ("--embed-max-queue-delay-us", str(delay))
                 with LocalServer(base + list(best.flags if best else ()) + list(flags)) as server:
-                    summary = asyncio.run(measure_embed(server.address, texts, load.batch_size, load.device_cost_per_hour))
+                    summary = event_loop.run(measure_embed(server.address, texts, load.batch_size, load.device_cost_per_hour))
                 embed_trials.append(Trial(flags, summary))
                 print(
                     f"  {embed_trials[-1].label:<40} {summary.requests_per_s:9.1f} Embed calls/s  p99 {summary.e2e_ms['p99']:8.1f} ms",

@@ -34,8 +34,8 @@ def reference(query, key_cache, value_cache, tables, lengths, window):
 )
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
-    [(16, 4, 64), (9, 3, 64), (8, 8, 128), (4, 2, 16)],
-    ids=["gqa4-d64", "gqa3-d64", "mha-d128", "gqa2-d16-scalar"],
+    [(16, 4, 64), (9, 3, 64), (10, 2, 64), (8, 8, 128), (12, 2, 128), (4, 2, 16)],
+    ids=["gqa4-d64", "gqa3-d64", "gqa5-d64", "mha-d128", "gqa6-d128", "gqa2-d16-scalar"],
 )
 @pytest.mark.parametrize("window", [0, 5])
 def test_kernel_matches_gathered_sdpa(cpu_kernels_loaded, dtype, tolerance, heads, kv_heads, head_dim, window):
