@@ -207,9 +207,9 @@ void value_tile(const T* const* rows, const float* weights, int64_t count, float
     for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(acc + (t * kChunks + c) * kLanes, sums[t][c]);
 }
 
-// One (sequence, kv head) with head_dim = 16 * kChunks. Scores: per query head, 16 positions'
-// partial dot products summed by one sum16; the first head's pass prefetches the next 16 keys
-// and this 16's values. Values: query heads in register tiles (value_tile).
+// One (sequence, kv head) with head_dim = 16 * kChunks, given its key and value rows. First every
+// key row is prefetched into L1 and every value row into L2. Scores: per query head, 16
+// positions' partial dot products summed by one sum16. Values: query heads in register tiles.
 template <typename T, int kChunks>
 void attend_item_avx512(const T* query, const T* const* keys, const T* const* values, int64_t count, int64_t group, float scale,
                         float* scores, float* acc, T* out) {
