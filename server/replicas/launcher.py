@@ -183,17 +183,28 @@ class LocalReplica:
 
     async def wait_exited(self, timeout: float) -> list[int | None]:
         """Waits up to timeout for every rank to exit by itself; returns their exit codes (None: still running)."""
-        deadline = time.monotonic() + timeout
-        while any(process.poll() is None for process in self.processes) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._wait_all_exited, time.monotonic() + timeout)
         return [process.poll() for process in self.processes]
 
+    def _wait_all_exited(self, deadline: float) -> None:
+        while any(process.poll() is None for process in self.processes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM every rank, SIGKILL what is left after timeout, remove the socket folder."""
+        """Stops every rank within timeout, then removes the socket folder. SIGTERM goes to the
+        driver first: it finishes the step in hand and releases the other ranks, which exit by
+        themselves. SIGTERM to every rank at once could end one in the middle of a step's
+        collective, and the driver would log that step's failure or wait in it until a timeout.
+        A rank still running after half the timeout (a driver stuck in a collective with a lost
+        rank) gets SIGTERM, and SIGKILL at the end."""
+        deadline = time.monotonic() + timeout
+        driver = self.processes[0] if self.processes else None
+        if driver is not None and driver.poll() is None:
+            driver.send_signal(signal.SIGTERM)
+        self._wait_all_exited(time.monotonic() + timeout / 2)
         for process in self.processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
         for process in self.processes:
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
