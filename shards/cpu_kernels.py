@@ -442,15 +442,20 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight) {
 #if defined(__AVX512BF16__)
 // The packed linear: y = x Wᵀ with W packed as (N/16, K/2, 16, 2) bf16 ("VNNI" pairs: 16 output
 // columns × 2 consecutive k per 64 bytes, what one vdpbf16ps multiplies against a broadcast pair
-// of x). A panel of kPanelBlocks × 16 columns is streamed once from memory for the first kRows
-// rows of x (prefetched kPrefetchPairs pairs ahead into L2: 2–3% faster than into L1 on the bench
-// model's and SmolLM2's shapes) and read again from L2 for the next ones; each block of rows keeps
-// kRows × NZ float32 accumulators in registers.
+// of x). A panel of 16-column blocks is streamed once from memory for the first tile of rows of x
+// and read again from L2 for the next ones; each tile keeps rows × blocks float32 accumulators in
+// registers. Two tile shapes, measured on the bench model's and SmolLM2's shapes (README,
+// Performance): from 16 rows, tiles of 16 rows × 2 blocks prefetched into L1 (all 32 registers
+// hold sums; vdpbf16ps takes x's pair as a memory broadcast), 3–5% faster than 8 × 3 at 16 and
+// 24 rows and the same from 32; below 16 rows, and for the rows left over, tiles of 8 rows × 3
+// blocks prefetched into L2 (2–3% faster than into L1).
 constexpr int kRows = 8;
 constexpr int kPanelBlocks = 3;
+constexpr int kWideRows = 16;
+constexpr int kWidePanelBlocks = 2;
 constexpr int64_t kPrefetchPairs = 16;
 
-template <int MR, int NZ>
+template <int MR, int NZ, int kHint = _MM_HINT_T1>
 inline void packed_tile(const uint16_t* x, int64_t k, const uint16_t* w, int64_t block_stride, uint16_t* y, int64_t n,
                         int64_t column) {
   __m512 acc[MR][NZ];
@@ -461,7 +466,7 @@ inline void packed_tile(const uint16_t* x, int64_t k, const uint16_t* w, int64_t
     __m512i wv[NZ];
     for (int j = 0; j < NZ; ++j) {
       wv[j] = _mm512_loadu_si512(w + j * block_stride + p * 32);
-      _mm_prefetch(reinterpret_cast<const char*>(w + j * block_stride + (p + kPrefetchPairs) * 32), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * block_stride + (p + kPrefetchPairs) * 32), static_cast<_mm_hint>(kHint));
     }
     for (int m = 0; m < MR; ++m) {
       int32_t pair;
@@ -511,12 +516,20 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  const int64_t block_stride = k * 16, panels = (blocks + kPanelBlocks - 1) / kPanelBlocks;
+  const bool wide = rows >= kWideRows;
+  const int64_t panel_blocks = wide ? kWidePanelBlocks : kPanelBlocks;
+  const int64_t block_stride = k * 16, panels = (blocks + panel_blocks - 1) / panel_blocks;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t block = panel * kPanelBlocks, width = std::min<int64_t>(kPanelBlocks, blocks - block);
+      const int64_t block = panel * panel_blocks, width = std::min<int64_t>(panel_blocks, blocks - block);
       const uint16_t* w = wp + block * block_stride;
-      for (int64_t row = 0; row < rows; row += kRows) {
+      int64_t row = 0;
+      if (wide && width == kWidePanelBlocks) {
+        for (; row + kWideRows <= rows; row += kWideRows)
+          packed_tile<kWideRows, kWidePanelBlocks, _MM_HINT_T0>(xp + row * k, k, w, block_stride, yp + row * n, n,
+                                                                block * 16);
+      }
+      for (; row < rows; row += kRows) {
         const int count = static_cast<int>(std::min<int64_t>(kRows, rows - row));
         const uint16_t* xr = xp + row * k;
         uint16_t* yr = yp + row * n;

@@ -142,11 +142,13 @@ def test_only_bfloat16_decodes_of_one_or_two_rows_take_the_decode_linear(cpu_ker
 
 @needs_bf16_dot
 @pytest.mark.parametrize(
-    ("rows", "out_features", "in_features"), [(3, 16, 64), (8, 40, 64), (13, 256, 1024), (32, 1000, 1000), (64, 50, 2816), (9, 17, 6)]
+    ("rows", "out_features", "in_features"),
+    [(3, 16, 64), (8, 40, 64), (13, 256, 1024), (32, 1000, 1000), (64, 50, 2816), (9, 17, 6), (16, 32, 128), (21, 48, 64), (24, 20, 64)],
 )
 def test_packed_linear_is_the_float32_product_rounded_to_bfloat16(cpu_kernels_loaded, rows, out_features, in_features):
-    """Row tails (not a multiple of 8 rows), column tails (N not a multiple of 16 or of 48, the
-    panel) and long or short K; float32 sums, rounded once."""
+    """Row tails (not a multiple of 8 rows; from 16 rows, tiles of 16 and then of 8), column tails
+    (N not a multiple of 16 or of the panel: 48 columns, 32 from 16 rows, the tail inside a
+    16-row tile at 24 × 20) and long or short K; float32 sums, rounded once."""
     generator = torch.Generator().manual_seed(rows * out_features)
     x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
     weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
