@@ -19,8 +19,10 @@ def read_bandwidth(device: str, nbytes: int = READ_BYTES, repeats: int = 5) -> f
     """Bytes per second of a full read (a sum) of an nbytes float32 tensor on the device type.
 
     The buffer holds random numbers, not a constant: a virtual machine's host may merge pages of
-    equal content (KSM), and reads of a few shared pages run from cache. (With a buffer of ones,
-    one bench run here printed 57 GB/s; every other measurement on this machine gives 30–33.)"""
+    equal content (KSM), and reads of a few shared pages run from cache. The best of the reads is
+    the bound, the strict choice; on a shared host it can be an outlier. Here two bench runs
+    printed 57.0 and 51.3 GB/s while standalone reads of the same buffer that hour gave 30–34
+    (and 35 with huge pages), and the decode step was no faster."""
     import torch
 
     device = "cuda" if device.startswith("cuda") else "cpu"
