@@ -100,29 +100,52 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// exp(s - max) of each of `group` rows of `count` scores, in place, and inverse[g] = 1 / the row's
+// sum. The decode kernel keeps the weights unnormalised and scales its value sums once, at the
+// end; softmax_rows (the generic path's) scales the weights.
+inline void exp_rows(float* scores, int64_t group, int64_t count, float* inverse) {
+  const int64_t whole = count - count % kLanes;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (count - whole)) - 1);
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * count;
+    __m512 peak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < whole; i += kLanes) peak = _mm512_max_ps(peak, _mm512_loadu_ps(s + i));
+    if (tail) peak = _mm512_mask_max_ps(peak, tail, peak, _mm512_maskz_loadu_ps(tail, s + whole));
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < whole; i += kLanes) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), top));
+      _mm512_storeu_ps(s + i, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + whole), top));
+      _mm512_mask_storeu_ps(s + whole, tail, e);
+      sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    inverse[g] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+}
+#endif
+
 // Softmax of each of `group` rows of `count` scores, in place.
 void softmax_rows(float* scores, int64_t group, int64_t count) {
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * count;
+    float inverse;
+#if defined(__AVX512F__)
+    exp_rows(s, 1, count, &inverse);
+#else
     float peak = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < count; ++i) peak = std::max(peak, s[i]);
     float total = 0.0f;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    __m512 sum = _mm512_setzero_ps();
-    const __m512 top = _mm512_set1_ps(peak);
-    for (; i + kLanes <= count; i += kLanes) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), top));
-      _mm512_storeu_ps(s + i, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    total = _mm512_reduce_add_ps(sum);
-#endif
-    for (; i < count; ++i) {
+    for (int64_t i = 0; i < count; ++i) {
       s[i] = std::exp(s[i] - peak);
       total += s[i];
     }
-    const float inverse = 1.0f / total;
+    inverse = 1.0f / total;
+#endif
     for (int64_t j = 0; j < count; ++j) s[j] *= inverse;
   }
 }
@@ -185,33 +208,6 @@ struct QueryHead<c10::BFloat16, kChunks> {
   }
 };
 #endif
-
-// exp(s - max) of each of `group` rows of `count` scores, in place, and inverse[g] = 1 / the row's
-// sum: the weights stay unnormalised and the value sums are scaled once, at the end (softmax_rows
-// scales every weight, with scalar loops for the maximum and the scaling).
-inline void exp_rows(float* scores, int64_t group, int64_t count, float* inverse) {
-  const int64_t whole = count - count % kLanes;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (count - whole)) - 1);
-  for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * count;
-    __m512 peak = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t i = 0; i < whole; i += kLanes) peak = _mm512_max_ps(peak, _mm512_loadu_ps(s + i));
-    if (tail) peak = _mm512_mask_max_ps(peak, tail, peak, _mm512_maskz_loadu_ps(tail, s + whole));
-    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(peak));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < whole; i += kLanes) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + i), top));
-      _mm512_storeu_ps(s + i, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    if (tail) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + whole), top));
-      _mm512_mask_storeu_ps(s + whole, tail, e);
-      sum = _mm512_mask_add_ps(sum, tail, sum, e);
-    }
-    inverse[g] = 1.0f / _mm512_reduce_add_ps(sum);
-  }
-}
 
 // 16 floats stored as T, rounded to nearest even as c10's conversions round (NaN as c10's NaN).
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
