@@ -101,7 +101,7 @@ needs_bf16_dot = pytest.mark.skipif(not cpu_kernels._has_bf16_dot(), reason="the
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 64, 1024), (2, 100, 1000), (1, 7, 33), (2, 3, 576)])
+@pytest.mark.parametrize(("rows", "out_features", "in_features"), [(1, 64, 1024), (2, 100, 1000), (1, 7, 33), (2, 3, 576), (1, 563, 64)])
 def test_decode_linear_is_the_float32_product_rounded_to_bfloat16(cpu_kernels_loaded, rows, out_features, in_features):
     """Row and column tails (N not a multiple of 8, K not of 32) included; float32 sums, so the
     only error is the output's rounding to bfloat16 (half a unit in the last place)."""
@@ -143,7 +143,18 @@ def test_only_bfloat16_decodes_of_one_or_two_rows_take_the_decode_linear(cpu_ker
 @needs_bf16_dot
 @pytest.mark.parametrize(
     ("rows", "out_features", "in_features"),
-    [(3, 16, 64), (8, 40, 64), (13, 256, 1024), (32, 1000, 1000), (64, 50, 2816), (9, 17, 6), (16, 32, 128), (21, 48, 64), (24, 20, 64)],
+    [
+        (3, 16, 64),
+        (8, 40, 64),
+        (13, 256, 1024),
+        (32, 1000, 1000),
+        (64, 50, 2816),
+        (9, 17, 6),
+        (16, 32, 128),
+        (21, 48, 64),
+        (24, 20, 64),
+        (32, 4816, 64),
+    ],
 )
 def test_packed_linear_is_the_float32_product_rounded_to_bfloat16(cpu_kernels_loaded, rows, out_features, in_features):
     """Row tails (not a multiple of 8 rows; from 16 rows, tiles of 16 and then of 8), column tails
@@ -158,6 +169,26 @@ def test_packed_linear_is_the_float32_product_rounded_to_bfloat16(cpu_kernels_lo
     exact = x.float() @ weight.float().T
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
     assert ((got.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-5 * exact.abs().max()).all()
+
+
+@needs_bf16_dot
+def test_the_linears_split_into_chunks_give_what_one_thread_gives(cpu_kernels_loaded):
+    """Threads take chunks of output columns in turn (parallel_chunks): every column is made
+    once, whatever the thread count. Shapes of several chunks with a short last one."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(4816, 64, generator=generator).to(torch.bfloat16)
+    packed = cpu_kernels.pack_weight(weight)
+    rows = {1: torch.randn(1, 64, generator=generator).to(torch.bfloat16), 32: torch.randn(32, 64, generator=generator).to(torch.bfloat16)}
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append((cpu_kernels.decode_linear(rows[1], weight), cpu_kernels.packed_linear(rows[32], packed, 4816)))
+    finally:
+        torch.set_num_threads(threads)
+    for gemv, gemm in results[1:]:
+        assert torch.equal(gemv, results[0][0]) and torch.equal(gemm, results[0][1])
 
 
 @needs_bf16_dot
