@@ -34,12 +34,14 @@
   faster than oneDNN's prepacked GEMM from 8 to 64 rows (README, Performance); prefills longer
   than 64 rows keep oneDNN, which reaches the machine's GEMM peak there.
 
-All three split their work between torch's threads in chunks that each thread takes as it
-finishes the last (parallel_chunks), not in one static share per thread: where other processes
-share the cores (a gateway and its clients beside the replica), a thread the OS pauses no longer
-holds the others at the end of the region for its whole share. On the bench model's linears at
-32 rows beside a neighbour using 15–17% of a core: 0.91–0.94× the time of the static split;
-alone, the same time (README, Performance).
+The packed linear and the attention kernel split their work between torch's threads in chunks
+that each thread takes as it finishes the last (parallel_chunks), not in one static share per
+thread: where other processes share the cores (a gateway and its clients beside the replica), a
+thread the OS pauses no longer holds the others at the end of the region for its whole share. On
+the bench model's linears at 32 rows beside a neighbour using 15–17% of a core: 0.91–0.95× the
+time of the static split; alone, the same time. The decode linear keeps the static split: it
+streams the weights at the read bandwidth, and chunks made it 1.02–1.03× slower alone (README,
+Performance).
 
 They are built with torch.utils.cpp_extension (ninja and the C++ compiler inductor uses) into
 the compile cache folder, under a name that carries a hash of their source, the torch version
@@ -497,7 +499,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight) {
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   const int64_t ld = weight.stride(0), blocks = (n + kGemvRows - 1) / kGemvRows;
-  parallel_chunks(blocks, std::max<int64_t>(32, blocks / (16 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r = b * kGemvRows;
       if (r + kGemvRows <= n) {
