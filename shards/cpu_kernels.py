@@ -78,13 +78,15 @@ SOURCE = r"""
 
 namespace {
 
-// Runs body(first, last) over [0, count) in chunks of `chunk` that the threads take in turn as
-// each finishes its last one (an atomic counter), instead of at::parallel_for's static split into
-// one range per thread. On a host whose cores other processes also use (the gateway and clients
-// beside a replica), the OS takes one thread away now and then; with a static split the others
-// then wait at the region's end for its whole share, with chunks they take over its remaining work.
+// Runs body(first, last) over [0, count) in chunks (about 32 a thread) that the threads take in
+// turn as each finishes its last one (an atomic counter), instead of at::parallel_for's static
+// split into one range per thread. On a host whose cores other processes also use (the gateway
+// and clients beside a replica), the OS takes one thread away now and then; with a static split
+// the others then wait at the region's end for its whole share, with chunks they take over its
+// remaining work. (32 a thread did better beside such a neighbour than 8; README, Performance.)
 template <typename Body>
-void parallel_chunks(int64_t count, int64_t chunk, const Body& body) {
+void parallel_chunks(int64_t count, const Body& body) {
+  const int64_t chunk = std::max<int64_t>(1, count / (32 * at::get_num_threads()));
   const int64_t chunks = (count + chunk - 1) / chunk;
   if (chunks <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
     body(0, count);
@@ -341,10 +343,18 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
   const int64_t v_block = value_cache.stride(0), v_slot = value_cache.stride(1), v_head = value_cache.stride(2);
   const float scale_f = static_cast<float>(scale);
 
-  const int64_t items = num_seqs * num_kv_heads;
-  parallel_chunks(items, std::max<int64_t>(1, items / (32 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
-    std::vector<float> q(group * head_dim), acc(group * head_dim), inverse(group), scores;
+  struct Scratch {  // one per thread, reused by every chunk it takes
+    std::vector<float> q, acc, inverse, scores;
     std::vector<const T*> keys, values;
+  };
+  std::vector<Scratch> scratch(at::get_num_threads());
+  for (Scratch& one : scratch) {
+    one.q.resize(group * head_dim);
+    one.acc.resize(group * head_dim);
+    one.inverse.resize(group);
+  }
+  parallel_chunks(num_seqs * num_kv_heads, [&](int64_t begin, int64_t end) {
+    auto& [q, acc, inverse, scores, keys, values] = scratch[at::get_thread_num()];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
       const int64_t length = std::min(lens[seq], table_width * block_size);
@@ -596,7 +606,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   const bool wide = rows >= kWideRows;
   const int64_t panel_blocks = wide ? kWidePanelBlocks : kPanelBlocks;
   const int64_t block_stride = k * 16, panels = (blocks + panel_blocks - 1) / panel_blocks;
-  parallel_chunks(panels, std::max<int64_t>(1, panels / (32 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
+  parallel_chunks(panels, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
       const int64_t block = panel * panel_blocks, width = std::min<int64_t>(panel_blocks, blocks - block);
       const uint16_t* w = wp + block * block_stride;

@@ -172,7 +172,7 @@ def test_packed_linear_is_the_float32_product_rounded_to_bfloat16(cpu_kernels_lo
 
 
 @needs_bf16_dot
-def test_the_linears_split_into_chunks_give_what_one_thread_gives(cpu_kernels_loaded):
+def test_the_linears_give_what_one_thread_gives_whatever_the_thread_count(cpu_kernels_loaded):
     """The packed linear's threads take chunks of output columns in turn (parallel_chunks), the
     decode linear's a static share each: every column is made once, whatever the thread count.
     Shapes of several chunks (or shares) with a short last one."""
