@@ -146,7 +146,7 @@ class CompiledDecode:
         self, token_ids: list[int], positions: list[int], block_tables: list[list[int]], received: torch.Tensor | None
     ) -> torch.Tensor:
         """n decodes (one token each, at positions, with their block tables) in their bucket's
-        graph: float32 logits (n, vocab) on the last pipeline stage (the LM head is in the graph,
+        graph: logits (n, vocab) in the model dtype on the last pipeline stage (the LM head is in the graph,
         prepacked like the other linears), hidden states (n, hidden) to send on elsewhere;
         `received`: a later pipeline stage's input (n, hidden)."""
         num_seqs = len(token_ids)

@@ -32,7 +32,16 @@
   registers against a broadcast pair of x; each panel of 48 columns is read from memory for the
   first block of rows and from L2 for the next. On the bench model's linears it is 1.05–1.4×
   faster than oneDNN's prepacked GEMM from 8 to 64 rows (README, Performance); prefills longer
-  than 64 rows keep oneDNN, which reaches the machine's GEMM peak there.
+  than 64 rows keep oneDNN, which reaches the machine's GEMM peak there. A model's weights do not
+  fit in L3, so each panel's first tile of rows reads it from memory; from 8 rows, the panel's
+  last tile therefore prefetches the panel its thread takes next into L2 (parallel_chunks tells
+  the body which), and that panel's first tile finds it there: on the bench model's linears at
+  32 rows 0.94–0.96× the time (414 against 390 GFLOP/s; 455 is this CPU's vdpbf16ps peak),
+  at 16 rows 0.92×, on SmolLM2's 0.88–0.94× from 8 to 32 rows.
+- **Greedy tokens** (`shardgate_kernels::argmax_rows`): each row's argmax of a step's logits in
+  one pass, in the dtype the LM head made them (bfloat16 widened in registers, which is exact),
+  NaN counting as the largest as in torch. torch's CPU argmax over a long row is a scalar loop,
+  and the float32 copy of a batch's logits before it cost as much again (sampler.argmax).
 
 The packed linear and the attention kernel split their work between torch's threads in chunks
 that each thread takes as it finishes the last (parallel_chunks), not in one static share per
@@ -78,24 +87,30 @@ SOURCE = r"""
 
 namespace {
 
-// Runs body(first, last) over [0, count) in chunks (about 32 a thread) that the threads take in
-// turn as each finishes its last one (an atomic counter), instead of at::parallel_for's static
-// split into one range per thread. On a host whose cores other processes also use (the gateway
-// and clients beside a replica), the OS takes one thread away now and then; with a static split
-// the others then wait at the region's end for its whole share, with chunks they take over its
-// remaining work. (32 a thread did better beside such a neighbour than 8; README, Performance.)
+// Runs body(first, last, following) over [0, count) in chunks (about 32 a thread) that the
+// threads take in turn as each finishes its last one (an atomic counter), instead of
+// at::parallel_for's static split into one range per thread. On a host whose cores other
+// processes also use (the gateway and clients beside a replica), the OS takes one thread away now
+// and then; with a static split the others then wait at the region's end for its whole share,
+// with chunks they take over its remaining work. (32 a thread did better beside such a neighbour
+// than 8; README, Performance.) A thread claims its next chunk before it runs this one, so the
+// body knows where it goes next (`following`: that chunk's first item, or -1 for none) and can
+// prefetch it.
 template <typename Body>
 void parallel_chunks(int64_t count, const Body& body) {
   const int64_t chunk = std::max<int64_t>(1, count / (32 * at::get_num_threads()));
   const int64_t chunks = (count + chunk - 1) / chunk;
   if (chunks <= 1 || at::get_num_threads() <= 1 || at::in_parallel_region()) {
-    body(0, count);
+    body(0, count, int64_t{-1});
     return;
   }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
-    for (int64_t first; (first = next.fetch_add(chunk, std::memory_order_relaxed)) < count;)
-      body(first, std::min(first + chunk, count));
+    for (int64_t first = next.fetch_add(chunk, std::memory_order_relaxed); first < count;) {
+      const int64_t following = next.fetch_add(chunk, std::memory_order_relaxed);
+      body(first, std::min(first + chunk, count), following < count ? following : int64_t{-1});
+      first = following;
+    }
   });
 }
 
@@ -353,7 +368,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
     one.acc.resize(group * head_dim);
     one.inverse.resize(group);
   }
-  parallel_chunks(num_seqs * num_kv_heads, [&](int64_t begin, int64_t end) {
+  parallel_chunks(num_seqs * num_kv_heads, [&](int64_t begin, int64_t end, int64_t) {
     auto& [q, acc, inverse, scores, keys, values] = scratch[at::get_thread_num()];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
@@ -544,7 +559,7 @@ constexpr int64_t kPrefetchPairs = 16;
 
 template <int MR, int NZ, int kHint = _MM_HINT_T1>
 inline void packed_tile(const uint16_t* x, int64_t k, const uint16_t* w, int64_t block_stride, uint16_t* y, int64_t n,
-                        int64_t column) {
+                        int64_t column, const uint16_t* ahead) {
   __m512 acc[MR][NZ];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NZ; ++j) acc[m][j] = _mm512_setzero_ps();
@@ -554,6 +569,7 @@ inline void packed_tile(const uint16_t* x, int64_t k, const uint16_t* w, int64_t
     for (int j = 0; j < NZ; ++j) {
       wv[j] = _mm512_loadu_si512(w + j * block_stride + p * 32);
       _mm_prefetch(reinterpret_cast<const char*>(w + j * block_stride + (p + kPrefetchPairs) * 32), static_cast<_mm_hint>(kHint));
+      if (ahead != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ahead + j * block_stride + p * 32), _MM_HINT_T1);
     }
     for (int m = 0; m < MR; ++m) {
       int32_t pair;
@@ -572,16 +588,16 @@ inline void packed_tile(const uint16_t* x, int64_t k, const uint16_t* w, int64_t
 
 template <int NZ>
 inline void packed_rows(int rows, const uint16_t* x, int64_t k, const uint16_t* w, int64_t block_stride, uint16_t* y,
-                        int64_t n, int64_t column) {
+                        int64_t n, int64_t column, const uint16_t* ahead) {
   switch (rows) {
-    case 8: packed_tile<8, NZ>(x, k, w, block_stride, y, n, column); break;
-    case 7: packed_tile<7, NZ>(x, k, w, block_stride, y, n, column); break;
-    case 6: packed_tile<6, NZ>(x, k, w, block_stride, y, n, column); break;
-    case 5: packed_tile<5, NZ>(x, k, w, block_stride, y, n, column); break;
-    case 4: packed_tile<4, NZ>(x, k, w, block_stride, y, n, column); break;
-    case 3: packed_tile<3, NZ>(x, k, w, block_stride, y, n, column); break;
-    case 2: packed_tile<2, NZ>(x, k, w, block_stride, y, n, column); break;
-    default: packed_tile<1, NZ>(x, k, w, block_stride, y, n, column); break;
+    case 8: packed_tile<8, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
+    case 7: packed_tile<7, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
+    case 6: packed_tile<6, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
+    case 5: packed_tile<5, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
+    case 4: packed_tile<4, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
+    case 3: packed_tile<3, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
+    case 2: packed_tile<2, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
+    default: packed_tile<1, NZ>(x, k, w, block_stride, y, n, column, ahead); break;
   }
 }
 #endif
@@ -606,23 +622,32 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   const bool wide = rows >= kWideRows;
   const int64_t panel_blocks = wide ? kWidePanelBlocks : kPanelBlocks;
   const int64_t block_stride = k * 16, panels = (blocks + panel_blocks - 1) / panel_blocks;
-  parallel_chunks(panels, [&](int64_t begin, int64_t end) {
+  parallel_chunks(panels, [&](int64_t begin, int64_t end, int64_t following) {
     for (int64_t panel = begin; panel < end; ++panel) {
       const int64_t block = panel * panel_blocks, width = std::min<int64_t>(panel_blocks, blocks - block);
       const uint16_t* w = wp + block * block_stride;
+      // The last tile of rows (one pass over K, like every tile) prefetches the whole panel this
+      // thread takes next into L2, a line per block per pair, so that panel's first tile finds
+      // its weights there rather than in memory (skipped when it is a narrower last panel).
+      // Not below kRows rows: there a tile streams its weights at the read bandwidth, and the
+      // extra prefetches made 4 rows 2% slower.
+      const int64_t after = panel + 1 < end ? panel + 1 : following;
+      const uint16_t* ahead =
+          rows >= kRows && after >= 0 && (after + 1) * panel_blocks <= blocks ? wp + after * panel_blocks * block_stride : nullptr;
       int64_t row = 0;
       if (wide && width == kWidePanelBlocks) {
         for (; row + kWideRows <= rows; row += kWideRows)
           packed_tile<kWideRows, kWidePanelBlocks, _MM_HINT_T0>(xp + row * k, k, w, block_stride, yp + row * n, n,
-                                                                block * 16);
+                                                                block * 16, row + kWideRows == rows ? ahead : nullptr);
       }
       for (; row < rows; row += kRows) {
         const int count = static_cast<int>(std::min<int64_t>(kRows, rows - row));
         const uint16_t* xr = xp + row * k;
         uint16_t* yr = yp + row * n;
-        if (width == 3) packed_rows<3>(count, xr, k, w, block_stride, yr, n, block * 16);
-        else if (width == 2) packed_rows<2>(count, xr, k, w, block_stride, yr, n, block * 16);
-        else packed_rows<1>(count, xr, k, w, block_stride, yr, n, block * 16);
+        const uint16_t* next = row + count == rows ? ahead : nullptr;
+        if (width == 3) packed_rows<3>(count, xr, k, w, block_stride, yr, n, block * 16, next);
+        else if (width == 2) packed_rows<2>(count, xr, k, w, block_stride, yr, n, block * 16, next);
+        else packed_rows<1>(count, xr, k, w, block_stride, yr, n, block * 16, next);
       }
     }
   });
@@ -633,11 +658,76 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 #endif
 }
 
+
+// The first index of a row's largest value, NaN counting as the largest (torch.argmax's rule):
+// one pass, each of 16 lanes keeping its largest value and where it was (a strictly larger value
+// replaces it, so a lane keeps its first), then the smallest index among the lanes holding the
+// row's maximum.
+template <typename T>
+int64_t argmax_row(const T* row, int64_t count) {
+#if defined(__AVX512F__)
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 best = lowest;
+  __m512i best_at = _mm512_setzero_si512();
+  __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(kLanes);
+  for (int64_t i = 0; i < count; i += kLanes) {
+    __m512 v;
+    if (i + kLanes <= count) {
+      v = load16(row + i);
+    } else {  // the tail: copied into a padded buffer, the rest of it -inf
+      float tail[kLanes];
+      for (int64_t j = 0; j < kLanes; ++j) tail[j] = i + j < count ? widen(row[i + j]) : -std::numeric_limits<float>::infinity();
+      v = _mm512_loadu_ps(tail);
+    }
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    if (nan) return i + __builtin_ctz(nan);
+    const __mmask16 larger = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, larger, v);
+    best_at = _mm512_mask_mov_epi32(best_at, larger, at);
+    at = _mm512_add_epi32(at, step);
+  }
+  const __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(top, best_at);
+#else
+  int64_t found = 0;
+  float top = widen(row[0]);
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = widen(row[i]);
+    if (std::isnan(v)) return i;
+    if (v > top) top = v, found = i;
+  }
+  return found;
+#endif
+}
+
+// logits.argmax(-1) of (N, V) float32 or bfloat16 logits: the greedy tokens, read from the
+// logits as the model made them (widening bfloat16 to float32 is exact, so the answer is the
+// same as on float32 logits), rows in parallel.
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.size(1) < (int64_t{1} << 31), "logits (N, V), 0 < V < 2^31");
+  TORCH_CHECK(logits.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16, "float32 or bfloat16 logits");
+  const at::Tensor x = logits.contiguous();
+  const int64_t rows = x.size(0), vocab = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const auto each_row = [&](const auto* xp) {
+    parallel_chunks(rows, [&](int64_t begin, int64_t end, int64_t) {
+      for (int64_t r = begin; r < end; ++r) op[r] = argmax_row(xp + r * vocab, vocab);
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) each_row(x.data_ptr<c10::BFloat16>());
+  else each_row(x.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(shardgate_kernels, m) {
   m.def("decode_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
   m.def("paged_decode_step(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int window, float scale) -> Tensor");
   m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
@@ -649,6 +739,7 @@ TORCH_LIBRARY_IMPL(shardgate_kernels, CPU, m) {
   m.impl("paged_decode_step", &paged_decode_step);
   m.impl("decode_linear", &decode_linear);
   m.impl("packed_linear", &packed_linear);
+  m.impl("argmax_rows", &argmax_rows);
 }
 """
 
@@ -802,6 +893,23 @@ def serves_packed(x: torch.Tensor, packed: torch.Tensor | None) -> bool:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (..., K) Wᵀ for W packed by pack_weight: (..., out_features), in bfloat16 from float32 sums."""
     return torch.ops.shardgate_kernels.packed_linear(x, packed, out_features)
+
+
+def serves_argmax(logits: torch.Tensor) -> bool:
+    """Whether argmax_rows takes these logits: kernels loaded, (N, V) float32 or bfloat16 on CPU."""
+    return (
+        _loaded
+        and logits.device.type == "cpu"
+        and logits.dtype in (torch.float32, torch.bfloat16)
+        and logits.dim() == 2
+        and logits.shape[1] > 0
+    )
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) of (N, V) logits (see serves_argmax): int64 (N,), the first index of each
+    row's maximum, NaN counting as the largest."""
+    return torch.ops.shardgate_kernels.argmax_rows(logits)
 
 
 def _register_fake() -> None:

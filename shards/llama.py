@@ -153,5 +153,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(hidden) if self.model.norm is not None else hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits (N, vocab) for hidden states (N, hidden); last stage only."""
-        return self.lm_head(hidden).float()
+        """Logits (N, vocab) for hidden states (N, hidden), in the model's dtype (the sampler
+        widens the rows it must); last stage only."""
+        return self.lm_head(hidden)

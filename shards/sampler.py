@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shardgate.shards import cpu_kernels
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -41,19 +43,21 @@ class SamplingParams:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> tuple[list[int], list[float | None]]:
-    """Next token per row of logits (N, vocab) float32, and its logprob under the raw logits where asked."""
+    """Next token per row of logits (N, vocab), and its logprob under the raw logits where asked.
+    The logits may be in the model's dtype: greedy rows take their argmax as they are, rows that
+    draw or report a logprob are widened to float32 first (exact from bfloat16 or float16)."""
     tokens = argmax(logits)  # (N,) greedy for every row; sampled rows overwrite theirs
     sampled_rows = [row for row, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        drawn = _draw(logits[rows], [params[r] for r in sampled_rows], [output_index[r] for r in sampled_rows])
+        drawn = _draw(logits[rows].float(), [params[r] for r in sampled_rows], [output_index[r] for r in sampled_rows])
         tokens[rows] = drawn
 
     logprob_rows = [row for row, p in enumerate(params) if p.logprobs]
     logprobs: list[float | None] = [None] * len(params)
     if logprob_rows:
         rows = torch.tensor(logprob_rows, device=logits.device)
-        chosen = torch.log_softmax(logits[rows], dim=-1).gather(1, tokens[rows, None]).squeeze(1)
+        chosen = torch.log_softmax(logits[rows].float(), dim=-1).gather(1, tokens[rows, None]).squeeze(1)
         for row, value in zip(logprob_rows, chosen.tolist()):
             logprobs[row] = value
     return tokens.tolist(), logprobs
@@ -67,7 +71,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     levels: the maxima of chunks of ARGMAX_CHUNK columns, then an argmax within the first chunk
     holding the row's maximum. Equal to logits.argmax(-1), ties included. On CPU, torch's argmax
     over a long row is a scalar loop while amax is vectorized, so reducing each chunk with amax
-    and searching only one chunk with argmax costs far less on a full vocabulary."""
+    and searching only one chunk with argmax costs far less on a full vocabulary. Where the CPU
+    kernels are loaded, their one-pass argmax_rows reads the logits in their own dtype instead
+    (no float32 copy of a batch's logits first): on the bench model's batch-32 logits 0.13 ms
+    against 0.48 ms for the widening and the two levels, and the compiled step 1.5-2% faster
+    (README, Performance)."""
+    if cpu_kernels.serves_argmax(logits):
+        return cpu_kernels.argmax_rows(logits)
+    logits = logits.float()
     rows, vocab = logits.shape
     padding = -vocab % ARGMAX_CHUNK
     if padding:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from shardgate.shards import cpu_kernels
 from shardgate.shards.sampler import SamplingParams, argmax, sample
 
 GREEDY = SamplingParams(seed=0, temperature=0.0)
@@ -102,10 +103,38 @@ def test_invalid_params_are_rejected(kwargs):
         SamplingParams(**{"seed": 0, **kwargs})
 
 
-@pytest.mark.parametrize("vocab", [1, 127, 128, 300, 32000])
-def test_argmax_is_torchs_including_ties(vocab):
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu_kernels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 15, 127, 128, 300, 32000])
+def test_argmax_is_torchs_including_ties_and_nan(request, kernels, dtype, vocab):
+    if kernels:
+        request.getfixturevalue("cpu_kernels_loaded")
     generator = torch.Generator().manual_seed(vocab)
-    logits = torch.randint(-3, 4, (9, vocab), generator=generator).float()  # many ties: the first index wins
+    logits = torch.randint(-3, 4, (9, vocab), generator=generator).to(dtype)  # many ties: the first index wins
     logits[0] = float("-inf")
-    logits[1, -1] = 100.0  # the maximum in the padded last chunk
-    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+    logits[1, -1] = 100.0  # the maximum in the padded last chunk, or the kernel's tail
+    if vocab > 2:
+        logits[2, vocab // 2] = logits[2, -1] = float("nan")  # NaN counts as the largest: the first one wins
+    assert cpu_kernels.serves_argmax(logits) == kernels
+    assert torch.equal(argmax(logits), logits.float().argmax(dim=-1))
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu_kernels"])
+def test_bfloat16_logits_sample_as_their_float32_widening(request, kernels):
+    """The graph's logits come in the model's dtype: greedy rows take their argmax as they are,
+    drawing and logprob rows are widened first; widening is exact, so every answer is the one
+    float32 logits of the same values give."""
+    if kernels:
+        request.getfixturevalue("cpu_kernels_loaded")
+    logits = random_logits(6, vocab=300).to(torch.bfloat16)
+    params = [
+        GREEDY,
+        SamplingParams(seed=1, temperature=0.8, top_p=0.9, logprobs=True),
+        SamplingParams(seed=0, temperature=0.0, logprobs=True),
+        SamplingParams(seed=2, top_k=5),
+        GREEDY,
+        SamplingParams(seed=3),
+    ]
+    got = sample(logits, params, [0, 1, 2, 3, 4, 5])
+    assert got == sample(logits.float(), params, [0, 1, 2, 3, 4, 5])
+    assert got[1][2] is not None and got[1][0] is None
