@@ -10,6 +10,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from shardgate.clients import grpc_runtime  # noqa: F401 - configures gRPC before anything below loads it
 from shardgate.clients.client import Client
 from shardgate.clients.errors import ShardgateError
 from shardgate.clients.tools.arguments import client_options, connection_arguments, generation_arguments, generation_params
