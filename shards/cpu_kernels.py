@@ -26,13 +26,14 @@
   of rows ahead into L2) and sums in float32 with `vdpbf16ps`. On the bench model's linears it
   reads at about the machine's measured read bandwidth, 1.3–1.4× faster than oneDNN's prepacked
   kernels at one and two rows.
-- **Packed linear** (`shardgate_kernels::packed_linear`): y = x Wᵀ for 3 to 64 rows of bfloat16
+- **Packed linear** (`shardgate_kernels::packed_linear`): y = x Wᵀ for 3 to 256 rows of bfloat16
   x, with W packed once at load (pack_weight: pairs of consecutive k for 16 output columns per
   64 bytes, the operand layout of `vdpbf16ps`). Blocks of 8 rows keep 8 × 48 float32 sums in
   registers against a broadcast pair of x; each panel of 48 columns is read from memory for the
   first block of rows and from L2 for the next. On the bench model's linears it is 1.05–1.4×
-  faster than oneDNN's prepacked GEMM from 8 to 64 rows (README, Performance); prefills longer
-  than 64 rows keep oneDNN, which reaches the machine's GEMM peak there. A model's weights do not
+  faster than oneDNN's prepacked GEMM from 8 to 64 rows, and 1.05–1.25× at 96 to 256 rows (the
+  prefill of a prompt, a mixed step); longer prefills keep oneDNN, which is as fast or faster from
+  512 rows on SmolLM2's linears and from 2048 on the bench model's. A model's weights do not
   fit in L3, so each panel's first tile of rows reads it from memory; from 8 rows, the panel's
   last tile therefore prefetches the panel its thread takes next into L2 (parallel_chunks tells
   the body which), and that panel's first tile finds it there: on the bench model's linears at
@@ -748,10 +749,11 @@ _bf16_dot = False
 DECODE_LINEAR_MAX_ROWS = 2
 """Most rows of x that take decode_linear (it was 1.2× slower than oneDNN at 4 rows); more rows take
 packed_linear when the weight has a packed copy."""
-PACKED_LINEAR_MAX_ROWS = 64
-"""Most rows of x that take packed_linear (the largest decode bucket by default); it was
-measured faster than oneDNN's prepacked GEMM from 4 to 64 rows (README, Performance), and
-longer prefills keep oneDNN."""
+PACKED_LINEAR_MAX_ROWS = 256
+"""Most rows of x that take packed_linear: it was measured faster than oneDNN's prepacked GEMM
+from 4 to 256 rows on the bench model's and SmolLM2's linears (0.78–0.95× the time from 96 to
+256 rows); at 512 rows oneDNN was as fast on the bench model's and faster on SmolLM2's (README,
+Performance), so longer prefills keep it."""
 
 
 def build_name() -> str:

@@ -106,7 +106,7 @@ def test_compiled_decodes_through_the_paged_kernel_give_the_eager_tokens(cpu_ker
 @pytest.mark.skipif(not cpu_kernels._has_bf16_dot(), reason="the decode linear needs AVX512-BF16")
 def test_bfloat16_decodes_take_the_decode_linear_and_the_packed_linear(cpu_kernels_loaded, monkeypatch):
     """Eager steps give oneDNN's tokens through the GEMV (one or two rows) and the packed GEMM (3 to
-    64 rows); the compiled buckets 1 and 2 call the GEMV for every linear and the LM head, bucket 4
+    256 rows); the compiled buckets 1 and 2 call the GEMV for every linear and the LM head, bucket 4
     the packed GEMM. (Compiled bfloat16 tokens are not compared with eager ones: the fused kernels
     round fewer intermediates, which flips near-ties of this random model.)"""
     ours = generate(make_runner(dtype=torch.bfloat16, packed=True), PROMPTS, steps=8)

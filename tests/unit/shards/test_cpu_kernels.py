@@ -149,6 +149,7 @@ def test_only_bfloat16_decodes_of_one_or_two_rows_take_the_decode_linear(cpu_ker
         (13, 256, 1024),
         (32, 1000, 1000),
         (64, 50, 2816),
+        (251, 72, 192),
         (9, 17, 6),
         (16, 32, 128),
         (21, 48, 64),
@@ -213,7 +214,7 @@ def test_only_bfloat16_weights_of_even_width_are_packed(cpu_kernels_loaded, monk
 
 
 @needs_bf16_dot
-def test_three_to_sixty_four_rows_take_the_packed_linear_when_the_weight_has_a_packed_copy(cpu_kernels_loaded, monkeypatch):
+def test_three_to_256_rows_take_the_packed_linear_when_the_weight_has_a_packed_copy(cpu_kernels_loaded, monkeypatch):
     from shardgate.shards.int8_linear import linear
 
     calls = []
@@ -221,10 +222,10 @@ def test_three_to_sixty_four_rows_take_the_packed_linear_when_the_weight_has_a_p
     monkeypatch.setattr(cpu_kernels, "packed_linear", lambda x, packed, n: calls.append(x.numel() // x.shape[-1]) or real(x, packed, n))
     weight, bias = torch.randn(16, 64).to(torch.bfloat16), torch.randn(16).to(torch.bfloat16)
     packed = cpu_kernels.pack_weight(weight)
-    for rows in (1, 2, 3, 64, 65):
+    for rows in (1, 2, 3, 64, 256, 257):
         x = torch.randn(rows, 64).to(torch.bfloat16)
         got = linear(x, weight, bias, packed)
         torch.testing.assert_close(got.float(), torch.nn.functional.linear(x.float(), weight.float(), bias.float()), atol=0.1, rtol=0.02)
     linear(torch.randn(2, 4, 64).to(torch.bfloat16), weight, None, packed)  # 8 rows in two leading dimensions
     linear(torch.randn(8, 64).to(torch.bfloat16), weight)  # no packed copy
-    assert calls == [3, 64, 8]
+    assert calls == [3, 64, 256, 8]
