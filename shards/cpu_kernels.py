@@ -659,7 +659,6 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 #endif
 }
 
-
 // The first index of a row's largest value, NaN counting as the largest (torch.argmax's rule):
 // one pass, each of 16 lanes keeping its largest value and where it was (a strictly larger value
 // replaces it, so a lane keeps its first), then the smallest index among the lanes holding the

@@ -112,7 +112,7 @@ def start_server(
             if time.monotonic() > deadline:
                 server.stop()
                 raise RuntimeError(f"server did not start in {timeout} s:\n{server.log()}")
-            time.sleep(0.2)
+            time.sleep(0.05)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:

@@ -9,22 +9,18 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from servers import start_server
 
-COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "compile-tests"
-"""Shared by the compile tests (git-ignored): later compiles reuse its kernels."""
 COMPILED = ("--compile", "--max-num-seqs", "2", "--kv-cache-memory", str(64 << 20))
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 
 
 def kernels(cache_dir) -> set[str]:
-    """The compiled C++ kernels (shared objects) inductor and the paged kernel's build keep in a
-    cache folder; not the graphs' C++ wrappers (`*.main.so`), which a restart builds again:
-    inductor writes the frozen weights' addresses into their source, so its hash changes."""
-    return {path.name for path in cache_dir.rglob("*.so") if not path.name.endswith(".main.so")}
+    """The shared objects inductor (the kernels and the graphs' C++ wrappers, `*.main.so`) and
+    the paged kernel's build keep in a cache folder."""
+    return {path.name for path in cache_dir.rglob("*.so")}
 
 
 def greedy(server) -> list[list[int]]:
@@ -33,10 +29,15 @@ def greedy(server) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def restarted(tmp_path_factory):
-    """A compiled server started twice on one fresh cache folder: (the first start's log, the
-    kernels it cached, the second server, still running, and the kernels cached after it)."""
-    cache_dir = tmp_path_factory.mktemp("compile-cache")
+def cache_dir(tmp_path_factory):
+    """A fresh compile cache folder for this module's servers."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory, cache_dir):
+    """A compiled server started twice on cache_dir: (the first start's log, the kernels it
+    cached, the second server, still running, and the kernels cached after it)."""
     first = start_server(tmp_path_factory.mktemp("logs"), *COMPILED, "--compile-cache-dir", str(cache_dir), timeout=600)
     first.stop()
     cached = kernels(cache_dir)
@@ -53,9 +54,9 @@ def test_warm_up_logs_each_bucket_and_the_total_before_serving(restarted):
         assert "compile failed" not in text
 
 
-def test_a_restart_reuses_the_compiled_kernels(restarted):
+def test_a_restart_reuses_the_compiled_kernels_and_wrappers(restarted):
     _, cached, _, after = restarted
-    assert cached and after == cached  # the second start compiled no new kernel
+    assert cached and after == cached  # the second start built no new shared object
     assert any(name.startswith("shardgate_cpu_kernels_") for name in cached)
 
 
@@ -77,9 +78,10 @@ def test_without_a_compiler_the_server_runs_eager_after_one_line(tmp_path, tiny_
         server.stop()
 
 
-def test_bench_compares_compiled_and_eager_with_the_bucket_hits_and_a_profile(tmp_path):
+def test_bench_compares_compiled_and_eager_with_the_bucket_hits_and_a_profile(tmp_path, cache_dir):
+    # on the cache the restarted servers filled (the same graphs), when the module runs whole
     command = [sys.executable, "-m", "shardgate.clients.cli", "bench", "--model", "builtin:tiny", *COMPILED]
-    command += ["--compile-cache-dir", str(COMPILE_CACHE), "--compare-compile", "--profile", "--concurrency", "1,2"]
+    command += ["--compile-cache-dir", str(cache_dir), "--compare-compile", "--profile", "--concurrency", "1,2"]
     command += ["--num-requests", "2,4", "--prompt-len", "6", "--output-len", "8", "--warmup", "0", "--no-progress"]
     command += ["--json", str(tmp_path / "b.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)

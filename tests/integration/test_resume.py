@@ -53,10 +53,15 @@ class Stream:
     prompt_tokens: int = 0
 
 
-def alone(server, sampling_of=lambda i: {}) -> list[tuple[list[int], str, int]]:
-    """Each prompt's tokens, text and prompt tokens, run alone (one after another)."""
-    with server.client(timeout=300) as client:
-        results = [client.generate(p, max_new_tokens=TOKENS, ignore_eos=True, **sampling_of(i)) for i, p in enumerate(PROMPTS)]
+def uninterrupted(server, sampling_of=lambda i: {}) -> list[tuple[list[int], str, int]]:
+    """Each prompt's tokens, text and prompt tokens when nothing fails: the prompts run together,
+    as in the runs with a fault."""
+    with server.client(timeout=300) as client, ThreadPoolExecutor(STREAMS) as pool:
+
+        def generate(i: int):
+            return client.generate(PROMPTS[i], max_new_tokens=TOKENS, ignore_eos=True, **sampling_of(i))
+
+        results = list(pool.map(generate, range(STREAMS)))
     return [(result.token_ids, result.text, result.usage.prompt_tokens) for result in results]
 
 
@@ -99,7 +104,7 @@ def move_latencies(streams: list[Stream], fault_at: float) -> list[float]:
 
 def check_continued(streams: list[Stream], expected: list[tuple[list[int], str, int]]) -> None:
     """Every stream completed, some moved to replica 1, and each one's tokens and text are those
-    of the prompt run alone (its usage counting the prompt once)."""
+    of the prompt run uninterrupted (its usage counting the prompt once)."""
     assert [s.code for s in streams] == ["OK"] * STREAMS
     assert all(s.finish_reason == "length" and len(s.token_ids) == TOKENS for s in streams)
     moved = [s for s in streams if s.resumes]
@@ -115,7 +120,7 @@ def wait_both_serve(server) -> None:
 
 
 def test_greedy_streams_continue_on_the_other_replica_when_a_shard_is_killed(server):
-    expected = alone(server, lambda i: {"temperature": 0})
+    expected = uninterrupted(server, lambda i: {"temperature": 0})
     streams, fault_at = streams_through(
         server, lambda: os.kill(rank_pid(server.process.pid, 0, 1), signal.SIGKILL), lambda i: {"temperature": 0}
     )
@@ -126,14 +131,14 @@ def test_greedy_streams_continue_on_the_other_replica_when_a_shard_is_killed(ser
 def test_seeded_streams_draw_the_same_tokens_after_a_move(server):
     wait_both_serve(server)
     sampling = [{"temperature": 0.8, "seed": 1000 + i} for i in range(STREAMS)]
-    expected = alone(server, lambda i: sampling[i])
+    expected = uninterrupted(server, lambda i: sampling[i])
     streams, _ = streams_through(server, lambda: os.kill(rank_pid(server.process.pid, 0, 1), signal.SIGKILL), lambda i: sampling[i])
     check_continued(streams, expected)
 
 
 def test_a_preempted_replica_hands_its_streams_over_and_exits_cleanly(server):
     wait_both_serve(server)
-    expected = alone(server, lambda i: {"temperature": 0})
+    expected = uninterrupted(server, lambda i: {"temperature": 0})
     driver = rank_pid(server.process.pid, 0, 0)
     streams, fault_at = streams_through(server, lambda: os.kill(driver, signal.SIGTERM), lambda i: {"temperature": 0})
     check_continued(streams, expected)

@@ -18,6 +18,8 @@ KV = str(16 << 20)
 # The default --step-timeout (60 s) is only the ceiling: a step's deadline follows the measured step time.
 FLAGS = ("--replicas", "2", "--tp", "2", "--kv-cache-memory", KV, "--restart-backoff", "0.2")
 STREAMS = 16
+TOKENS = 300
+"""Each stream's: enough that every stream is still running when its replica fails."""
 
 
 def rank_pid(gateway_pid: int, replica: int, rank: int) -> int:
@@ -40,7 +42,7 @@ def run_streams(server, started: threading.Barrier):
         tokens, replica, resumes = 0, None, 0
         try:
             with server.client(timeout=300) as client:
-                for delta in client.stream(f"stream {i}", max_new_tokens=600, temperature=0, ignore_eos=True):
+                for delta in client.stream(f"stream {i}", max_new_tokens=TOKENS, temperature=0, ignore_eos=True):
                     tokens += len(delta.token_ids)
                     if tokens == 1:
                         started.wait(120)
@@ -91,7 +93,7 @@ def test_failed_replica_ends_its_streams_others_serve_and_it_comes_back(fault, t
         server.stop()
 
     # every stream completes: those of replica 0 continued on replica 1 (tests/integration/test_resume.py checks their tokens)
-    assert all(code == "OK" and tokens == 600 and replica == 1 for _, code, replica, tokens, _ in results), results
+    assert all(code == "OK" and tokens == TOKENS and replica == 1 for _, code, replica, tokens, _ in results), results
     resumed = [r for r in results if r[4] == 1]
     assert resumed and all(resumes in (0, 1) for *_, resumes in results)
     # the injected fault fires at step 40, some time after the streams started: count from when the

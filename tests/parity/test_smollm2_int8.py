@@ -11,7 +11,6 @@ such as which digit of a made-up date) the rest of a sequence counts as misses.
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from shardgate.shards.attention import AttentionMetadata
 from shardgate.shards.kv_cache import KVCache
@@ -74,9 +73,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(smollm2_gguf) -> list[list[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    return [tokenizer(prompt).input_ids for prompt in PROMPTS]
+def prompt_ids(smollm2_hf_tokenizer) -> list[list[int]]:
+    return [smollm2_hf_tokenizer(prompt).input_ids for prompt in PROMPTS]
 
 
 def test_int8_greedy_tokens_agree_with_bfloat16(smollm2_gguf, prompt_ids, record_property):

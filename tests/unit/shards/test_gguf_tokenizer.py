@@ -68,8 +68,8 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
     assert ours.encode("the dog").ids[0] == 1  # a llama vocabulary adds bos unless the file says not to
 
 
-def test_smollm2_tokenizer_matches_transformers(smollm2_gguf):
-    reference = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+def test_smollm2_tokenizer_matches_transformers(smollm2_gguf, smollm2_hf_tokenizer):
+    reference = smollm2_hf_tokenizer
     ours = rebuilt(smollm2_gguf)
     assert mismatches(ours, reference) == []
     assert ours.get_vocab_size() == reference.backend_tokenizer.get_vocab_size() == 49152
