@@ -17,7 +17,7 @@ COMPILED = ("--compile", "--max-num-seqs", "2", "--kv-cache-memory", str(64 << 2
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 
 
-def kernels(cache_dir) -> set[str]:
+def shared_objects(cache_dir) -> set[str]:
     """The shared objects inductor (the kernels and the graphs' C++ wrappers, `*.main.so`) and
     the paged kernel's build keep in a cache folder."""
     return {path.name for path in cache_dir.rglob("*.so")}
@@ -36,13 +36,13 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restarted(tmp_path_factory, cache_dir):
-    """A compiled server started twice on cache_dir: (the first start's log, the kernels it
-    cached, the second server, still running, and the kernels cached after it)."""
+    """A compiled server started twice on cache_dir: (the first start's log, the shared objects it
+    cached, the second server, still running, and the shared objects cached after it)."""
     first = start_server(tmp_path_factory.mktemp("logs"), *COMPILED, "--compile-cache-dir", str(cache_dir), timeout=600)
     first.stop()
-    cached = kernels(cache_dir)
+    cached = shared_objects(cache_dir)
     second = start_server(tmp_path_factory.mktemp("logs"), *COMPILED, "--compile-cache-dir", str(cache_dir), timeout=600)
-    yield first.log(), cached, second, kernels(cache_dir)
+    yield first.log(), cached, second, shared_objects(cache_dir)
     second.stop()
 
 
