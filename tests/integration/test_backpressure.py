@@ -94,7 +94,8 @@ def test_a_stream_that_never_reads_is_held_to_its_bounds_and_ends_after_the_stal
             assert client.server_status().replicas[0].free_kv_blocks == baseline.replicas[0].free_kv_blocks
             started = client.server_status().replicas[0].started_requests
             assert started - replica.started_requests <= MAX_CONCURRENT + 1
-            served = client.generate("another client after the stall", max_new_tokens=8)  # while the stalled stream is open
+            # while the stalled stream is open
+            served = client.generate("another client after the stall", max_new_tokens=8, ignore_eos=True)
             assert len(served.token_ids) == 8
             assert client.server_status().replicas[0].started_requests == started + 1  # the stalled stream read no new request
 
@@ -137,7 +138,7 @@ def test_a_connection_gets_at_most_max_concurrent_streams_calls_at_a_time(server
             extra = stub.GenerateStream(long, timeout=120)  # waits on the connection for a free stream
             time.sleep(1)
             assert client.server_status().active_requests == STREAMS_PER_CONNECTION
-            assert len(client.generate("another connection", max_new_tokens=4).token_ids) == 4
+            assert len(client.generate("another connection", max_new_tokens=4, ignore_eos=True).token_ids) == 4
             calls.pop().cancel()
             next(extra)  # a stream came free: the waiting call starts
             calls.append(extra)

@@ -32,7 +32,7 @@ def test_an_idle_replica_whose_rank_stops_is_noticed_by_its_heartbeat_and_restar
     stopped = None
     try:
         with server.client() as client:
-            assert client.generate("warm", max_new_tokens=2).usage.completion_tokens == 2
+            assert client.generate("warm", max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
             time.sleep(3)  # idle: heartbeats go on
             assert replica_states(client) == [(True, 0)]
             stopped = rank_pid(server.process.pid, 0, 1)
