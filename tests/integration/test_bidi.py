@@ -60,7 +60,10 @@ def test_eight_interleaved_requests_each_get_their_own_complete_output(client, s
         assert tokens[rid] == completion.token_ids and text[rid] == completion.text
         assert last[rid].finish_reason == inference_pb2.FINISH_REASON_LENGTH
         assert last[rid].usage.completion_tokens == lengths[rid]
-    assert len(set(order[: finished_at[0] + 1])) == 8  # interleaved: all had messages before the first ended
+    # Multiplexed, not one after another: another request streamed before the first ended. (How many of the
+    # eight are admitted by then depends on this host's load: CI once saw 6 before the 10-token one ended.)
+    assert len(set(order[: finished_at[0] + 1])) >= 2
+    assert sum(a != b for a, b in zip(order, order[1:])) > len(prompts)  # more switches than one block a request
 
 
 def test_cancel_and_deadline_end_only_their_request(client, stub):
